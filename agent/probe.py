@@ -1,0 +1,151 @@
+"""The probe contract: what a probe is, and the samples it returns (DESIGN.md, "The probe contract")."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+
+class ProbeUnavailable(Exception):
+    """Raised by `Probe.setup()` when the hardware, library or binary is absent.
+
+    The message is for people: "libnvidia-ml.so.1 not found", "npu-smi not on PATH".
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSample:
+    """One device at one instant. Units are in the names; `None` means unknown, never a made-up 0."""
+
+    device_id: str
+    vendor: str
+    model: str | None = None
+    index: int | None = None
+    parent_id: str | None = None
+    util_pct: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    power_w: float | None = None
+    temp_c: float | None = None
+    processes: int | None = None
+    healthy: bool = True
+    error: str | None = None
+    # Vendor-specific numbers that travel as fields (e.g. `sm_active_pct`, `xid_errors`).
+    extra: Mapping[str, float] = field(default_factory=dict)
+    # Static identity for people (e.g. `bus_id`, `serial`); shown by the CLI, never used as a tag.
+    info: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    """The host itself (psutil): a host record, not a device."""
+
+    cpu_pct: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    load1: float | None = None
+    load5: float | None = None
+    load15: float | None = None
+    cpu_count: int | None = None
+
+
+Sample = DeviceSample | HostSample
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeConfig:
+    """Options every probe has. A probe's own config dataclass subclasses this."""
+
+    # Seconds between two `sample()` calls; `None` takes the probe class's `default_interval_s`.
+    interval_s: float | None = None
+    # Seconds a `sample()` may take before its devices are reported unavailable.
+    timeout_s: float | None = None
+
+
+class Probe:
+    """Base class of every probe. Subclass it, set `name`, `vendor` and `Config`, implement the three methods.
+
+    The agent constructs the probe with its config, calls `setup()` once, then `sample()` every
+    `interval_s` on a worker thread (never two at once), and `close()` at shutdown.
+    """
+
+    name: ClassVar[str] = ""
+    vendor: ClassVar[str] = ""
+    Config: ClassVar[type[ProbeConfig]] = ProbeConfig
+    default_interval_s: ClassVar[float] = 1.0
+    default_timeout_s: ClassVar[float] = 5.0
+    # Probes with `auto = False` (the mock) run only when the configuration asks for them.
+    auto: ClassVar[bool] = True
+
+    def __init__(self, config: ProbeConfig | None = None, **boundary: Any) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @property
+    def interval_s(self) -> float:
+        return self.config.interval_s or self.default_interval_s
+
+    @property
+    def timeout_s(self) -> float:
+        return self.config.timeout_s or self.default_timeout_s
+
+    def setup(self) -> None:
+        """Open the hardware boundary. Raise `ProbeUnavailable` with a human reason when it is absent."""
+
+    def sample(self) -> Sequence[Sample]:
+        """Measure every device now. Blocking is allowed: the agent runs this off the event loop."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what `setup()` opened. Must not raise."""
+
+
+def config_from_mapping(cls: type[ProbeConfig], values: Mapping[str, Any], where: str) -> ProbeConfig:
+    """Build a probe's config dataclass from a TOML table; an unknown key is an error naming it and `where`."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for key, value in values.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+class CommandRunner(Protocol):
+    """Runs a vendor CLI: argv in, (exit code, stdout, stderr) out; raises `subprocess.TimeoutExpired`."""
+
+    def __call__(self, argv: Sequence[str], timeout_s: float) -> tuple[int, str, str]: ...
+
+
+def run_command(argv: Sequence[str], timeout_s: float) -> tuple[int, str, str]:
+    """The real `CommandRunner`: a subprocess killed (with its children) when `timeout_s` passes."""
+    proc = subprocess.Popen(
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        import os
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    return proc.returncode, out, err

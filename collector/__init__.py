@@ -1,0 +1,1 @@
+"""capmon collector: authenticated ingest, InfluxDB storage, live fleet view."""

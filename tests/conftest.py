@@ -1,0 +1,1 @@
+"""Shared fixtures. Real servers (influxd, victoria-metrics) live in `servers.py`."""
