@@ -119,6 +119,8 @@ class Report(_Record, kw_only=True):
 class AgentIdentity(_Record, kw_only=True):
     id: Identifier
     host: Name
+    # Random id of the spool that numbers `seq`: a new instance (fresh spool) restarts `seq` at 1.
+    instance: Identifier | None = None
     version: Annotated[str, Meta(max_length=64)] = ""
     labels: Annotated[dict[LabelKey, LabelValue], Meta(max_length=16)] = {}
 
