@@ -1,0 +1,295 @@
+"""`capmon`: the one console script. `agent …` lives here; `collector …` and `demo` register through
+the `capmon.commands` entry-point group, so the agent never imports the collector."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from capmon.agent import __version__
+from capmon.agent.classifier import IdleClassifier
+from capmon.agent.config import AgentConfig, ConfigError, load_config, sample_config
+from capmon.agent.probe import DeviceSample, HostSample
+from capmon.agent.registry import ProbeRegistry, ProbeStatus
+from capmon.agent.sampler import ProbeTask
+
+log = logging.getLogger("capmon")
+
+MIB = 1024 * 1024
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(args: argparse.Namespace) -> AgentConfig:
+    config = load_config(args.config)
+    enable = tuple(args.enable or ()) + (("mock",) if getattr(args, "mock", False) else ())
+    disable = tuple(args.disable or ())
+    if enable or disable:
+        from dataclasses import replace
+
+        config = replace(
+            config,
+            probes=replace(
+                config.probes, enable=config.probes.enable + enable, disable=config.probes.disable + disable
+            ),
+        )
+    return config
+
+
+def _activate(config: AgentConfig) -> list[ProbeStatus]:
+    return ProbeRegistry().activate(
+        config.probes.enable, config.probes.disable, config.probes.options, where=config.source
+    )
+
+
+# -- capmon agent probes ---------------------------------------------------------------------
+
+
+def cmd_probes(args: argparse.Namespace) -> int:
+    config = _load(args)
+    statuses = _activate(config)
+    try:
+        if args.json:
+            print(
+                json.dumps(
+                    [
+                        {"name": s.name, "status": s.status, "reason": s.reason, "plugin": s.source}
+                        for s in statuses
+                    ],
+                    indent=2,
+                )
+            )
+        else:
+            rows = [(s.name, s.status, s.source, s.reason) for s in statuses]
+            print(_table(("PROBE", "STATUS", "PLUGIN", "WHY"), rows))
+    finally:
+        for s in statuses:
+            if s.probe is not None:
+                s.probe.close()
+    return 0
+
+
+# -- capmon agent probe ----------------------------------------------------------------------
+
+
+async def _sample_once(
+    statuses: list[ProbeStatus],
+) -> dict[str, tuple[list[DeviceSample], HostSample | None, str | None]]:
+    results: dict[str, tuple[list[DeviceSample], HostSample | None, str | None]] = {}
+
+    def collect(name: str, t: float, devices: list[DeviceSample], host: HostSample | None) -> None:
+        results[name] = (devices, host, None)
+
+    tasks = [ProbeTask(s.probe, collect) for s in statuses if s.probe is not None]
+    await asyncio.gather(*(t.tick() for t in tasks))
+    for t in tasks:
+        if t.health.last_error:
+            devices, host, _ = results.get(t.probe.name, ([], None, None))
+            results[t.probe.name] = (devices, host, t.health.last_error)
+    return results
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    config = _load(args)
+    statuses = _activate(config)
+    try:
+        results = asyncio.run(_sample_once(statuses))
+    finally:
+        for s in statuses:
+            if s.probe is not None:
+                s.probe.close()
+    classifier = IdleClassifier(config.classifier)
+    records: list[dict[str, Any]] = []
+    host_record: dict[str, Any] | None = None
+    errors: dict[str, str] = {}
+    for probe, (devices, host, error) in results.items():
+        if error:
+            errors[probe] = error
+        if host is not None:
+            host_record = {"host": config.host, **{k: getattr(host, k) for k in host.__slots__}}
+        for d in devices:
+            obs = classifier.classify(d)
+            rec = {"probe": probe, "state": obs.state}
+            rec.update({k: getattr(d, k) for k in d.__slots__})
+            rec["extra"], rec["info"] = dict(d.extra), dict(d.info)
+            rec["util_unknown"], rec["ghost"], rec["why"] = obs.util_unknown, obs.ghost, obs.reason
+            records.append(rec)
+    not_running = {s.name: f"{s.status}: {s.reason}" for s in statuses if s.status != "active"}
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "host": host_record,
+                    "devices": records,
+                    "probe_errors": errors,
+                    "probes_not_running": not_running,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    if host_record:
+        h = host_record
+        mem = f"{(h['memory_used_bytes'] or 0) / 2**30:.1f}/{(h['memory_total_bytes'] or 0) / 2**30:.1f} GiB"
+        print(f"host {h['host']}: cpu {_num(h['cpu_pct'], '%')}  memory {mem}  load {_num(h['load1'])}")
+    if records:
+        rows = []
+        for r in records:
+            mem = "-"
+            if r["memory_used_bytes"] is not None and r["memory_total_bytes"]:
+                mem = f"{r['memory_used_bytes'] / MIB:.0f}/{r['memory_total_bytes'] / MIB:.0f}"
+            rows.append(
+                (
+                    r["device_id"],
+                    r["model"] or "-",
+                    _num(r["index"]),
+                    r["state"].upper(),
+                    _num(r["util_pct"], "%"),
+                    mem,
+                    _num(r["power_w"], "W"),
+                    _num(r["temp_c"], "C"),
+                    _num(r["processes"]),
+                    r["why"] or "",
+                )
+            )
+        print(
+            _table(
+                ("DEVICE", "MODEL", "IDX", "STATE", "UTIL", "MEM MiB", "POWER", "TEMP", "PROCS", "WHY"), rows
+            )
+        )
+    else:
+        print("no accelerators found (see `capmon agent probes` for why each probe is not running)")
+    for probe, error in errors.items():
+        print(f"probe {probe}: {error}")
+    return 0
+
+
+def _num(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}{unit}" if abs(value) >= 10 else f"{value:.1f}{unit}"
+    return f"{value}{unit}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells)
+
+
+# -- capmon agent config / run ---------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(sample_config())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from capmon.agent.daemon import Agent
+
+    config = _load(args)
+    setup_logging(args.log_level or config.agent.log_level)
+    agent = Agent(config)
+    for s in agent.statuses:
+        level = logging.INFO if s.status in ("active", "disabled") else logging.WARNING
+        log.log(level, "probe %s: %s%s", s.name, s.status, f" ({s.reason})" if s.reason else "")
+    if not agent.probes:
+        log.warning("no probe is active: the agent reports nothing but its own health")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "capmon agent %s running as %s (window %ss)", __version__, config.agent_id, config.agent.window_s
+        )
+        await agent.run(stop)
+        log.info("capmon agent stopped")
+
+    asyncio.run(main())
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+
+def _agent_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="agent TOML file (default: built-in defaults)")
+    p.add_argument("--mock", action="store_true", help="enable the mock probe (simulated devices)")
+    p.add_argument("--enable", action="append", metavar="PROBE", help="enable a probe (repeatable)")
+    p.add_argument("--disable", action="append", metavar="PROBE", help="disable a probe (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capmon", description="Idle accelerator capacity monitoring.")
+    parser.add_argument("--version", action="version", version=f"capmon {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    agent = sub.add_parser("agent", help="the agent that runs on every GPU/NPU host")
+    agent_sub = agent.add_subparsers(dest="agent_command", metavar="COMMAND")
+
+    p = agent_sub.add_parser("run", help="run the agent daemon")
+    _agent_options(p)
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_run)
+
+    p = agent_sub.add_parser("probe", help="sample every active probe once and show each device's state")
+    _agent_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_probe)
+
+    p = agent_sub.add_parser("probes", help="list probes: active, skipped (and why) or failed")
+    _agent_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_probes)
+
+    p = agent_sub.add_parser("config", help="print the commented sample configuration")
+    p.set_defaults(func=cmd_config)
+    agent.set_defaults(func=lambda args: (agent.print_help(), 2)[1])
+
+    for ep in importlib.metadata.entry_points(group="capmon.commands"):
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # e.g. the collector's extras are not installed
+            msg = f"`capmon {ep.name}` is unavailable: {type(exc).__name__}: {exc}"
+            broken = sub.add_parser(ep.name, help=f"(unavailable: {exc})")
+            broken.set_defaults(func=lambda args, msg=msg: (print(msg, file=sys.stderr), 1)[1])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except ConfigError as exc:
+        print(f"capmon: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"capmon: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The agent's configuration: one TOML file mapped onto frozen dataclasses, plus environment overrides.
+
+An unknown key is a startup error that names the key and the file. Secrets (the collector token)
+may come from the environment instead of the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capmon.agent.classifier import ClassifierConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSection:
+    """`[agent]`: who this agent is and how often it reports."""
+
+    # Agent id, unique in the fleet; the collector binds tokens to it. Default: the host name.
+    id: str = ""
+    # Host name reported with every record. Default: this machine's host name.
+    host: str = ""
+    # Seconds per report window; windows end on multiples of it (wall clock), so timestamps align.
+    window_s: int = 60
+    # Labels attached to every record (bounded-cardinality identities: site, cluster, pool, ...).
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # Where finished windows go when no collector is configured ([transport] url): "-" is stdout,
+    # anything else a file path, one JSON batch per line.
+    output: str = "-"
+    # Seconds the agent may spend delivering what it holds after SIGTERM before it exits.
+    shutdown_timeout_s: float = 20.0
+    # debug, info, warning or error.
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbesSection:
+    """`[probes]`: which probes run. Each probe's own options live in `[probes.<name>]`."""
+
+    # Probes that run only when asked for (the mock) are named here. Env: CAPMON_PROBES_ENABLE=a,b
+    enable: tuple[str, ...] = ()
+    # Probes never to run, even where their hardware is present. Env: CAPMON_PROBES_DISABLE=a,b
+    disable: tuple[str, ...] = ()
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    agent: AgentSection = field(default_factory=AgentSection)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    probes: ProbesSection = field(default_factory=ProbesSection)
+    # `[spool]` and `[transport]` are validated by the delivery module that owns them.
+    spool: Mapping[str, Any] = field(default_factory=dict)
+    transport: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "<defaults>"
+
+    @property
+    def agent_id(self) -> str:
+        return self.agent.id or self.host
+
+    @property
+    def host(self) -> str:
+        return self.agent.host or socket.gethostname()
+
+
+def section(cls: type, table: Any, where: str) -> Any:
+    """Build one frozen dataclass from a TOML table; unknown keys and wrong types are named."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
+    values = {}
+    for key, value in table.items():
+        default = fields[key].default
+        if isinstance(value, list):
+            value = tuple(value)
+        if default is not dataclasses.MISSING and default is not None:
+            if (
+                isinstance(default, bool) != isinstance(value, bool)
+                or (isinstance(default, (int, float)) and not isinstance(value, (int, float)))
+                or (isinstance(default, str) and not isinstance(value, str))
+            ):
+                raise ConfigError(f"{where}: {key} must be {type(default).__name__}, got {value!r}")
+            if isinstance(default, float) and isinstance(value, int):
+                value = float(value)
+        values[key] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read the agent's TOML file (or defaults when `path` is None) and apply environment overrides."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    known = {"agent", "classifier", "probes", "spool", "transport"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section [{unknown[0]}] (known: {', '.join(sorted(known))})")
+    agent = section(AgentSection, data.get("agent", {}), f"{source}: [agent]")
+    if agent.window_s < 1:
+        raise ConfigError(f"{source}: [agent] window_s must be ≥ 1, got {agent.window_s}")
+    for key, value in agent.labels.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: [agent] labels.{key} must be a string, got {value!r}")
+    classifier = section(ClassifierConfig, data.get("classifier", {}), f"{source}: [classifier]")
+    probes_table = dict(data.get("probes", {}))
+    options = {k: v for k, v in probes_table.items() if isinstance(v, Mapping)}
+    for k in options:
+        del probes_table[k]
+    probes = section(ProbesSection, probes_table, f"{source}: [probes]")
+    enable = probes.enable + _names(env.get("CAPMON_PROBES_ENABLE", ""))
+    disable = probes.disable + _names(env.get("CAPMON_PROBES_DISABLE", ""))
+    probes = ProbesSection(enable=enable, disable=disable, options=options)
+    transport = dict(data.get("transport", {}))
+    if env.get("CAPMON_AGENT_TOKEN"):
+        transport["token"] = env["CAPMON_AGENT_TOKEN"]
+    return AgentConfig(
+        agent=agent,
+        classifier=classifier,
+        probes=probes,
+        spool=dict(data.get("spool", {})),
+        transport=transport,
+        source=source,
+    )
+
+
+def sample_config() -> str:
+    """The commented sample configuration: the agent's own sections, then each built-in probe's."""
+    here = Path(__file__).parent
+    parts = [(here / "sample.toml").read_text()]
+    plugins = here.parent / "plugins" if (here.parent / "plugins").is_dir() else None
+    try:
+        import capmon.plugins as builtins
+
+        plugins = Path(builtins.__file__).parent
+    except ImportError:  # pragma: no cover - the distribution always ships them
+        pass
+    if plugins is not None:
+        for name in ("host", "nvml", "ascend", "mock"):
+            sample = plugins / name / "sample.toml"
+            if sample.exists():
+                parts.append(sample.read_text())
+    return "\n".join(p.rstrip() + "\n" for p in parts)

@@ -1,0 +1,237 @@
+"""The agent daemon: probes → sampler → idle classifier → report windows → a sink (spool + transport).
+
+Windows end on multiples of `window_s` of the wall clock, so every host's points share timestamps
+and a resent window rewrites the same points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from capmon.agent import __version__, wire
+from capmon.agent.classifier import IdleClassifier
+from capmon.agent.config import AgentConfig
+from capmon.agent.probe import DeviceSample, HostSample, Probe
+from capmon.agent.registry import ProbeRegistry, ProbeStatus
+from capmon.agent.sampler import Sampler
+
+log = logging.getLogger("capmon.agent")
+
+
+class ReportSink(Protocol):
+    """Where finished windows go. `put` returns only when the report is durable."""
+
+    async def start(self) -> None: ...
+
+    def next_seq(self) -> int: ...
+
+    async def put(self, report: wire.Report) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    async def close(self, timeout_s: float) -> None: ...
+
+
+class JsonLinesSink:
+    """Writes each finished window as one JSON `Batch` per line (stdout or a file): no collector needed."""
+
+    def __init__(self, identity: wire.AgentIdentity, output: str | IO[str] = "-") -> None:
+        self.identity = identity
+        self.output = output
+        self._file: IO[str] | None = None
+        self._seq = 0
+
+    async def start(self) -> None:
+        if isinstance(self.output, str):
+            path = Path(self.output)
+            self._file = (
+                sys.stdout
+                if self.output == "-"
+                else await asyncio.to_thread(path.open, "a", encoding="utf-8")
+            )
+        else:
+            self._file = self.output
+
+    def next_seq(self) -> int:
+        return self._seq + 1
+
+    async def put(self, report: wire.Report) -> None:
+        self._seq = report.seq
+        assert self._file is not None
+        line = wire.encode(wire.Batch(agent=self.identity, reports=[report])).decode()
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    async def close(self, timeout_s: float) -> None:
+        if self._file is not None and isinstance(self.output, str) and self.output != "-":
+            self._file.close()
+
+
+class _HostWindow:
+    """Folds host samples (cpu mean/max, last memory and load) into one `HostWindow`."""
+
+    def __init__(self) -> None:
+        self.cpu: list[float] = []
+        self.last: HostSample | None = None
+
+    def add(self, s: HostSample) -> None:
+        if s.cpu_pct is not None:
+            self.cpu.append(s.cpu_pct)
+        self.last = s
+
+    def close(self) -> wire.HostWindow | None:
+        s, cpu = self.last, self.cpu
+        self.cpu, self.last = [], None
+        if s is None:
+            return None
+        return wire.HostWindow(
+            cpu_mean_pct=round(sum(cpu) / len(cpu), 3) if cpu else None,
+            cpu_max_pct=max(cpu) if cpu else None,
+            memory_used_bytes=s.memory_used_bytes,
+            memory_total_bytes=s.memory_total_bytes,
+            load1=s.load1,
+            load5=s.load5,
+            load15=s.load15,
+            cpu_count=s.cpu_count,
+        )
+
+
+def identity_of(config: AgentConfig) -> wire.AgentIdentity:
+    return wire.AgentIdentity(
+        id=config.agent_id, host=config.host, version=__version__, labels=dict(config.agent.labels)
+    )
+
+
+def make_sink(config: AgentConfig) -> ReportSink:
+    """A spooling HTTP sink when a collector url is configured, else JSON lines."""
+    identity = identity_of(config)
+    if config.transport.get("url"):
+        from capmon.agent.delivery import SpoolingSink  # only agents that deliver need aiohttp's client
+
+        return SpoolingSink.from_config(identity, config.spool, config.transport, where=config.source)
+    return JsonLinesSink(identity, config.agent.output)
+
+
+class Agent:
+    """One agent: activates its probes, samples them, and turns every window into a durable report."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        registry: ProbeRegistry | None = None,
+        sink: ReportSink | None = None,
+        boundaries: Mapping[str, Mapping[str, Any]] | None = None,
+        probes: Sequence[Probe] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.started = clock()
+        if probes is None:
+            registry = registry or ProbeRegistry()
+            self.statuses: list[ProbeStatus] = registry.activate(
+                config.probes.enable,
+                config.probes.disable,
+                config.probes.options,
+                boundaries,
+                where=config.source,
+            )
+            probes = [s.probe for s in self.statuses if s.probe is not None]
+        else:
+            self.statuses = [ProbeStatus(p.name, "active", "", "given", p) for p in probes]
+        self.probes = list(probes)
+        self.classifier = IdleClassifier(config.classifier)
+        self.sampler = Sampler(self.probes, self._on_samples, clock)
+        self.sink = sink or make_sink(config)
+        self._host = _HostWindow()
+
+    def _on_samples(self, probe: str, t: float, devices: list[DeviceSample], host: HostSample | None) -> None:
+        for d in devices:
+            self.classifier.observe(t, d)
+        if host is not None:
+            self._host.add(host)
+
+    def window_end(self, t: float) -> int:
+        w = self.config.agent.window_s
+        return (math.floor(t / w) + 1) * w
+
+    def close_window(self, seq: int, start: int, end: int) -> wire.Report:
+        devices = self.classifier.close_window(start, end)
+        return wire.Report(
+            seq=seq,
+            start=start,
+            end=end,
+            devices=devices,
+            host=self._host.close(),
+            agent=self.agent_stats(end),
+        )
+
+    def agent_stats(self, now: float) -> wire.AgentStats:
+        sink = self.sink.stats()
+        health = {h.name: h for h in self.sampler.health()}
+        probes = []
+        for s in self.statuses:
+            h = health.get(s.name)
+            status = s.status if s.status in ("active", "skipped", "failed", "disabled") else "failed"
+            reason = (h.last_error if h and h.last_error else s.reason) or None
+            probes.append(
+                wire.ProbeStats(
+                    name=s.name[:128],
+                    status=status,
+                    samples=min(h.samples, 1_000_000) if h else 0,
+                    errors=min(h.errors, 1_000_000) if h else 0,
+                    timeouts=min(h.timeouts, 1_000_000) if h else 0,
+                    last_duration_s=round(h.last_duration_s, 6)
+                    if h and h.last_duration_s is not None
+                    else None,
+                    reason=reason[:1024] if reason else None,
+                )
+            )
+        return wire.AgentStats(
+            uptime_s=round(max(0.0, now - self.started), 3),
+            spool_reports=sink.get("spool_reports", 0),
+            spool_bytes=sink.get("spool_bytes", 0),
+            dropped_reports=sink.get("dropped_reports", 0),
+            dead_letter_reports=sink.get("dead_letter_reports", 0),
+            probes=probes[:64],
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sample and report until `stop` is set; then report the partial window and flush the sink."""
+        await self.sink.start()
+        sampling_stop = asyncio.Event()
+        sampling = asyncio.create_task(self.sampler.run(sampling_stop))
+        start = int(self.clock())
+        try:
+            while True:
+                end = self.window_end(start)
+                try:
+                    await asyncio.wait_for(stop.wait(), max(0.0, end - self.clock()))
+                except asyncio.TimeoutError:
+                    pass
+                if stop.is_set():
+                    end = int(self.clock())
+                    if end > start:
+                        await self.sink.put(self.close_window(self.sink.next_seq(), start, end))
+                    break
+                await self.sink.put(self.close_window(self.sink.next_seq(), start, end))
+                start = end
+        finally:
+            sampling_stop.set()
+            await asyncio.gather(sampling, return_exceptions=True)
+            await self.sink.close(self.config.agent.shutdown_timeout_s)
+            for probe in self.probes:
+                try:
+                    probe.close()
+                except Exception:
+                    log.exception("probe %s: close() failed", probe.name)

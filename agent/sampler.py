@@ -1,0 +1,263 @@
+"""The sampling loop: one asyncio task per probe, each `sample()` on its own thread under a timeout.
+
+Containment (STYLE.md): a probe that raises, hangs or returns garbage is counted and its known
+devices are reported `unavailable` with the reason; the other probes' tasks never notice. A probe
+whose last `sample()` has not returned is not called again until it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from capmon.agent.probe import DeviceSample, HostSample, Probe
+
+log = logging.getLogger("capmon.agent.sampler")
+
+_FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+@dataclass(slots=True)
+class ProbeHealth:
+    """Self-metrics of one probe, cumulative since the agent started."""
+
+    name: str
+    samples: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    skipped_ticks: int = 0
+    last_duration_s: float | None = None
+    last_error: str | None = None
+    devices: set[str] = field(default_factory=set)
+
+
+# (probe name, monotonic-free wall time of the tick, device samples, host sample or None)
+SampleCallback = Callable[[str, float, list[DeviceSample], HostSample | None], None]
+
+
+class GarbageSample(ValueError):
+    """A probe returned something that is not a valid list of samples."""
+
+
+def check_samples(probe: Probe, result: object) -> tuple[list[DeviceSample], HostSample | None, list[str]]:
+    """Validate what `sample()` returned; drop bad optional fields (with a note), reject bad records."""
+    if not isinstance(result, (list, tuple)):
+        raise GarbageSample(f"sample() returned {type(result).__name__}, not a list of samples")
+    devices: list[DeviceSample] = []
+    host: HostSample | None = None
+    notes: list[str] = []
+    seen: set[str] = set()
+    for item in result:
+        if isinstance(item, HostSample):
+            host = item
+            continue
+        if not isinstance(item, DeviceSample):
+            raise GarbageSample(f"sample() returned a {type(item).__name__} among its samples")
+        if not isinstance(item.device_id, str) or not item.device_id or len(item.device_id) > 128:
+            raise GarbageSample(f"device_id {item.device_id!r} is not a non-empty string of ≤128 characters")
+        if item.device_id in seen:
+            raise GarbageSample(f"device_id {item.device_id!r} returned twice")
+        seen.add(item.device_id)
+        fixed, why = _sanitise(item)
+        if why:
+            notes.append(f"{item.device_id}: {why}")
+        devices.append(fixed)
+    return devices, host, notes
+
+
+def _finite(value: object, lo: float, hi: float) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and lo <= value <= hi
+    )
+
+
+def _sanitise(s: DeviceSample) -> tuple[DeviceSample, str | None]:
+    """A value out of its range becomes unknown (None) rather than poisoning the whole report."""
+    changes: dict[str, object] = {}
+    why: list[str] = []
+    checks = {
+        "util_pct": (0, 100),
+        "memory_used_bytes": (0, 2**53),
+        "memory_total_bytes": (0, 2**53),
+        "power_w": (0, 100_000),
+        "temp_c": (-100, 300),
+        "processes": (0, 1_000_000),
+        "index": (0, 2**31),
+    }
+    for name, (lo, hi) in checks.items():
+        value = getattr(s, name)
+        if value is not None and not _finite(value, lo, hi):
+            changes[name] = None
+            why.append(f"{name}={value!r} out of range, dropped")
+    for name in ("memory_used_bytes", "memory_total_bytes", "processes", "index"):
+        value = changes.get(name, getattr(s, name))
+        if isinstance(value, float):
+            changes[name] = int(value)
+    extra = {k: float(v) for k, v in s.extra.items() if _FIELD_NAME.match(str(k)) and _finite(v, -1e15, 1e15)}
+    if len(extra) != len(s.extra):
+        changes["extra"] = extra
+        why.append("invalid extra fields dropped")
+    info = {k: str(v)[:1024] for k, v in s.info.items() if _FIELD_NAME.match(str(k))}
+    if len(info) != len(s.info) or any(len(str(v)) > 1024 for v in s.info.values()):
+        changes["info"] = info
+    if not isinstance(s.vendor, str) or not s.vendor:
+        changes["vendor"] = "unknown"
+    if not changes:
+        return s, None
+    return replace(s, **changes), "; ".join(why) or None
+
+
+def unavailable(device_id: str, vendor: str, reason: str, last: DeviceSample | None = None) -> DeviceSample:
+    """What a device is when its probe could not read it: identity kept, measurements unknown."""
+    return DeviceSample(
+        device_id=device_id,
+        vendor=vendor,
+        model=last.model if last else None,
+        index=last.index if last else None,
+        parent_id=last.parent_id if last else None,
+        memory_total_bytes=last.memory_total_bytes if last else None,
+        healthy=False,
+        error=reason,
+    )
+
+
+def _call_in_thread(fn: Callable[[], object], loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    """Run `fn` on a daemon thread: a wedged driver call must never block the agent's exit."""
+    fut: asyncio.Future = loop.create_future()
+
+    def deliver(ok: bool, value: object) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            value = fn()
+        except BaseException as exc:  # a probe's failure is data for the agent, not a crash
+            ok, value = False, exc
+        else:
+            ok = True
+        try:
+            loop.call_soon_threadsafe(deliver, ok, value)
+        except RuntimeError:
+            pass  # the loop closed while the probe was wedged
+
+    threading.Thread(target=target, name="capmon-sample", daemon=True).start()
+    return fut
+
+
+class ProbeTask:
+    """Samples one probe on its interval, forever, surviving whatever the probe does."""
+
+    def __init__(
+        self, probe: Probe, on_samples: SampleCallback, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.probe = probe
+        self.on_samples = on_samples
+        self.clock = clock
+        self.health = ProbeHealth(probe.name)
+        self._inflight: asyncio.Future | None = None
+        self._inflight_since = 0.0
+        self._last: dict[str, DeviceSample] = {}
+        self._warned: set[str] = set()
+
+    async def tick(self) -> None:
+        """One sampling attempt: returns after the probe answered, failed or timed out."""
+        loop = asyncio.get_running_loop()
+        now = self.clock()
+        if self._inflight is not None and not self._inflight.done():
+            self.health.skipped_ticks += 1
+            stuck = now - self._inflight_since
+            self._report_failure(now, f"sample() still running after {stuck:.0f}s (probe hung)")
+            return
+        started = time.perf_counter()
+        self._inflight_since = now
+        fut = self._inflight = _call_in_thread(self.probe.sample, loop)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(fut), self.probe.timeout_s)
+        except asyncio.TimeoutError:
+            self.health.timeouts += 1
+            fut.add_done_callback(_consume)
+            self._report_failure(now, f"sample() timed out after {self.probe.timeout_s:g}s")
+            return
+        except Exception as exc:
+            self.health.errors += 1
+            self._report_failure(now, f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            self.health.last_duration_s = time.perf_counter() - started
+        try:
+            devices, host, notes = check_samples(self.probe, result)
+        except GarbageSample as exc:
+            self.health.errors += 1
+            self._report_failure(now, f"garbage from probe: {exc}")
+            return
+        for note in notes:
+            self._warn_once(note)
+        self.health.samples += 1
+        self.health.last_error = None
+        self._last = {d.device_id: d for d in devices}
+        self.health.devices = set(self._last)
+        self.on_samples(self.probe.name, now, devices, host)
+
+    def _report_failure(self, now: float, reason: str) -> None:
+        self.health.last_error = reason
+        self._warn_once(f"probe {self.probe.name}: {reason}", key=reason.split(" after ")[0])
+        vendor = self.probe.vendor or self.probe.name
+        devices = [unavailable(d, vendor, reason, last) for d, last in self._last.items()]
+        self.on_samples(self.probe.name, now, devices, None)
+
+    def _warn_once(self, message: str, key: str | None = None) -> None:
+        key = key or message
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+        else:
+            log.debug("%s", message)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        interval = self.probe.interval_s
+        while not stop.is_set():
+            began = self.clock()
+            try:
+                await self.tick()
+            except Exception:  # the agent's own bug must not silence a probe forever
+                log.exception("probe %s: unexpected error in the sampling loop", self.probe.name)
+            # Sleep to the next multiple of the interval so ticks do not drift.
+            delay = interval - ((self.clock() - began) % interval)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+class Sampler:
+    """Runs every active probe's task; hands every result to one callback."""
+
+    def __init__(
+        self, probes: Sequence[Probe], on_samples: SampleCallback, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.tasks = [ProbeTask(p, on_samples, clock) for p in probes]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(*(t.run(stop) for t in self.tasks))
+
+    def health(self) -> list[ProbeHealth]:
+        return [t.health for t in self.tasks]
