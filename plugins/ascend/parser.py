@@ -1,0 +1,346 @@
+"""Pure parser for `npu-smi info` (the default table): text in, records out, never raises.
+
+The table is read by its structure: cells between `|`, the two rows each chip prints, and the
+`+---`/`+===` separators. Column offsets are never used, because widths vary between npu-smi
+versions (80 to 116 columns) and five-digit values touch the slash (`41052/ 65536`). Inside a cell,
+values are matched to the header words of the same cell, in order.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+# A value the output does not give.
+_ABSENT = frozenset({"", "NA", "N/A", "-", "--"})
+
+_BORDER = re.compile(r"^\+[-=+]*\+?$")
+# One value of a cell: a `used / total` pair (spaces optional on either side) or one word.
+_VALUE = re.compile(r"[^\s/|]+\s*/\s*[^\s/|]+|\S+")
+# Header words are separated by two or more spaces, or by a space after a `(unit)`.
+_HEADER_SPLIT = re.compile(r"\s{2,}|(?<=\))\s+")
+_NO_PROCESSES = re.compile(r"No running processes found in NPU\s+(\d+)", re.IGNORECASE)
+_VERSION = re.compile(r"Version:\s*(\S+)")
+
+# Normalised header word -> attribute of the row being read.
+_DEVICE_COLUMNS = {
+    "npu": "npu_id",
+    "name": "name",
+    "chip": "chip_id",
+    "device": "logic_id",
+    "phyid": "phy_id",
+    "health": "health",
+    "busid": "bus_id",
+    "powerw": "power_w",
+    "tempc": "temp_c",
+    "hugepagesusagepage": "hugepages",
+    "aicore": "aicore_pct",
+    "npuutil": "npu_util_pct",
+    "memoryusagemb": "memory",
+    "hbmusagemb": "hbm",
+}
+_PROCESS_COLUMNS = {
+    "npu": "npu_id",
+    "chip": "chip_id",
+    "processid": "pid",
+    "processname": "name",
+    "processmemorymb": "memory_mb",
+    "processidincontainer": "container_pid",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NpuChip:
+    """One chip of one NPU, as the two rows of the default table show it. `None` where not given."""
+
+    npu_id: int
+    chip_id: int
+    name: str | None = None
+    health: str | None = None
+    power_w: float | None = None
+    temp_c: float | None = None
+    aicore_pct: float | None = None
+    hbm_used_mb: int | None = None
+    hbm_total_mb: int | None = None
+    # DDR ("Memory-Usage(MB)"): the only memory on 310/310P/310B; `0 / 0` on 910B.
+    memory_used_mb: int | None = None
+    memory_total_mb: int | None = None
+    bus_id: str | None = None
+    # The "Device" column of 310-class tables (the chip's logic id).
+    logic_id: int | None = None
+    phy_id: int | None = None
+    npu_util_pct: float | None = None
+    hugepages_used: int | None = None
+    hugepages_total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NpuProcess:
+    """One row of the process table."""
+
+    npu_id: int
+    chip_id: int
+    pid: int | None = None
+    name: str | None = None
+    memory_mb: int | None = None
+    container_pid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NpuSmiInfo:
+    """What one `npu-smi info` printed."""
+
+    chips: tuple[NpuChip, ...] = ()
+    processes: tuple[NpuProcess, ...] = ()
+    # False when the output has no process table: process counts are then unknown, not 0.
+    processes_known: bool = False
+    # NPUs the process table speaks about (rows or "No running processes found in NPU <id>").
+    npus_in_process_table: frozenset[int] = frozenset()
+    version: str | None = None
+    # Lines outside the table: library log lines before it, `[WARNING]…` after it, error messages.
+    messages: tuple[str, ...] = ()
+    # Things the parser did not understand, for people.
+    warnings: tuple[str, ...] = ()
+
+    def process_count(self, npu_id: int, chip_id: int) -> int | None:
+        """Processes on one chip; `None` when the table is absent or says nothing about this NPU."""
+        if not self.processes_known or npu_id not in self.npus_in_process_table:
+            return None
+        return sum(1 for p in self.processes if p.npu_id == npu_id and p.chip_id == chip_id)
+
+
+@functools.lru_cache(maxsize=256)
+def _key(header: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", header.lower())
+
+
+@functools.lru_cache(maxsize=256)
+def _split_header(cell: str) -> tuple[str, ...]:
+    return tuple(h for h in _HEADER_SPLIT.split(cell.strip()) if h)
+
+
+def _int(text: str | None) -> int | None:
+    if text is None or text.strip() in _ABSENT:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        number = _float(text)
+        return int(number) if number is not None and number.is_integer() else None
+
+
+def _float(text: str | None) -> float | None:
+    if text is None or text.strip() in _ABSENT:
+        return None
+    try:
+        return float(text.strip())
+    except ValueError:
+        return None
+
+
+def _pair(text: str | None) -> tuple[int | None, int | None]:
+    if text is None or "/" not in text:
+        return None, None
+    used, _, total = text.partition("/")
+    return _int(used), _int(total)
+
+
+class _Reader:
+    """Collects warnings (deduplicated, in order) while the table is read."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def cells(self, headers: list[str], row: list[str], columns: dict[str, str]) -> dict[str, str | None]:
+        """Match each cell's values to the same cell's header words."""
+        out: dict[str, str | None] = {}
+        if len(row) != len(headers):
+            self.warn(f"row has {len(row)} cells where the header has {len(headers)}: {'|'.join(row)!r}")
+        for header_cell, value_cell in zip(headers, row, strict=False):
+            names = _split_header(header_cell)
+            values = _VALUE.findall(value_cell) if len(names) > 1 else [value_cell.strip()]
+            if len(values) > len(names) and names:
+                if _key(names[-1]) in ("name", "processname"):
+                    values = [*values[: len(names) - 1], " ".join(values[len(names) - 1 :])]
+                else:
+                    self.warn(
+                        f"more values than columns in {value_cell.strip()!r} under {header_cell.strip()!r}"
+                    )
+            elif len(values) == 1 < len(names) and _key(names[-1]) == "name" and _int(values[0]) is None:
+                # Only a name: the NPU id is left out (a second chip of one NPU); keep the name a name.
+                values = [""] * (len(names) - 1) + values
+            elif len(values) < len(names) and any(v.strip() for v in values):
+                self.warn(
+                    f"fewer values than columns in {value_cell.strip()!r} under {header_cell.strip()!r}"
+                )
+            for name, value in zip(names, values, strict=False):
+                attr = columns.get(_key(name))
+                if attr is None:
+                    self.warn(f"unknown column {name!r} ignored")
+                    continue
+                out[attr] = value.strip()
+        return out
+
+
+def _row_cells(line: str) -> list[str]:
+    inner = line[1:-1] if line.endswith("|") and len(line) > 1 else line[1:]
+    return inner.split("|")
+
+
+def _chip(reader: _Reader, first: dict[str, str | None], second: dict[str, str | None]) -> NpuChip | None:
+    values = {**first, **second}
+    npu_id, chip_id = _int(values.get("npu_id")), _int(values.get("chip_id"))
+    if npu_id is None or chip_id is None:
+        reader.warn(f"chip rows without an NPU id and chip id skipped: {values}")
+        return None
+    hbm_used, hbm_total = _pair(values.get("hbm"))
+    ddr_used, ddr_total = _pair(values.get("memory"))
+    huge_used, huge_total = _pair(values.get("hugepages"))
+    for attr in ("hbm", "memory"):
+        text = values.get(attr)
+        if text is not None and text not in _ABSENT and "/" not in text:
+            reader.warn(f"memory value {text!r} is not 'used / total'")
+    return NpuChip(
+        npu_id=npu_id,
+        chip_id=chip_id,
+        name=values.get("name") or None,
+        health=values.get("health") or None,
+        power_w=_float(values.get("power_w")),
+        temp_c=_float(values.get("temp_c")),
+        aicore_pct=_float(values.get("aicore_pct")),
+        hbm_used_mb=hbm_used,
+        hbm_total_mb=hbm_total,
+        memory_used_mb=ddr_used,
+        memory_total_mb=ddr_total,
+        bus_id=None if (values.get("bus_id") or "") in _ABSENT else values.get("bus_id"),
+        logic_id=_int(values.get("logic_id")),
+        phy_id=_int(values.get("phy_id")),
+        npu_util_pct=_float(values.get("npu_util_pct")),
+        hugepages_used=huge_used,
+        hugepages_total=huge_total,
+    )
+
+
+def parse_npu_smi_info(text: str) -> NpuSmiInfo:
+    """Parse the default `npu-smi info` table. Never raises: what is not understood lands in `.warnings`."""
+    reader = _Reader()
+    messages: list[str] = []
+    chips: list[NpuChip] = []
+    processes: list[NpuProcess] = []
+    npus_in_process_table: set[int] = set()
+    seen_chips: set[tuple[int, int]] = set()
+    version: str | None = None
+    device_header: list[list[str]] = []
+    process_header: list[str] | None = None
+    section = "title"  # title -> device_header -> devices -> processes
+    block: list[list[str]] = []  # device rows since the last separator
+    npu_of_group: int | None = None  # NPU id of the chips since the last `+===`
+
+    def flush_block() -> None:
+        nonlocal npu_of_group
+        if not block:
+            return
+        if len(block) % 2:
+            reader.warn(f"a chip block has {len(block)} rows instead of 2: {'|'.join(block[-1])!r}")
+        for first, second in zip(block[0::2], block[1::2], strict=False):
+            row1 = reader.cells(device_header[0], first, _DEVICE_COLUMNS)
+            row2 = reader.cells(device_header[1], second, _DEVICE_COLUMNS)
+            if _int(row1.get("npu_id")) is None and npu_of_group is not None:
+                row1["npu_id"] = str(npu_of_group)  # a second chip of the same NPU may leave the id out
+            chip = _chip(reader, row1, row2)
+            if chip is None:
+                continue
+            if (chip.npu_id, chip.chip_id) in seen_chips:
+                reader.warn(f"NPU {chip.npu_id} chip {chip.chip_id} listed twice; the first kept")
+                continue
+            seen_chips.add((chip.npu_id, chip.chip_id))
+            chips.append(chip)
+            npu_of_group = chip.npu_id
+        block.clear()
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if _BORDER.match(line):
+            if section == "devices":
+                flush_block()
+                if "=" in line:
+                    npu_of_group = None
+            elif section == "device_header" and len(device_header) == 2:
+                section = "devices"
+            continue
+        if not line.startswith("|"):
+            messages.append(line)
+            continue
+        cells = _row_cells(line)
+        first_words = cells[0].split()
+        is_process_header = any(_key(c).startswith("process") for c in cells[1:]) and bool(first_words)
+        if is_process_header and first_words[0].upper() == "NPU":
+            if section == "devices":
+                flush_block()
+            process_header = cells
+            section = "processes"
+            continue
+        if section == "title":
+            if first_words and first_words[0].upper() == "NPU":
+                device_header = [cells]
+                section = "device_header"
+            elif version is None and (match := _VERSION.search(line)):
+                version = match.group(1)
+            else:
+                reader.warn(f"row before the device table not understood: {line!r}")
+            continue
+        if section == "device_header":
+            if len(device_header) == 1:
+                device_header.append(cells)
+            else:
+                # No separator after the header: take the row as data anyway.
+                section = "devices"
+                block.append(cells)
+            continue
+        if section == "devices":
+            block.append(cells)
+            continue
+        # section == "processes"
+        joined = " ".join(c.strip() for c in cells)
+        if match := _NO_PROCESSES.search(joined):
+            npus_in_process_table.add(int(match.group(1)))
+            continue
+        row = reader.cells(process_header or [], cells, _PROCESS_COLUMNS)
+        npu_id, chip_id = _int(row.get("npu_id")), _int(row.get("chip_id"))
+        if npu_id is None or chip_id is None:
+            reader.warn(f"process row not understood: {line!r}")
+            continue
+        npus_in_process_table.add(npu_id)
+        processes.append(
+            NpuProcess(
+                npu_id=npu_id,
+                chip_id=chip_id,
+                pid=_int(row.get("pid")),
+                name=row.get("name") or None,
+                memory_mb=_int(row.get("memory_mb")),
+                container_pid=_int(row.get("container_pid")),
+            )
+        )
+    if section == "devices":
+        flush_block()
+
+    if not device_header:
+        reader.warn("no npu-smi info device table (a header row starting with 'NPU') found")
+    elif not chips:
+        reader.warn("the npu-smi info device table lists no chips")
+    return NpuSmiInfo(
+        chips=tuple(chips),
+        processes=tuple(processes),
+        processes_known=process_header is not None,
+        npus_in_process_table=frozenset(npus_in_process_table),
+        version=version,
+        messages=tuple(messages),
+        warnings=tuple(reader.warnings),
+    )
