@@ -90,7 +90,7 @@ class AscendProbe(Probe):
             # A short output is a message worth showing; a long one is some other layout.
             detail = _first_message(info.messages) if len(info.messages) <= 3 else None
             if detail:
-                reason = f"{reason}: {detail}"
+                reason = _with_hint(f"{reason}: {detail}", detail)
             if reason != self._failure:
                 log.warning("ascend: %s; output starts %r", reason, out[:200])
             return self._unavailable(reason, log_reason=False)
@@ -186,8 +186,11 @@ def _failure_message(code: int, out: str, err: str) -> str:
     # npu-smi prints its errors on stdout, after library log lines such as "DrvMngGetConsoleLogLevel failed".
     lines = tuple(line.strip() for line in (out + "\n" + err).splitlines() if line.strip())
     detail = _first_message(lines) or "no output"
-    message = f"npu-smi info exited with {code}: {detail[:300]}"
+    return _with_hint(f"npu-smi info exited with {code}: {detail[:300]}", detail)
+
+
+def _with_hint(message: str, detail: str) -> str:
     match = _RET.search(detail)
     if match and match.group(1) in _HINTS:
-        message = f"{message} ({_HINTS[match.group(1)]})"
+        return f"{message} ({_HINTS[match.group(1)]})"
     return message

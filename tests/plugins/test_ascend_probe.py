@@ -299,3 +299,13 @@ def test_each_outage_is_logged_once_and_recovery_is_logged(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3
     assert "-8005" in messages[0] and "readable again" in messages[1] and "-8005" in messages[2]
+
+
+def test_error_message_with_exit_0_still_explains_itself():
+    probe, _ = probe_with((0, fixture("error_container_device_used_8020.txt")))
+    (device,) = probe.sample()
+    assert not device.healthy
+    assert device.error == (
+        "npu-smi info printed no device table: dcmi model initialized failed, because the device is used."
+        " ret is -8020 (the NPUs are held by another container)"
+    )
