@@ -1,0 +1,157 @@
+"""InfluxDB line protocol straight from the wire structs: no per-point objects, one f-string per line.
+
+The schema is documented in `collector/README.md` (measurements `capmon_device`, `capmon_host`,
+`capmon_agent`). Every numeric field is a float, so a field never changes type; the timestamp is the
+report's `end` in seconds, so a resent report rewrites identical points.
+"""
+
+from __future__ import annotations
+
+from capmon.agent.wire import STATES, AgentIdentity, Batch, Report
+
+STATE_CODE: dict[str, float] = {state: float(i) for i, state in enumerate(STATES)}
+
+_CONTROL = [*range(32), 0x7F]
+# Tags: `,` `=` and space are escaped. A backslash is written as `/`, because InfluxDB 1.x keeps `\\`
+# as two characters while 2.x and VictoriaMetrics read it as one, and a trailing `\` is a parse error
+# in 1.x. Control characters (newlines included) become an escaped space: a tag can never end a line.
+_TAG_ESCAPES = str.maketrans(
+    {**{chr(c): "\\ " for c in _CONTROL}, "\\": "/", ",": "\\,", "=": "\\=", " ": "\\ "}
+)
+# String fields: quoted; `"` and `\` escaped, control characters (newlines included) become spaces.
+_STR_ESCAPES = str.maketrans({**{chr(c): " " for c in _CONTROL}, "\\": "\\\\", '"': '\\"'})
+
+_tag_cache: dict[str, str] = {}
+
+
+def escape_tag(value: str) -> str:
+    return value.translate(_TAG_ESCAPES)
+
+
+def _tag(value: str) -> str:
+    """`escape_tag` for the few values that repeat across thousands of devices (vendor, model)."""
+    escaped = _tag_cache.get(value)
+    if escaped is None:
+        if len(_tag_cache) > 10_000:
+            _tag_cache.clear()
+        escaped = _tag_cache[value] = value.translate(_TAG_ESCAPES)
+    return escaped
+
+
+def string_field(value: str) -> str:
+    return '"' + value.translate(_STR_ESCAPES) + '"'
+
+
+def identity_tags(agent: AgentIdentity, label_keys: tuple[str, ...]) -> str:
+    """`,agent=…,host=…,site=…`: the tags every point of one batch carries (configured labels only)."""
+    parts = [",agent=", escape_tag(agent.id), ",host=", escape_tag(agent.host)]
+    labels = agent.labels
+    for key in label_keys:
+        value = labels.get(key)
+        if value:
+            parts += (",", key, "=", escape_tag(value))
+    return "".join(parts)
+
+
+def report_lines(report: Report, tags: str, out: list[str]) -> None:
+    """Append the lines of one report to `out`."""
+    ts = report.end
+    window = float(report.end - report.start)
+    for d in report.devices:
+        line = [
+            "capmon_device",
+            tags,
+            ",vendor=",
+            _tag(d.vendor),
+            ",device=",
+            escape_tag(d.device_id),
+        ]
+        if d.model:
+            line += (",model=", _tag(d.model))
+        if d.parent_id:
+            line += (",parent=", escape_tag(d.parent_id))
+        idle_s = d.allocated_idle_s + d.free_s
+        line.append(
+            f' state="{d.state}",state_code={STATE_CODE[d.state]!r},window_s={window!r}'
+            f",busy_s={float(d.busy_s)!r},allocated_idle_s={float(d.allocated_idle_s)!r}"
+            f",free_s={float(d.free_s)!r},unavailable_s={float(d.unavailable_s)!r}"
+            f",idle_s={float(idle_s)!r},ghost_s={float(d.ghost_s)!r}"
+        )
+        if d.util_mean_pct is not None:
+            line.append(f",util_mean_pct={float(d.util_mean_pct)!r}")
+        if d.util_max_pct is not None:
+            line.append(f",util_max_pct={float(d.util_max_pct)!r}")
+        if d.memory_used_bytes is not None:
+            line.append(f",memory_used_bytes={float(d.memory_used_bytes)!r}")
+        if d.memory_total_bytes is not None:
+            line.append(f",memory_total_bytes={float(d.memory_total_bytes)!r}")
+        if d.power_mean_w is not None:
+            line.append(f",power_mean_w={float(d.power_mean_w)!r}")
+        if d.temp_max_c is not None:
+            line.append(f",temp_max_c={float(d.temp_max_c)!r}")
+        if d.processes is not None:
+            line.append(f",processes={float(d.processes)!r}")
+        if d.index is not None:
+            line.append(f",index={float(d.index)!r}")
+        if d.idle_since is not None:
+            line.append(
+                f",idle_since={float(d.idle_since)!r},idle_for_s={float(max(0, ts - d.idle_since))!r}"
+            )
+        if d.error:
+            line += (",error=", string_field(d.error))
+        if d.extra:
+            for key, value in d.extra.items():
+                line.append(f",extra_{key}={float(value)!r}")
+        if d.info:
+            for key, text in d.info.items():
+                line += (",info_", key, "=", string_field(text))
+        line.append(f" {ts}")
+        out.append("".join(line))
+
+    h = report.host
+    if h is not None:
+        fields = [f"devices={float(len(report.devices))!r},window_s={window!r}"]
+        for name in (
+            "cpu_mean_pct",
+            "cpu_max_pct",
+            "memory_used_bytes",
+            "memory_total_bytes",
+            "load1",
+            "load5",
+            "load15",
+            "cpu_count",
+        ):
+            value = getattr(h, name)
+            if value is not None:
+                fields.append(f"{name}={float(value)!r}")
+        out.append(f"capmon_host{tags} {','.join(fields)} {ts}")
+
+    a = report.agent
+    fields = [f"seq={float(report.seq)!r},window_s={window!r},devices={float(len(report.devices))!r}"]
+    if a is not None:
+        fields.append(
+            f"uptime_s={float(a.uptime_s)!r},spool_reports={float(a.spool_reports)!r}"
+            f",spool_bytes={float(a.spool_bytes)!r},dropped_reports={float(a.dropped_reports)!r}"
+            f",dead_letter_reports={float(a.dead_letter_reports)!r}"
+        )
+    out.append(f"capmon_agent{tags} {','.join(fields)} {ts}")
+    if a is not None:
+        for p in a.probes:
+            pf = [
+                f"status={string_field(p.status)},samples={float(p.samples)!r}"
+                f",errors={float(p.errors)!r},timeouts={float(p.timeouts)!r}"
+            ]
+            if p.last_duration_s is not None:
+                pf.append(f"last_duration_s={float(p.last_duration_s)!r}")
+            if p.reason:
+                pf.append(f"reason={string_field(p.reason)}")
+            out.append(f"capmon_agent{tags},probe={escape_tag(p.name)} {','.join(pf)} {ts}")
+
+
+def batch_lines(batch: Batch, label_keys: tuple[str, ...]) -> list[str]:
+    """All lines of a batch, in report order."""
+    tags = identity_tags(batch.agent, label_keys)
+    out: list[str] = []
+    for report in batch.reports:
+        report_lines(report, tags, out)
+    return out

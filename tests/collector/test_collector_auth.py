@@ -1,0 +1,105 @@
+"""Auth: who may write as which agent, who may read, and that tokens never reach the logs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from collector_helpers import (
+    AGENT_TOKEN,
+    JSON,
+    RACK_TOKEN,
+    READ_TOKEN,
+    Clock,
+    RecordingWriter,
+    auth,
+    batch,
+    body,
+    make_config,
+)
+
+from capmon.collector.app import create_app
+from capmon.collector.auth import TokenStore
+from capmon.collector.config import AuthConfig, TokenConfig
+
+
+@pytest.fixture
+def writer() -> RecordingWriter:
+    return RecordingWriter()
+
+
+@pytest.fixture
+async def client(aiohttp_client, writer):
+    return await aiohttp_client(create_app(make_config(), writer=writer, clock=Clock()))
+
+
+async def ingest(client, headers, agent_id="node-1"):
+    return await client.post(
+        "/api/v1/reports", data=body(batch(agent_id=agent_id)), headers={**JSON, **headers}
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        (auth("not-a-token"), 401),
+        ({"Authorization": f"Basic {AGENT_TOKEN}"}, 401),
+        ({"Authorization": "Bearer "}, 401),
+        (auth(READ_TOKEN), 403),
+        (auth(AGENT_TOKEN), 200),
+    ],
+)
+async def test_ingest_auth(client, writer, headers, status):
+    resp = await ingest(client, headers)
+    assert resp.status == status, await resp.text()
+    assert (writer.lines != []) == (status == 200)
+    if status == 401:
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_agent_token_writes_only_as_its_agents(client, writer):
+    resp = await ingest(client, auth(AGENT_TOKEN), agent_id="node-2")
+    assert resp.status == 403
+    assert (await resp.json())["path"] == "$.agent.id"
+    assert (await ingest(client, auth(RACK_TOKEN), agent_id="rack2-node-17")).status == 200
+    assert (await ingest(client, auth(RACK_TOKEN), agent_id="rack3-node-1")).status == 403
+    assert all("rack3" not in line for line in writer.lines)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/fleet", "/api/v1/devices", "/metrics"])
+async def test_read_apis_need_a_read_token(client, path):
+    assert (await client.get(path)).status == 401
+    assert (await client.get(path, headers=auth("nope"))).status == 401
+    assert (await client.get(path, headers=auth(AGENT_TOKEN))).status == 403
+    assert (await client.get(path, headers=auth(READ_TOKEN))).status == 200
+
+
+async def test_healthz_needs_no_token(client):
+    resp = await client.get("/healthz")
+    assert resp.status == 200 and (await resp.json())["status"] == "ok"
+
+
+async def test_tokens_never_logged(client, caplog):
+    caplog.set_level(logging.DEBUG)
+    await ingest(client, auth(AGENT_TOKEN))
+    await ingest(client, auth(AGENT_TOKEN), agent_id="node-9")
+    await ingest(client, auth(READ_TOKEN))
+    await ingest(client, auth("wrong-token-abcdef"))
+    await client.get("/api/v1/fleet", headers=auth(AGENT_TOKEN))
+    await client.get("/metrics", headers=auth(READ_TOKEN))
+    assert caplog.records, "expected the refusals to be logged"
+    for secret in (AGENT_TOKEN, READ_TOKEN, RACK_TOKEN, "wrong-token-abcdef"):
+        assert secret not in caplog.text
+
+
+def test_env_token_and_patterns():
+    store = TokenStore(
+        AuthConfig(agent_tokens=(TokenConfig(env="TOK", agents=("a-*", "b")),)), env={"TOK": "s3cret"}
+    )
+    p = store.authenticate("Bearer s3cret")
+    assert p is not None and p.role == "agent"
+    assert p.may_write_as("a-1") and p.may_write_as("b") and not p.may_write_as("bb")
+    assert store.authenticate("bearer s3cret") is not None
+    assert store.authenticate("Bearer s3cre") is None
+    assert "s3cret" not in repr(p)
