@@ -56,6 +56,7 @@ class FakeGpu:
     memory_reserved: int = 503_316_480
     memory_used: int = 0
     power_mw: int | None = 70_000
+    utilisation: bool = True  # False: NVML reports NotSupported (some vGPU and passthrough setups)
     temp_c: int = 35
     compute_pids: list[int] = field(default_factory=list)
     graphics_pids: list[int] = field(default_factory=list)
@@ -214,7 +215,7 @@ class FakeNvml(types.SimpleNamespace):
         gpu = self._gpu(handle)
         if sampling_type != real.NVML_GPU_UTILIZATION_SAMPLES:
             _raise(real.NVML_ERROR_NOT_SUPPORTED)
-        if handle.mig or gpu.mig_slots is not None:
+        if handle.mig or gpu.mig_slots is not None or not gpu.utilisation:
             _raise(real.NVML_ERROR_NOT_SUPPORTED)
         newer = [(ts, value) for ts, value in gpu.samples if ts > timestamp]
         if not newer:
@@ -229,7 +230,7 @@ class FakeNvml(types.SimpleNamespace):
 
     def nvmlDeviceGetUtilizationRates(self, handle: _Handle):
         gpu = self._gpu(handle)
-        if handle.mig or gpu.mig_slots is not None:
+        if handle.mig or gpu.mig_slots is not None or not gpu.utilisation:
             _raise(real.NVML_ERROR_NOT_SUPPORTED)
         rates = real.c_nvmlUtilization_t()
         rates.gpu = round(gpu.load_pct)

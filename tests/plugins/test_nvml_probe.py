@@ -289,6 +289,19 @@ def test_power_not_supported_is_none_and_the_rest_is_reported(probes):
     assert s.healthy and s.temp_c == 35.0 and s.util_pct == 0.0
 
 
+def test_utilisation_not_supported_is_unknown_not_idle(probes):
+    gpus = h100s(2)
+    gpus[1].utilisation = False
+    nvml = FakeNvml(gpus)
+    probe = probes(nvml, gpm=False)
+    probe.setup()
+    nvml.advance(1)
+    readable, unsupported = probe.sample()
+    assert readable.util_pct == 0.0
+    assert unsupported.util_pct is None
+    assert unsupported.healthy and unsupported.memory_total_bytes is not None
+
+
 def test_pending_row_remap_makes_the_gpu_unhealthy(probes):
     gpus = h100s(2)
     gpus[1].remap_pending = True
