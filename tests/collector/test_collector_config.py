@@ -1,0 +1,83 @@
+"""Configuration: the sample parses, unknown keys name themselves and the file, secrets come from the env."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from capmon.collector.cli import register_collector, sample_config
+from capmon.collector.config import ConfigError, hash_token, load, parse
+
+
+def test_sample_parses_with_documented_defaults():
+    config = parse(sample_config(), "sample.toml", env={})
+    assert config.collector.port == 8900 and config.storage.kind == "none"
+    assert config.collector.label_keys == ("site", "cluster", "pool")
+    assert config.auth.agent_tokens[0].agents == ("example-*",)
+    assert config.auth.agent_tokens[0].sha256 == hash_token("example-agent-token")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[collector]\nprot = 1\n", "unknown key 'collector.prot'"),
+        ("[colector]\n", "unknown key 'colector'"),
+        ("[storage]\nkind = 'influx'\n", "storage.kind must be one of"),
+        ("[collector]\nport = 'x'\n", "collector.port must be an integer"),
+        ("[collector]\nlabel_keys = ['host']\n", "'host' is a tag the collector writes itself"),
+        ("[auth]\nagent_tokens = [{sha256 = 'abc', agents = ['a']}]\n", "64 lowercase hex"),
+        ("[auth]\nagent_tokens = [{env = 'NOPE_UNSET', agents = ['a']}]\n", "$NOPE_UNSET, which is not set"),
+        ("[auth]\nagent_tokens = [{env = 'T', agents = []}]\n", "must name the agent ids"),
+        (
+            "[auth]\nagent_tokens = [{env = 'T', agents = ['a'], colour = 1}]\n",
+            "unknown key 'auth.agent_tokens[0].colour'",
+        ),
+        ("[storage]\nkind = 'influxdb_v2'\n", "needs storage.org"),
+        ("not toml = = 1", "collector.toml"),
+    ],
+)
+def test_bad_config_names_key_and_file(text, message):
+    with pytest.raises(ConfigError) as exc:
+        parse(text, "collector.toml", env={"T": "tok"})
+    assert message in str(exc.value) and "collector.toml" in str(exc.value)
+
+
+def test_secrets_from_env_and_kept_out_of_repr(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[storage]\nkind = 'influxdb_v2'\norg = 'o'\n[auth]\nread_tokens = [{env = 'RT'}]\n")
+    config = load(path, env={"CAPMON_INFLUX_TOKEN": "influx-secret", "RT": "read-secret"})
+    assert config.storage.token == "influx-secret"
+    assert "influx-secret" not in repr(config)
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
+        load(tmp_path / "missing.toml")
+
+
+def cli(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="capmon")
+    register_collector(parser.add_subparsers(dest="command"))
+    return parser.parse_args(list(argv))
+
+
+def test_cli_config_prints_the_sample(capsys):
+    args = cli("collector", "config")
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == sample_config()
+
+
+def test_cli_hash_token(capsys):
+    args = cli("collector", "hash-token", "example-read-token")
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip() == hash_token("example-read-token")
+    args = cli("collector", "hash-token", "--generate")
+    assert args.func(args) == 0
+    token, digest = (line.split()[-1] for line in capsys.readouterr().out.splitlines())
+    assert hash_token(token) == digest
+
+
+def test_cli_run_refuses_a_bad_config(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[collector]\nbogus = 1\n")
+    args = cli("collector", "run", "--config", str(path))
+    assert args.func(args) == 2
+    assert "unknown key 'collector.bogus'" in capsys.readouterr().err
