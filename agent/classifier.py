@@ -65,6 +65,7 @@ class _DeviceTrack:
         "power_n",
         "power_sum",
         "processes_max",
+        "seen_t",
         "temp_max",
         "unavailable_s",
         "util_max",
@@ -79,6 +80,7 @@ class _DeviceTrack:
         self.last_state: str | None = None
         self.ghost = False
         self.last_t: float | None = None
+        self.seen_t: float | None = None
         self.last_sample: DeviceSample | None = None
         self._reset_window()
 
@@ -173,7 +175,7 @@ class IdleClassifier:
         self._advance_streak(track, t, obs.state)
         track.last_state = obs.state
         track.ghost = obs.ghost
-        track.last_t = t
+        track.last_t = track.seen_t = t
         track.last_sample = sample
         if sample.util_pct is not None:
             track.util_sum += sample.util_pct
@@ -216,7 +218,7 @@ class IdleClassifier:
         windows: list[DeviceWindow] = []
         for device_id in list(self._tracks):
             track = self._tracks[device_id]
-            if track.last_t is None or track.last_t < start or track.last_sample is None:
+            if track.seen_t is None or track.seen_t < start or track.last_sample is None:
                 del self._tracks[device_id]
                 continue
             track.hold(end)

@@ -156,8 +156,11 @@ class Agent:
         self._host = _HostWindow()
 
     def _on_samples(self, probe: str, t: float, devices: list[DeviceSample], host: HostSample | None) -> None:
+        # A GPU split into MIG instances is capacity only through its instances: count it once.
+        parents = {d.parent_id for d in devices if d.parent_id}
         for d in devices:
-            self.classifier.observe(t, d)
+            if d.device_id not in parents:
+                self.classifier.observe(t, d)
         if host is not None:
             self._host.add(host)
 

@@ -180,7 +180,7 @@ class ProbeTask:
         if self._inflight is not None and not self._inflight.done():
             self.health.skipped_ticks += 1
             stuck = now - self._inflight_since
-            self._report_failure(now, f"sample() still running after {stuck:.0f}s (probe hung)")
+            self._report_failure(now, f"sample() still running after {stuck:.1f}s (probe hung)")
             return
         started = time.perf_counter()
         self._inflight_since = now
@@ -217,7 +217,8 @@ class ProbeTask:
         self._warn_once(f"probe {self.probe.name}: {reason}", key=reason.split(" after ")[0])
         vendor = self.probe.vendor or self.probe.name
         devices = [unavailable(d, vendor, reason, last) for d, last in self._last.items()]
-        self.on_samples(self.probe.name, now, devices, None)
+        if devices:
+            self.on_samples(self.probe.name, now, devices, None)
 
     def _warn_once(self, message: str, key: str | None = None) -> None:
         key = key or message

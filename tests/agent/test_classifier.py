@@ -1,0 +1,154 @@
+"""The idle classifier on scripted traces, in simulated time: state seconds and idle_since are exact."""
+
+from __future__ import annotations
+
+import pytest
+
+from capmon.agent import DeviceSample
+from capmon.agent.classifier import ClassifierConfig, IdleClassifier
+
+GIB = 1024**3
+
+
+def gpu(util=0.0, processes=0, memory=GIB // 2, healthy=True, error=None, device_id="GPU-0"):
+    return DeviceSample(
+        device_id=device_id,
+        vendor="nvidia",
+        model="NVIDIA H100 80GB HBM3",
+        util_pct=util,
+        memory_used_bytes=memory,
+        memory_total_bytes=80 * GIB,
+        processes=processes,
+        healthy=healthy,
+        error=error,
+    )
+
+
+def run(classifier, trace, t0=1_000_000_000):
+    """trace: list of (seconds, sample) phases, sampled once per second."""
+    t = t0
+    for seconds, sample in trace:
+        for _ in range(seconds):
+            classifier.observe(t, sample)
+            t += 1
+    return t
+
+
+def test_busy_blip_within_grace_keeps_the_idle_streak():
+    c = IdleClassifier(ClassifierConfig(busy_util_pct=10, busy_grace_s=60))
+    t0 = 1_000_000_000
+    end = run(c, [(100, gpu(util=0)), (30, gpu(util=80, processes=1)), (50, gpu(util=0))], t0)
+    [w] = c.close_window(t0, end)
+    assert (w.free_s, w.busy_s, w.allocated_idle_s, w.unavailable_s) == (150, 30, 0, 0)
+    assert w.idle_since == t0
+    assert w.state == "free"
+    assert w.util_max_pct == 80
+
+
+def test_busy_longer_than_grace_ends_the_streak():
+    c = IdleClassifier(ClassifierConfig(busy_util_pct=10, busy_grace_s=60))
+    t0 = 1_000_000_000
+    end = run(c, [(100, gpu(util=0)), (90, gpu(util=80, processes=1)), (20, gpu(util=0))], t0)
+    [w] = c.close_window(t0, end)
+    assert (w.free_s, w.busy_s) == (120, 90)
+    assert w.idle_since == t0 + 190  # the streak restarted when the device went idle again
+
+
+def test_idle_since_survives_window_boundaries():
+    c = IdleClassifier()
+    t0 = 1_000_000_000
+    run(c, [(60, gpu(util=0))], t0)
+    c.close_window(t0, t0 + 60)
+    run(c, [(60, gpu(util=0))], t0 + 60)
+    [w] = c.close_window(t0 + 60, t0 + 120)
+    assert w.free_s == 60
+    assert w.idle_since == t0
+
+
+def test_notebook_holding_memory_at_zero_util_is_allocated_idle():
+    c = IdleClassifier()
+    t0 = 1_000_000_000
+    end = run(c, [(60, gpu(util=0.5, processes=1, memory=20 * GIB))], t0)
+    [w] = c.close_window(t0, end)
+    assert w.state == "allocated_idle"
+    assert w.allocated_idle_s == 60 and w.free_s == 0
+    assert w.idle_since == t0
+    assert w.processes == 1
+
+
+def test_probe_failure_is_unavailable_never_free_and_ends_the_streak_after_grace():
+    c = IdleClassifier(ClassifierConfig(busy_grace_s=30))
+    t0 = 1_000_000_000
+    broken = DeviceSample("GPU-0", "nvidia", healthy=False, error="sample() timed out after 5s")
+    end = run(c, [(20, gpu(util=0)), (40, broken)], t0)
+    [w] = c.close_window(t0, end)
+    assert (w.free_s, w.unavailable_s) == (20, 40)
+    assert w.state == "unavailable"
+    assert w.error == "sample() timed out after 5s"
+    assert w.idle_since is None
+
+
+def test_unknown_processes_memory_above_learned_baseline_is_held():
+    c = IdleClassifier()
+    t0 = 1_000_000_000
+    base = 3 * GIB  # an Ascend chip reserves ~3 GB with no workload
+    end = run(
+        c,
+        [
+            (10, gpu(processes=None, memory=base)),
+            (10, gpu(processes=None, memory=base + 100 * 1024**2)),
+            (10, gpu(processes=None, memory=base + 8 * GIB)),
+        ],
+        t0,
+    )
+    [w] = c.close_window(t0, end)
+    # 100 MiB over the baseline is within the 512 MiB margin (free); 8 GiB over is held.
+    assert (w.free_s, w.allocated_idle_s) == (20, 10)
+    assert w.processes is None
+
+
+def test_configured_baseline_overrides_the_learned_one():
+    c = IdleClassifier(ClassifierConfig(memory_baseline_mib={"NVIDIA H100 80GB HBM3": 4096}))
+    assert c.classify(gpu(processes=None, memory=4 * GIB)).state == "free"
+    assert c.classify(gpu(processes=None, memory=6 * GIB)).state == "allocated_idle"
+
+
+def test_unknown_util_with_processes_counts_busy_and_says_so():
+    c = IdleClassifier()
+    obs = c.classify(gpu(util=None, processes=2))
+    assert obs.state == "busy" and obs.util_unknown
+    assert "utilisation unknown" in obs.reason
+    free = c.classify(gpu(util=None, processes=0))
+    assert free.state == "free" and free.util_unknown
+
+
+def test_busy_with_no_process_is_a_ghost():
+    c = IdleClassifier()
+    t0 = 1_000_000_000
+    end = run(c, [(10, gpu(util=90, processes=0)), (5, gpu(util=90, processes=1))], t0)
+    [w] = c.close_window(t0, end)
+    assert w.busy_s == 15 and w.ghost_s == 10
+
+
+@pytest.mark.parametrize("util,state", [(9.99, "free"), (10.0, "busy")])
+def test_threshold_is_inclusive(util, state):
+    assert IdleClassifier(ClassifierConfig(busy_util_pct=10)).classify(gpu(util=util)).state == state
+
+
+def test_state_seconds_cover_the_window_with_sample_and_hold():
+    c = IdleClassifier()
+    t0 = 1_000_000_000
+    c.observe(t0, gpu(util=0))
+    c.observe(t0 + 7.5, gpu(util=50, processes=1))
+    [w] = c.close_window(t0, t0 + 60)
+    assert w.free_s == 7.5 and w.busy_s == 52.5
+    assert w.free_s + w.busy_s + w.allocated_idle_s + w.unavailable_s == 60
+
+
+def test_device_not_seen_in_a_window_is_forgotten():
+    c = IdleClassifier()
+    t0 = 1_000_000_000
+    c.observe(t0, gpu(device_id="MIG-a"))
+    assert [w.device_id for w in c.close_window(t0, t0 + 60)] == ["MIG-a"]
+    c.observe(t0 + 61, gpu(device_id="MIG-b"))
+    assert [w.device_id for w in c.close_window(t0 + 60, t0 + 120)] == ["MIG-b"]

@@ -1,0 +1,173 @@
+"""Containment: a raising, hanging or garbage-returning probe never stops the others."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from capmon.agent import DeviceSample, Probe, ProbeConfig
+from capmon.agent.config import AgentConfig, AgentSection
+from capmon.agent.daemon import Agent
+from capmon.agent.sampler import Sampler
+from capmon.plugins.mock import MockConfig, MockProbe
+
+
+class Hanging(Probe):
+    name, vendor = "hanging", "test"
+    default_interval_s, default_timeout_s = 0.05, 0.2
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.release = threading.Event()
+        self.calls = 0
+
+    def sample(self):
+        self.calls += 1
+        if self.calls == 1:
+            return [DeviceSample("HANG-0", "test", util_pct=0.0, processes=0)]
+        self.release.wait(10)  # wedged like an NVML call on a dying GPU
+        return []
+
+
+class Raising(Probe):
+    name, vendor = "raising", "test"
+    default_interval_s = 0.05
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.calls = 0
+
+    def sample(self):
+        self.calls += 1
+        if self.calls == 1:
+            return [DeviceSample("RAISE-0", "test", util_pct=0.0, processes=0)]
+        raise RuntimeError("driver exploded")
+
+
+class Garbage(Probe):
+    name, vendor = "garbage", "test"
+    default_interval_s = 0.05
+
+    def sample(self):
+        return {"not": "a list"}
+
+
+def fast_mock(devices=2):
+    return MockProbe(MockConfig(devices=devices, profiles=("idle",), interval_s=0.05))
+
+
+async def test_raising_hanging_and_garbage_probes_leave_the_others_reporting():
+    seen: dict[str, list[tuple[float, list[DeviceSample]]]] = {}
+
+    def collect(name, t, devices, host):
+        seen.setdefault(name, []).append((t, devices))
+
+    hanging, raising = Hanging(), Raising()
+    sampler = Sampler([fast_mock(), hanging, raising, Garbage()], collect)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sampler.run(stop))
+    await asyncio.sleep(1.0)
+    stop.set()
+    hanging.release.set()
+    await asyncio.wait_for(task, 5)
+
+    good_ticks = seen["mock"]
+    assert len(good_ticks) >= 8, "the mock probe kept its 50 ms rhythm despite its neighbours"
+    assert all(len(devs) == 2 and all(d.healthy for d in devs) for _, devs in good_ticks)
+
+    # The hanging probe's known device turns unavailable with the reason; it is never sampled twice at once.
+    last_hang = seen["hanging"][-1][1]
+    assert [d.device_id for d in last_hang] == ["HANG-0"]
+    assert not last_hang[0].healthy
+    assert "timed out" in last_hang[0].error or "still running" in last_hang[0].error
+    assert hanging.calls == 2
+
+    last_raise = seen["raising"][-1][1]
+    assert last_raise[0].error == "RuntimeError: driver exploded" and not last_raise[0].healthy
+
+    health = {h.name: h for h in sampler.health()}
+    assert health["raising"].errors >= 5
+    assert health["hanging"].timeouts == 1 and health["hanging"].skipped_ticks >= 1
+    assert health["garbage"].errors >= 5 and "not a list" in health["garbage"].last_error
+    assert "garbage" not in seen  # it never had a device to report
+
+
+async def test_out_of_range_values_become_unknown_not_poison():
+    class Odd(Probe):
+        name, vendor = "odd", "test"
+
+        def sample(self):
+            return [
+                DeviceSample(
+                    "ODD-0",
+                    "test",
+                    util_pct=250.0,
+                    temp_c=float("nan"),
+                    power_w=300.0,
+                    extra={"ok_field": 1.0, "Bad Key": 2.0},
+                )
+            ]
+
+    seen = []
+    sampler = Sampler([Odd()], lambda n, t, d, h: seen.extend(d))
+    await sampler.tasks[0].tick()
+    [d] = seen
+    assert d.util_pct is None and d.temp_c is None and d.power_w == 300.0
+    assert dict(d.extra) == {"ok_field": 1.0}
+
+
+class ListSink:
+    def __init__(self):
+        self.reports = []
+        self.closed = False
+
+    async def start(self):
+        pass
+
+    def next_seq(self):
+        return len(self.reports) + 1
+
+    async def put(self, report):
+        self.reports.append(report)
+
+    def stats(self):
+        return {"spool_reports": 0}
+
+    async def close(self, timeout_s):
+        self.closed = True
+
+
+async def test_agent_reports_aligned_windows_with_increasing_seq():
+    config = AgentConfig(agent=AgentSection(id="t", host="h", window_s=1))
+    sink = ListSink()
+    agent = Agent(config, sink=sink, probes=[fast_mock(3), Raising(ProbeConfig(interval_s=0.05))])
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    await asyncio.sleep(2.6)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert sink.closed
+    seqs = [r.seq for r in sink.reports]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 2
+    full = sink.reports[1]
+    assert full.end - full.start == 1 and full.end % 1 == 0
+    devices = {d.device_id: d for d in full.devices}
+    assert {"MOCK-000-00", "MOCK-000-01", "MOCK-000-02", "RAISE-0"} == set(devices)
+    assert devices["MOCK-000-00"].state == "free"
+    assert devices["RAISE-0"].state == "unavailable"
+    probes = {p.name: p for p in full.agent.probes}
+    assert probes["raising"].errors >= 1 and probes["raising"].reason == "RuntimeError: driver exploded"
+
+
+def test_a_mig_parent_is_not_counted_beside_its_instances():
+    config = AgentConfig(agent=AgentSection(id="t", host="h", window_s=60))
+    agent = Agent(config, sink=ListSink(), probes=[])
+    parent = DeviceSample("GPU-1", "nvidia", model="NVIDIA A100", power_w=90.0, info={"mig": "enabled"})
+    instances = [
+        DeviceSample(f"MIG-{i}", "nvidia", parent_id="GPU-1", util_pct=None, processes=i % 2)
+        for i in range(3)
+    ]
+    agent._on_samples("nvml", 1_000_000_000, [parent, *instances], None)
+    windows = agent.classifier.close_window(1_000_000_000, 1_000_000_060)
+    assert sorted(w.device_id for w in windows) == ["MIG-0", "MIG-1", "MIG-2"]
+    assert {w.device_id: w.state for w in windows} == {"MIG-0": "free", "MIG-1": "busy", "MIG-2": "free"}
