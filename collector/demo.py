@@ -1,0 +1,238 @@
+"""`capmon demo`: a collector and a simulated fleet in one process on loopback — capmon with zero setup.
+
+Each simulated host is a real agent (mock probe → sampler → classifier → spool → transport) posting
+to a real collector over HTTP; only the devices are simulated. This is the one module that composes
+both sides, which is why it alone may import the agent's runtime (see collector/ruff.toml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from capmon.agent.config import AgentConfig, AgentSection
+from capmon.agent.daemon import Agent, identity_of
+from capmon.agent.delivery import SpoolingSink
+from capmon.collector.app import create_app
+from capmon.collector.config import (
+    AuthConfig,
+    CollectorConfig,
+    Config,
+    PricingConfig,
+    StorageConfig,
+    TokenConfig,
+    hash_token,
+)
+from capmon.plugins.mock import MockProbe, mock_fleet
+
+log = logging.getLogger("capmon.demo")
+
+# Well-known tokens: the demo listens on loopback only, and the README's curl lines use them.
+AGENT_TOKEN = "demo-agent-token"
+READ_TOKEN = "demo-read-token"
+
+DEMO_PRICES = {"H100": 2.10, "A100": 1.20, "910B3": 0.90}
+
+
+def register_demo(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "demo",
+        help="a collector plus a simulated fleet on this machine: see capmon work with zero setup",
+        description="Runs a collector and simulated GPU/NPU hosts in one process on 127.0.0.1, and prints "
+        "a live table of fleet capacity. Ctrl-C stops it.",
+    )
+    p.add_argument("--hosts", type=int, default=4, help="simulated hosts (default 4)")
+    p.add_argument("--devices", type=int, default=8, help="devices per host (default 8)")
+    p.add_argument("--window", type=int, default=5, help="report window in seconds (default 5)")
+    p.add_argument("--port", type=int, default=8900, help="collector port on 127.0.0.1 (0: any free port)")
+    p.add_argument(
+        "--seconds", type=float, default=0, help="stop after this many seconds (default: run until Ctrl-C)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulation")
+    p.add_argument("--influx-url", help="also write to this InfluxDB (default: live view only)")
+    p.add_argument("--influx-version", choices=("1", "2"), default="2", help="InfluxDB write API (default 2)")
+    p.add_argument("--influx-token", default="", help="InfluxDB 2.x token (or $CAPMON_INFLUX_TOKEN)")
+    p.add_argument("--influx-org", default="", help="InfluxDB 2.x organisation")
+    p.add_argument("--influx-bucket", default="capmon", help="InfluxDB 2.x bucket (default capmon)")
+    p.add_argument("--influx-db", default="capmon", help="InfluxDB 1.x database (default capmon; created)")
+    p.set_defaults(func=cmd_demo)
+
+
+def demo_config(args: argparse.Namespace) -> Config:
+    storage = StorageConfig()
+    if args.influx_url:
+        if args.influx_version == "1":
+            storage = StorageConfig(
+                kind="influxdb_v1", url=args.influx_url, db=args.influx_db, create_database=True
+            )
+        else:
+            storage = StorageConfig(
+                kind="influxdb_v2",
+                url=args.influx_url,
+                token=args.influx_token,
+                org=args.influx_org,
+                bucket=args.influx_bucket,
+            )
+    return Config(
+        collector=CollectorConfig(host="127.0.0.1", port=args.port, drain_timeout_s=5.0),
+        auth=AuthConfig(
+            agent_tokens=(
+                TokenConfig(sha256=hash_token(AGENT_TOKEN), agents=("sim-*",), name="demo-agents"),
+            ),
+            read_tokens=(TokenConfig(sha256=hash_token(READ_TOKEN), name="demo-read"),),
+        ),
+        storage=storage,
+        pricing=PricingConfig(currency="USD", default=1.0, models=DEMO_PRICES),
+        source="<demo>",
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run_demo(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def run_demo(args: argparse.Namespace, out=None) -> None:
+    out = out or sys.stdout
+    config = demo_config(args)
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", args.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://127.0.0.1:{port}"
+    spool_root = tempfile.mkdtemp(prefix="capmon-demo-")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    agents = []
+    for host in mock_fleet(args.hosts, args.devices, args.seed):
+        agent_config = AgentConfig(
+            agent=AgentSection(
+                id=host.host, host=host.host, window_s=args.window, labels=host.labels, shutdown_timeout_s=3.0
+            ),
+        )
+
+        sink = SpoolingSink.from_config(
+            identity_of(agent_config),
+            {"path": f"{spool_root}/{host.host}"},
+            {
+                "url": f"{url}/api/v1/reports",
+                "token": AGENT_TOKEN,
+                "backoff_min_s": 0.5,
+                "backoff_max_s": 5.0,
+            },
+            where="<demo>",
+        )
+        agents.append(Agent(agent_config, sink=sink, probes=[MockProbe(host.config)]))
+    tasks = [asyncio.create_task(a.run(stop)) for a in agents]
+    print(
+        f"capmon demo: collector on {url}, {args.hosts} simulated hosts × {args.devices} devices, "
+        f"{args.window}s windows. Ctrl-C stops.",
+        file=out,
+    )
+    print(f"  try: curl -s -H 'Authorization: Bearer {READ_TOKEN}' {url}/api/v1/fleet", file=out)
+    out.flush()
+    started = time.monotonic()
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {READ_TOKEN}"}) as http:
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), args.window)
+                if stop.is_set():
+                    break
+                fleet = await (await http.get(f"{url}/api/v1/fleet")).json()
+                devices = await (
+                    await http.get(f"{url}/api/v1/devices", params={"state": "idle", "limit": "8"})
+                ).json()
+                print(render(fleet, devices, url, clear=out.isatty()), file=out)
+                out.flush()
+                if args.seconds and time.monotonic() - started >= args.seconds:
+                    break
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await runner.cleanup()
+        shutil.rmtree(spool_root, ignore_errors=True)
+        print("capmon demo stopped.", file=out)
+
+
+def _fmt_hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f}"
+
+
+def render(fleet: dict[str, Any], devices: dict[str, Any] | list[Any], url: str, clear: bool = False) -> str:
+    """The demo's screen: capacity by state and model, by site, and the longest-idle devices."""
+    lines = []
+    if clear:
+        lines.append("\x1b[2J\x1b[H")
+    currency = fleet.get("currency", "")
+    states = ("free", "allocated_idle", "busy", "unavailable")
+    totals = fleet.get("totals", {})
+    total = totals.get("states", {})
+    agents = fleet.get("agents", {})
+    lines.append(
+        f"capmon fleet  {time.strftime('%H:%M:%S')}  {agents.get('total', 0)} agents, "
+        f"{totals.get('devices', 0)} devices  ({url})"
+    )
+    lines.append(
+        "  ".join(f"{s.upper()} {total.get(s, 0)}" for s in states)
+        + f"   idle now worth {totals.get('idle_value_per_hour', 0):.2f} {currency}/h"
+        + f"   idle device-hours so far {totals.get('idle_device_hours', 0):.3f}"
+    )
+    lines.append("")
+    rows = [("MODEL", "FREE", "ALLOC-IDLE", "BUSY", "UNAVAIL", f"IDLE {currency}/h")]
+    for model, m in sorted(fleet.get("by_model", {}).items()):
+        c = m.get("states", {})
+        rows.append((model, *(str(c.get(s, 0)) for s in states), f"{m.get('idle_value_per_hour', 0):.2f}"))
+    lines.extend(_table(rows))
+    lines.append("")
+    for key, values in sorted(fleet.get("by_label", {}).items()):
+        rows = [(key.upper(), "FREE", "ALLOC-IDLE", "BUSY", "UNAVAIL", f"IDLE {currency}/h")]
+        for value, m in sorted(values.items()):
+            c = m.get("states", {})
+            rows.append(
+                (value, *(str(c.get(s, 0)) for s in states), f"{m.get('idle_value_per_hour', 0):.2f}")
+            )
+        lines.extend(_table(rows))
+        lines.append("")
+    items = devices.get("devices", []) if isinstance(devices, dict) else devices
+    rows = [("LONGEST IDLE", "HOST", "MODEL", "STATE", "IDLE FOR", f"{currency}/h")]
+    for d in items:
+        rows.append(
+            (
+                d.get("device_id", ""),
+                d.get("host", ""),
+                d.get("model") or "-",
+                d.get("state", ""),
+                f"{d.get('idle_for_s') or 0:.0f}s",
+                f"{d.get('value_per_hour') or 0:.2f}",
+            )
+        )
+    lines.extend(_table(rows))
+    return "\n".join(lines)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
