@@ -1,0 +1,1044 @@
+#!/usr/bin/env python3
+"""Writes the capmon Grafana dashboards (`capmon-fleet.json`, `capmon-host.json`, `capmon-agents.json`).
+
+The JSON files are committed and are what Grafana loads; this script is how they are made, so that
+every panel gets the same datasource reference, filters, units and thresholds. Edit here, run
+`python dashboards/generate.py`, commit both (tests/dashboards checks they agree). Standard library only.
+
+Queries are InfluxQL (InfluxDB 1.x, 2.x through a DBRP mapping, 3.x) over the schema in
+collector/README.md. "Now" means the end of the dashboard's time range: the latest window of each
+device in the last 3 minutes before it (the collector's default staleness: 3 windows of 60 s).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DS = {"type": "influxdb", "uid": "${datasource}"}
+SCHEMA_VERSION = 39
+
+# Tag filters; `.*` (the custom "All" value) also matches a point without that tag.
+FLEET_FILTER = (
+    'AND "site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/ '
+    'AND "model" =~ /^$model$/ AND "host" =~ /^$host$/'
+)
+# The end of the range: each device's latest window must lie in the 3 minutes before it.
+NOW = "time > ${__to}ms - 3m AND time <= ${__to}ms"
+IDLE_SHARE = '100 * SUM("idle_s") / (SUM("busy_s") + SUM("idle_s") + SUM("unavailable_s"))'
+STATE_CODES = {"busy": 0, "allocated_idle": 1, "free": 2, "unavailable": 3}
+STATE_COLORS = {"busy": "blue", "allocated_idle": "orange", "free": "green", "unavailable": "red"}
+STATE_TEXT = {
+    "busy": "busy",
+    "allocated_idle": "allocated idle",
+    "free": "free",
+    "unavailable": "unavailable",
+}
+
+
+# -- building blocks -------------------------------------------------------------------------------
+
+
+def thresholds(*steps: tuple[float | None, str]) -> dict:
+    return {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in steps]}
+
+
+GREEN = thresholds((None, "green"))
+
+
+def target(query: str, ref: str = "A", fmt: str = "time_series", alias: str | None = None) -> dict:
+    t: dict[str, Any] = {
+        "datasource": DS,
+        "refId": ref,
+        "rawQuery": True,
+        "query": query,
+        "resultFormat": fmt,
+    }
+    if alias:
+        t["alias"] = alias
+    return t
+
+
+class Layout:
+    """Places panels left to right on Grafana's 24-column grid."""
+
+    def __init__(self) -> None:
+        self.x = self.y = self.row_h = 0
+        self.next_id = 1
+        self.panels: list[dict] = []
+
+    def add(self, panel: dict, w: int, h: int) -> None:
+        if self.x + w > 24:
+            self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
+        panel["id"] = self.next_id
+        panel["gridPos"] = {"h": h, "w": w, "x": self.x, "y": self.y}
+        self.next_id += 1
+        self.x += w
+        self.row_h = max(self.row_h, h)
+        self.panels.append(panel)
+
+    def row(self, title: str) -> None:
+        if self.x:
+            self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
+        self.panels.append(
+            {
+                "type": "row",
+                "title": title,
+                "id": self.next_id,
+                "collapsed": False,
+                "panels": [],
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
+            }
+        )
+        self.next_id += 1
+        self.y += 1
+
+
+def panel(
+    kind: str,
+    title: str,
+    description: str,
+    targets: list[dict],
+    unit: str,
+    steps: dict = GREEN,
+    options: dict | None = None,
+    overrides: list[dict] | None = None,
+    **defaults: Any,
+) -> dict:
+    return {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "targets": targets,
+        "fieldConfig": {
+            "defaults": {"unit": unit, "thresholds": steps, **defaults},
+            "overrides": overrides or [],
+        },
+        "options": options or {},
+    }
+
+
+def stat(title: str, description: str, query: str, unit: str, steps: dict = GREEN, **kw: Any) -> dict:
+    return panel(
+        "stat",
+        title,
+        description,
+        [target(query)],
+        unit,
+        steps,
+        options={
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "background",
+            "graphMode": "none",
+            "textMode": "value",
+        },
+        noValue="0",
+        **kw,
+    )
+
+
+def timeseries(
+    title: str, description: str, targets: list[dict], unit: str, steps: dict = GREEN, **kw: Any
+) -> dict:
+    p = panel(
+        "timeseries",
+        title,
+        description,
+        targets,
+        unit,
+        steps,
+        options={"legend": {"displayMode": "table", "placement": "right", "calcs": ["mean", "max"]}},
+        custom={"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10, "spanNulls": False},
+        **kw,
+    )
+    p["interval"] = "1m"  # one point per report window at most
+    return p
+
+
+def table(
+    title: str,
+    description: str,
+    targets: list[dict],
+    unit: str,
+    overrides: list[dict],
+    sort_by: str | None = None,
+    steps: dict = GREEN,
+    transformations: list[dict] | None = None,
+) -> dict:
+    p = panel(
+        "table",
+        title,
+        description,
+        targets,
+        unit,
+        steps,
+        options={
+            "showHeader": True,
+            **({"sortBy": [{"displayName": sort_by, "desc": True}]} if sort_by else {}),
+        },
+        overrides=overrides,
+    )
+    p["transformations"] = transformations or []
+    return p
+
+
+def unit_override(field: str, unit: str, **more: Any) -> dict:
+    props = [{"id": "unit", "value": unit}] + [{"id": k, "value": v} for k, v in more.items()]
+    return {"matcher": {"id": "byName", "options": field}, "properties": props}
+
+
+def state_mappings() -> list[dict]:
+    options = {
+        s: {"text": STATE_TEXT[s], "color": STATE_COLORS[s], "index": i} for i, s in enumerate(STATE_CODES)
+    }
+    by_code = {
+        str(code): {"text": STATE_TEXT[s], "color": STATE_COLORS[s], "index": 4 + code}
+        for s, code in STATE_CODES.items()
+    }
+    return [{"type": "value", "options": {**options, **by_code}}]
+
+
+# -- template variables ----------------------------------------------------------------------------
+
+
+def datasource_var() -> dict:
+    return {
+        "name": "datasource",
+        "label": "Data source",
+        "type": "datasource",
+        "query": "influxdb",
+        "current": {"text": "capmon InfluxDB", "value": "capmon-influxdb"},
+        "hide": 0,
+        "refresh": 1,
+        "regex": "",
+        "options": [],
+    }
+
+
+def tag_var(name: str, measurement: str, where: str = "", multi: bool = True, label: str = "") -> dict:
+    query = f'SHOW TAG VALUES FROM "{measurement}" WITH KEY = "{name}"' + (f" WHERE {where}" if where else "")
+    var: dict[str, Any] = {
+        "name": name,
+        "label": label or name,
+        "type": "query",
+        "datasource": DS,
+        "query": query,
+        "definition": query,
+        "refresh": 2,  # on time range change: new hosts appear without a reload
+        "sort": 1,
+        "multi": multi,
+        "includeAll": multi,
+        "hide": 0,
+        "regex": "",
+        "options": [],
+    }
+    if multi:
+        # `.*` rather than the list of every value: short queries, and it matches points without the tag.
+        var["allValue"] = ".*"
+        var["current"] = {"text": ["All"], "value": ["$__all"]}
+    else:
+        var["current"] = {}
+    return var
+
+
+def price_var() -> dict:
+    values = ["0.50", "1.00", "1.50", "2.00", "2.50", "3.00", "4.00"]
+    return {
+        "name": "price_per_hour",
+        "label": "Price per device-hour",
+        "description": (
+            "What one idle device-hour is worth (your rental or amortised cost). One price for the "
+            "devices shown: filter by model to price each model separately. Type any value."
+        ),
+        "type": "custom",
+        "query": ",".join(values),
+        "current": {"text": "2.00", "value": "2.00"},
+        "options": [{"text": v, "value": v, "selected": v == "2.00"} for v in values],
+        "multi": False,
+        "includeAll": False,
+        "hide": 0,
+    }
+
+
+def dashboard(
+    uid: str, title: str, description: str, layout: Layout, variables: list[dict], **kw: Any
+) -> dict:
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": ["capmon"],
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "editable": True,
+        "graphTooltip": 1,
+        "timezone": "browser",
+        "refresh": "1m",
+        "time": {"from": "now-6h", "to": "now"},
+        "timepicker": {},
+        "fiscalYearStartMonth": 0,
+        "liveNow": False,
+        "annotations": {"list": []},
+        "links": [
+            {
+                "type": "dashboards",
+                "tags": ["capmon"],
+                "asDropdown": True,
+                "title": "capmon",
+                "includeVars": False,
+                "keepTime": True,
+            }
+        ],
+        "templating": {"list": variables},
+        "panels": layout.panels,
+        **kw,
+    }
+
+
+# -- Fleet idle capacity ---------------------------------------------------------------------------
+
+
+def count_now(code: int, by: str = "") -> str:
+    group = f"host, device{', ' + by if by else ''}"
+    outer = f" GROUP BY {by}" if by else ""
+    return (
+        f'SELECT COUNT("code") FROM (SELECT LAST("state_code") AS "code" FROM "capmon_device" '
+        f'WHERE {NOW} {FLEET_FILTER} GROUP BY {group}) WHERE "code" = {code}{outer}'
+    )
+
+
+def fleet() -> dict:
+    lay = Layout()
+    lay.row("Now (at the end of the time range)")
+    for state, steps, what in (
+        (
+            "free",
+            thresholds((None, "text"), (1, "green")),
+            "below the busy threshold and nothing holds them: rentable or schedulable now",
+        ),
+        (
+            "allocated_idle",
+            thresholds((None, "green"), (1, "orange")),
+            "a process holds them but they compute nothing: reserved but wasted",
+        ),
+        ("busy", thresholds((None, "text"), (1, "blue")), "at or above the busy threshold"),
+        ("unavailable", thresholds((None, "green"), (1, "red")), "unreadable, unhealthy or lost"),
+    ):
+        lay.add(
+            stat(
+                f"Devices {STATE_TEXT[state]}",
+                f"Devices whose latest report window (in the 3 minutes before the end of the range) ended "
+                f"{STATE_TEXT[state]}: {what}. Devices of agents silent for longer are not counted: see the Agents dashboard.",
+                count_now(STATE_CODES[state]),
+                "none",
+                steps,
+                decimals=0,
+            ),
+            4,
+            4,
+        )
+    lay.add(
+        stat(
+            "Idle share of device-time",
+            "Idle (allocated idle + free) seconds over all reported device seconds in the range.",
+            f'SELECT {IDLE_SHARE} FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+            "percent",
+            thresholds((None, "green"), (20, "yellow"), (50, "red")),
+            decimals=1,
+            min=0,
+            max=100,
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Idle device-hours",
+            "Device-hours spent idle (allocated idle + free) in the range: SUM(idle_s) / 3600.",
+            f'SELECT SUM("idle_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+            "h",
+            thresholds((None, "green"), (100, "yellow"), (1000, "red")),
+            decimals=1,
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Idle value",
+            "Idle device-hours in the range × $price_per_hour (the dashboard variable; filter by model "
+            "to price models separately). The collector's /api/v1/fleet prices each model from [pricing].",
+            f'SELECT SUM("idle_s") / 3600 * $price_per_hour FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+            "currencyUSD",
+            thresholds((None, "green"), (1000, "yellow"), (10000, "red")),
+            decimals=0,
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Allocated-idle device-hours",
+            "Device-hours held by a process that computed nothing: the most actionable waste.",
+            f'SELECT SUM("allocated_idle_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+            "h",
+            thresholds((None, "green"), (10, "orange")),
+            decimals=1,
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Unavailable device-hours",
+            "Device-hours the probes could not read or reported unhealthy.",
+            f'SELECT SUM("unavailable_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+            "h",
+            thresholds((None, "green"), (1, "red")),
+            decimals=1,
+        ),
+        4,
+        4,
+    )
+
+    lay.row("Breakdowns (over the time range)")
+    hour_cols = [
+        unit_override("idle device-hours", "h", decimals=1),
+        unit_override("idle value", "currencyUSD", decimals=0),
+        unit_override("idle share", "percent", decimals=1),
+        unit_override("allocated-idle device-hours", "h", decimals=1),
+    ]
+
+    def breakdown_query(group: str) -> str:
+        return (
+            f'SELECT SUM("idle_s") / 3600 AS "idle device-hours", SUM("idle_s") / 3600 * $price_per_hour AS "idle value", '
+            f'{IDLE_SHARE} AS "idle share", SUM("allocated_idle_s") / 3600 AS "allocated-idle device-hours" '
+            f'FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} GROUP BY {group}'
+        )
+
+    merge = [{"id": "merge", "options": {}}, {"id": "organize", "options": {"excludeByName": {"Time": True}}}]
+    lay.add(
+        table(
+            "Idle capacity by model",
+            "Idle device-hours, their value at $price_per_hour, and the idle share per model.",
+            [target(breakdown_query('"model"'), fmt="table")],
+            "h",
+            hour_cols,
+            sort_by="idle device-hours",
+            transformations=merge,
+        ),
+        12,
+        7,
+    )
+    lay.add(
+        table(
+            "Idle capacity by site / cluster / pool",
+            "The same per site, cluster and pool (the agents' labels).",
+            [target(breakdown_query('"site", "cluster", "pool"'), fmt="table")],
+            "h",
+            hour_cols,
+            sort_by="idle device-hours",
+            transformations=merge,
+        ),
+        12,
+        7,
+    )
+    count_cols = [unit_override(STATE_TEXT[s], "none", decimals=0) for s in STATE_CODES]
+
+    def counts_by(by: str) -> list[dict]:
+        return [
+            target(
+                count_now(code, by).replace(
+                    'SELECT COUNT("code")', f'SELECT COUNT("code") AS "{STATE_TEXT[s]}"'
+                ),
+                ref,
+                "table",
+            )
+            for (s, code), ref in zip(STATE_CODES.items(), "ABCD", strict=True)
+        ]
+
+    lay.add(
+        table(
+            "Devices now by model",
+            "Devices per state at the end of the range, per model.",
+            counts_by('"model"'),
+            "none",
+            count_cols,
+            sort_by="free",
+            transformations=merge,
+        ),
+        12,
+        6,
+    )
+    lay.add(
+        table(
+            "Devices now by site / cluster / pool",
+            "Devices per state at the end of the range, per site, cluster and pool.",
+            counts_by('"site", "cluster", "pool"'),
+            "none",
+            count_cols,
+            sort_by="free",
+            transformations=merge,
+        ),
+        12,
+        6,
+    )
+
+    lay.row("Idle devices")
+    lay.add(
+        table(
+            "Longest-idle devices",
+            "Devices idle (allocated idle or free) at the end of the range, longest streak first. A busy "
+            "blip shorter than the agent's busy_grace_s does not end a streak.",
+            [
+                target(
+                    'SELECT "idle for", "idle since" * 1000 AS "idle since", "state" FROM (SELECT LAST("state_code") AS "code", '
+                    '"idle_for_s" AS "idle for", "idle_since" AS "idle since", "state" FROM "capmon_device" '
+                    f'WHERE {NOW} {FLEET_FILTER} GROUP BY "host", "device", "model") WHERE "code" = 1 OR "code" = 2 '
+                    'GROUP BY "host", "device", "model"',
+                    fmt="table",
+                )
+            ],
+            "s",
+            [
+                unit_override("idle for", "dtdurations"),
+                unit_override("idle since", "dateTimeAsIso"),
+                unit_override("Time", "dateTimeAsIso", displayName="last report"),
+                {
+                    "matcher": {"id": "byName", "options": "state"},
+                    "properties": [
+                        {"id": "mappings", "value": state_mappings()},
+                        {"id": "custom.cellOptions", "value": {"type": "color-background"}},
+                    ],
+                },
+            ],
+            sort_by="idle for",
+            steps=thresholds((None, "green"), (3600, "yellow"), (86400, "red")),
+            transformations=[
+                {"id": "merge", "options": {}},
+            ],
+        ),
+        24,
+        9,
+    )
+    lay.add(
+        timeseries(
+            "Idle share over time",
+            "Idle seconds over all reported device seconds, per interval.",
+            [
+                target(
+                    f'SELECT {IDLE_SHARE} AS "idle share" FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} GROUP BY time($__interval) fill(null)'
+                )
+            ],
+            "percent",
+            thresholds((None, "green"), (20, "yellow"), (50, "red")),
+            min=0,
+            max=100,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Idle devices by model (average per interval)",
+            "Idle device-seconds per interval divided by the interval: how many devices stood idle on average.",
+            [
+                target(
+                    f'SELECT SUM("idle_s") / ($__interval_ms / 1000) FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} '
+                    'GROUP BY time($__interval), "model" fill(null)',
+                    alias="$tag_model",
+                )
+            ],
+            "none",
+            decimals=1,
+            min=0,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Idle device-hours by site (per interval)",
+            "Where idle time accumulates: idle device-hours per interval and site.",
+            [
+                target(
+                    f'SELECT SUM("idle_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} '
+                    'GROUP BY time($__interval), "site" fill(null)',
+                    alias="$tag_site",
+                )
+            ],
+            "h",
+            decimals=2,
+            min=0,
+        ),
+        24,
+        8,
+    )
+    variables = [
+        datasource_var(),
+        tag_var("site", "capmon_device"),
+        tag_var("cluster", "capmon_device", '"site" =~ /^$site$/'),
+        tag_var("pool", "capmon_device", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/'),
+        tag_var("model", "capmon_device", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/'),
+        tag_var(
+            "host",
+            "capmon_device",
+            '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/',
+        ),
+        price_var(),
+    ]
+    return dashboard(
+        "capmon-fleet",
+        "capmon — Fleet idle capacity",
+        "Which accelerators are idle, where, since when, and what that idle time is worth.",
+        lay,
+        variables,
+    )
+
+
+# -- Host detail -----------------------------------------------------------------------------------
+
+HOST_FILTER = """AND "host" = '$host' AND "device" =~ /^$device$/"""
+
+
+def per_device(title: str, description: str, select: str, unit: str, steps: dict = GREEN, **kw: Any) -> dict:
+    return timeseries(
+        title,
+        description,
+        [
+            target(
+                f'SELECT {select} FROM "capmon_device" WHERE $timeFilter {HOST_FILTER} '
+                'GROUP BY time($__interval), "device" fill(null)',
+                alias="$tag_device",
+            )
+        ],
+        unit,
+        steps,
+        **kw,
+    )
+
+
+def host() -> dict:
+    lay = Layout()
+    state_timeline = panel(
+        "state-timeline",
+        "Device state",
+        "Each device's state at the end of every interval (busy, allocated idle, free, unavailable).",
+        [
+            target(
+                f'SELECT LAST("state") FROM "capmon_device" WHERE $timeFilter {HOST_FILTER} '
+                'GROUP BY time($__interval), "device" fill(null)',
+                alias="$tag_device",
+            )
+        ],
+        "none",
+        options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8, "legend": {"showLegend": True}},
+        mappings=state_mappings(),
+        color={"mode": "thresholds"},
+    )
+    state_timeline["interval"] = "1m"
+    lay.add(state_timeline, 24, 9)
+    lay.add(
+        table(
+            "Devices now",
+            "Each device's latest window in the 3 minutes before the end of the range.",
+            [
+                target(
+                    'SELECT LAST("state_code") AS "code", "state", "idle_for_s" AS "idle for", "util_mean_pct" AS "utilisation", '
+                    '"memory_used_bytes" AS "memory used", "power_mean_w" AS "power", "temp_max_c" AS "temperature", '
+                    f'"processes", "error" FROM "capmon_device" WHERE {NOW} {HOST_FILTER} GROUP BY "device", "model"',
+                    fmt="table",
+                )
+            ],
+            "none",
+            [
+                unit_override("idle for", "dtdurations"),
+                unit_override("utilisation", "percent"),
+                unit_override("memory used", "bytes"),
+                unit_override("power", "watt"),
+                unit_override("temperature", "celsius"),
+                unit_override("Time", "dateTimeFromNow", displayName="last report"),
+                {
+                    "matcher": {"id": "byName", "options": "state"},
+                    "properties": [
+                        {"id": "mappings", "value": state_mappings()},
+                        {"id": "custom.cellOptions", "value": {"type": "color-background"}},
+                    ],
+                },
+            ],
+            transformations=[
+                {"id": "merge", "options": {}},
+                {"id": "organize", "options": {"excludeByName": {"code": True}}},
+            ],
+        ),
+        24,
+        8,
+    )
+    lay.add(
+        panel(
+            "bargauge",
+            "Idle share per device",
+            "Idle seconds over reported seconds in the range, per device.",
+            [
+                target(
+                    f'SELECT {IDLE_SHARE} FROM "capmon_device" WHERE $timeFilter {HOST_FILTER} GROUP BY "device"',
+                    alias="$tag_device",
+                )
+            ],
+            "percent",
+            thresholds((None, "green"), (20, "yellow"), (50, "red")),
+            options={
+                "orientation": "horizontal",
+                "displayMode": "gradient",
+                "reduceOptions": {"calcs": ["lastNotNull"]},
+            },
+            min=0,
+            max=100,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        per_device(
+            "Utilisation",
+            "Mean compute utilisation per window (NVML GPU utilisation / GPM SM activity, Ascend AI Core).",
+            'MEAN("util_mean_pct")',
+            "percent",
+            thresholds((None, "green"), (10, "blue")),
+            min=0,
+            max=100,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        per_device(
+            "Memory used",
+            "Device memory in use at the end of each window.",
+            'MEAN("memory_used_bytes")',
+            "bytes",
+            thresholds((None, "green"), (68719476736, "orange")),
+            min=0,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        per_device(
+            "Power",
+            "Mean board power per window.",
+            'MEAN("power_mean_w")',
+            "watt",
+            thresholds((None, "green"), (600, "orange")),
+            min=0,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        per_device(
+            "Temperature",
+            "Highest temperature per window.",
+            'MAX("temp_max_c")',
+            "celsius",
+            thresholds((None, "green"), (80, "orange"), (90, "red")),
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        per_device(
+            "Processes",
+            "Most processes holding each device in a window (absent where the probe cannot tell).",
+            'MAX("processes")',
+            "none",
+            decimals=0,
+            min=0,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Host CPU",
+            "The host's CPU utilisation (mean and max per window), from the host probe.",
+            [
+                target(
+                    'SELECT MEAN("cpu_mean_pct") AS "cpu mean", MAX("cpu_max_pct") AS "cpu max" FROM "capmon_host" '
+                    """WHERE $timeFilter AND "host" = '$host' GROUP BY time($__interval) fill(null)"""
+                )
+            ],
+            "percent",
+            thresholds((None, "green"), (90, "orange")),
+            min=0,
+            max=100,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Host memory",
+            "The host's memory in use and installed.",
+            [
+                target(
+                    'SELECT MEAN("memory_used_bytes") AS "used", MAX("memory_total_bytes") AS "total" FROM "capmon_host" '
+                    """WHERE $timeFilter AND "host" = '$host' GROUP BY time($__interval) fill(null)"""
+                )
+            ],
+            "bytes",
+            min=0,
+        ),
+        12,
+        8,
+    )
+    variables = [
+        datasource_var(),
+        tag_var("site", "capmon_device"),
+        tag_var("cluster", "capmon_device", '"site" =~ /^$site$/'),
+        tag_var("host", "capmon_device", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/', multi=False),
+        tag_var("device", "capmon_device", """"host" = '$host'"""),
+    ]
+    return dashboard(
+        "capmon-host",
+        "capmon — Host detail",
+        "One host's devices: state over time, utilisation, memory, power, temperature, processes.",
+        lay,
+        variables,
+    )
+
+
+# -- Agents ----------------------------------------------------------------------------------------
+
+AGENT_FILTER = 'AND "site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "agent" =~ /^$agent$/'
+SELF = "\"probe\" = ''"  # the agent's own point; probe points carry a probe tag
+PROBES = '"probe" =~ /.+/'
+
+
+def increase(field: str, where: str, group: str) -> str:
+    """The counter's increase over the range, reset-safe (an agent restart starts its counters at 0)."""
+    return (
+        f'SELECT SUM("d") FROM (SELECT NON_NEGATIVE_DIFFERENCE("{field}") AS "d" FROM "capmon_agent" '
+        f"WHERE $timeFilter AND {where} {AGENT_FILTER} GROUP BY {group})"
+    )
+
+
+def agents() -> dict:
+    lay = Layout()
+    lay.add(
+        stat(
+            "Agents reporting now",
+            "Agents with a report in the 3 minutes before the end of the range.",
+            f'SELECT COUNT("seq") FROM (SELECT LAST("seq") AS "seq" FROM "capmon_agent" WHERE {NOW} AND {SELF} {AGENT_FILTER} GROUP BY "agent")',
+            "none",
+            decimals=0,
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Agents seen in the range",
+            "Agents with any report in the range; more than 'reporting now' means some went silent.",
+            f'SELECT COUNT("seq") FROM (SELECT LAST("seq") AS "seq" FROM "capmon_agent" WHERE $timeFilter AND {SELF} {AGENT_FILTER} GROUP BY "agent")',
+            "none",
+            decimals=0,
+        ),
+        4,
+        4,
+    )
+    for title, field, description, steps in (
+        (
+            "Dropped reports",
+            "dropped_reports",
+            "Reports the agents' spools dropped in the range (full or too old): lost windows.",
+            thresholds((None, "green"), (1, "red")),
+        ),
+        (
+            "Dead-lettered reports",
+            "dead_letter_reports",
+            "Reports the collector refused as invalid (400) in the range, kept in dead-letter.jsonl.",
+            thresholds((None, "green"), (1, "red")),
+        ),
+        (
+            "Probe errors",
+            "errors",
+            "Probe sample() calls that raised or returned garbage in the range.",
+            thresholds((None, "green"), (1, "orange")),
+        ),
+        (
+            "Probe timeouts",
+            "timeouts",
+            "Probe sample() calls that ran past their timeout in the range.",
+            thresholds((None, "green"), (1, "orange")),
+        ),
+    ):
+        probe = field in ("errors", "timeouts")
+        lay.add(
+            stat(
+                title,
+                description,
+                increase(field, PROBES if probe else SELF, '"agent", "probe"' if probe else '"agent"'),
+                "none",
+                steps,
+                decimals=0,
+            ),
+            4,
+            4,
+        )
+    lay.add(
+        table(
+            "Last report per agent",
+            "When each agent last reported (its age is the report's lateness), its sequence number, uptime and spool.",
+            [
+                target(
+                    'SELECT LAST("seq") AS "seq", "uptime_s" AS "uptime", "devices", "spool_reports" AS "spooled reports", '
+                    f'"dropped_reports" AS "dropped (total)", "dead_letter_reports" AS "dead-lettered (total)" FROM "capmon_agent" '
+                    f'WHERE $timeFilter AND {SELF} {AGENT_FILTER} GROUP BY "agent", "host", "site", "cluster"',
+                    fmt="table",
+                )
+            ],
+            "none",
+            [
+                unit_override("Time", "dateTimeFromNow", displayName="last report"),
+                unit_override("uptime", "dtdurations"),
+            ],
+            steps=thresholds((None, "green"), (1, "red")),
+            transformations=[{"id": "merge", "options": {}}],
+        ),
+        24,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Spool depth",
+            "Reports waiting in each agent's spool (the collector unreachable or refusing).",
+            [
+                target(
+                    f'SELECT MAX("spool_reports") FROM "capmon_agent" WHERE $timeFilter AND {SELF} {AGENT_FILTER} '
+                    'GROUP BY time($__interval), "agent" fill(null)',
+                    alias="$tag_agent",
+                )
+            ],
+            "none",
+            thresholds((None, "green"), (5, "orange"), (100, "red")),
+            decimals=0,
+            min=0,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Spool size",
+            "Bytes held in each agent's spool.",
+            [
+                target(
+                    f'SELECT MAX("spool_bytes") FROM "capmon_agent" WHERE $timeFilter AND {SELF} {AGENT_FILTER} '
+                    'GROUP BY time($__interval), "agent" fill(null)',
+                    alias="$tag_agent",
+                )
+            ],
+            "bytes",
+            thresholds((None, "green"), (16777216, "orange")),
+            min=0,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Dropped and dead-lettered reports",
+            "New drops and dead letters per interval and agent.",
+            [
+                target(
+                    'SELECT NON_NEGATIVE_DIFFERENCE(MAX("dropped_reports")) AS "dropped", '
+                    'NON_NEGATIVE_DIFFERENCE(MAX("dead_letter_reports")) AS "dead-lettered" FROM "capmon_agent" '
+                    f'WHERE $timeFilter AND {SELF} {AGENT_FILTER} GROUP BY time($__interval), "agent" fill(null)',
+                    alias="$tag_agent $col",
+                )
+            ],
+            "none",
+            thresholds((None, "green"), (1, "red")),
+            decimals=0,
+            min=0,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Probe errors and timeouts",
+            "New probe errors and timeouts per interval, per agent and probe.",
+            [
+                target(
+                    'SELECT NON_NEGATIVE_DIFFERENCE(MAX("errors")) AS "errors", '
+                    'NON_NEGATIVE_DIFFERENCE(MAX("timeouts")) AS "timeouts" FROM "capmon_agent" '
+                    f'WHERE $timeFilter AND {PROBES} {AGENT_FILTER} GROUP BY time($__interval), "agent", "probe" fill(null)',
+                    alias="$tag_agent $tag_probe $col",
+                )
+            ],
+            "none",
+            thresholds((None, "green"), (1, "orange")),
+            decimals=0,
+            min=0,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        table(
+            "Probes",
+            "Each agent's probes at their latest report: status, cumulative samples, errors and timeouts, and why.",
+            [
+                target(
+                    'SELECT LAST("status") AS "status", "samples", "errors", "timeouts", "last_duration_s" AS "last duration", '
+                    f'"reason" FROM "capmon_agent" WHERE $timeFilter AND {PROBES} {AGENT_FILTER} GROUP BY "agent", "probe"',
+                    fmt="table",
+                )
+            ],
+            "none",
+            [
+                unit_override("last duration", "s"),
+                unit_override("Time", "dateTimeFromNow", displayName="last report"),
+            ],
+            sort_by="errors",
+            steps=thresholds((None, "green"), (1, "orange")),
+            transformations=[{"id": "merge", "options": {}}],
+        ),
+        12,
+        8,
+    )
+    variables = [
+        datasource_var(),
+        tag_var("site", "capmon_agent"),
+        tag_var("cluster", "capmon_agent", '"site" =~ /^$site$/'),
+        tag_var("agent", "capmon_agent", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/'),
+    ]
+    return dashboard(
+        "capmon-agents",
+        "capmon — Agents",
+        "Are the agents reporting? Last report, spool backlog, dropped and dead-lettered reports, probe errors and timeouts.",
+        lay,
+        variables,
+    )
+
+
+DASHBOARDS = {"capmon-fleet.json": fleet, "capmon-host.json": host, "capmon-agents.json": agents}
+
+
+def render(build: Any) -> str:
+    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main() -> None:
+    for name, build in DASHBOARDS.items():
+        (HERE / name).write_text(render(build), encoding="utf-8")
+        print(f"wrote {HERE / name}")
+
+
+if __name__ == "__main__":
+    main()

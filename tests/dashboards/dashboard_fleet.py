@@ -1,0 +1,543 @@
+"""What the dashboard tests share: the storage schema (from the collector's own line protocol), the
+dashboards, Grafana's macro and template-variable expansion, and a scripted mock fleet run through
+the real agent → collector → influxd pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from capmon.agent import wire
+from capmon.agent.config import AgentConfig, AgentSection
+from capmon.agent.daemon import Agent
+from capmon.agent.probe import Probe
+from capmon.collector.app import create_app
+from capmon.collector.config import (
+    AuthConfig,
+    CollectorConfig,
+    Config,
+    PricingConfig,
+    StorageConfig,
+    TokenConfig,
+    hash_token,
+)
+from capmon.collector.lineproto import batch_lines
+from capmon.plugins.host.probe import HostProbe
+from capmon.plugins.mock import MockConfig, MockProbe
+
+DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
+LABEL_KEYS = CollectorConfig().label_keys
+
+# --------------------------------------------------------------------------------------------------
+# The storage schema, derived from what the collector's line-protocol code writes for a batch that
+# sets every optional field, so a field the collector stops writing fails the structure tests.
+
+
+@dataclass
+class Schema:
+    tags: dict[str, set[str]] = field(default_factory=dict)
+    fields: dict[str, dict[str, str]] = field(default_factory=dict)  # measurement → field → float|string
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    parts, cur, i, quoted = [], [], 0, False
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur += (c, text[i + 1])
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        if c == sep and not quoted:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def storage_schema() -> Schema:
+    """Measurements, tags and fields as `capmon.collector.lineproto` writes them."""
+    device = wire.DeviceWindow(
+        device_id="MIG-1",
+        vendor="nvidia",
+        model="NVIDIA H100 80GB HBM3",
+        index=0,
+        parent_id="GPU-0",
+        state="free",
+        free_s=60.0,
+        util_mean_pct=1.0,
+        util_max_pct=2.0,
+        memory_used_bytes=1,
+        memory_total_bytes=2,
+        power_mean_w=3.0,
+        temp_max_c=4.0,
+        processes=0,
+        idle_since=1_760_000_000,
+        error="x",
+    )
+    report = wire.Report(
+        seq=1,
+        start=1_760_000_000,
+        end=1_760_000_060,
+        devices=[device],
+        host=wire.HostWindow(
+            cpu_mean_pct=1.0,
+            cpu_max_pct=2.0,
+            memory_used_bytes=1,
+            memory_total_bytes=2,
+            load1=0.1,
+            load5=0.2,
+            load15=0.3,
+            cpu_count=8,
+        ),
+        agent=wire.AgentStats(
+            probes=[wire.ProbeStats(name="nvml", status="failed", last_duration_s=0.1, reason="why")]
+        ),
+    )
+    identity = wire.AgentIdentity(id="a", host="h", labels={k: "v" for k in LABEL_KEYS})
+    schema = Schema()
+    for line in batch_lines(wire.Batch(agent=identity, reports=[report]), LABEL_KEYS):
+        series, fieldset, _ts = _split_unescaped(line, " ")
+        measurement, *tags = _split_unescaped(series, ",")
+        schema.tags.setdefault(measurement, set()).update(t.split("=", 1)[0] for t in tags)
+        fields = schema.fields.setdefault(measurement, {})
+        for kv in _split_unescaped(fieldset, ","):
+            key, value = kv.split("=", 1)
+            fields[key] = "string" if value.startswith('"') else "float"
+    return schema
+
+
+# --------------------------------------------------------------------------------------------------
+# Dashboards
+
+
+def dashboard_files() -> list[Path]:
+    return sorted(DASHBOARDS.glob("*.json"))
+
+
+def load_dashboards() -> dict[str, dict]:
+    """uid → dashboard model."""
+    out = {}
+    for path in dashboard_files():
+        model = json.loads(path.read_text(encoding="utf-8"))
+        out[model["uid"]] = model
+    return out
+
+
+def panels(dashboard: Mapping[str, Any]) -> Iterator[dict]:
+    """Every panel that shows data (rows and their collapsed children included, rows themselves not)."""
+    for panel in dashboard.get("panels", []):
+        if panel.get("type") == "row":
+            yield from panel.get("panels", [])
+        else:
+            yield panel
+
+
+# --------------------------------------------------------------------------------------------------
+# Grafana's expansion of an InfluxQL raw query, as the InfluxDB data source does it:
+#  * template variables (`$v`, `${v}`, `[[v]]`): a multi-value or include-all variable is regex-escaped,
+#    one value alone, several as `(a|b)`; "All" with a custom all value is inserted as is (unescaped);
+#    a single-value variable is inserted as is unless it stands inside `=~ /…/` (then regex-escaped);
+#  * `$timeFilter` / `$__timeFilter` → `time >= <from>ms and time <= <to>ms` (backend, Grafana ≥ 8);
+#  * `$__interval` / `$__interval_ms`: range / max data points, rounded (Grafana's `roundInterval`),
+#    never below the panel's min interval; `${__from}` / `${__to}`: epoch milliseconds.
+
+_ROUND_INTERVAL_MS = [
+    (15, 10),
+    (35, 20),
+    (75, 50),
+    (150, 100),
+    (350, 200),
+    (750, 500),
+    (1500, 1000),
+    (3500, 2000),
+    (7500, 5000),
+    (12500, 10000),
+    (17500, 15000),
+    (25000, 20000),
+    (45000, 30000),
+    (90000, 60000),
+    (210000, 120000),
+    (450000, 300000),
+    (750000, 600000),
+    (1050000, 900000),
+    (1500000, 1200000),
+    (2700000, 1800000),
+    (5400000, 3600000),
+    (9000000, 7200000),
+    (16200000, 10800000),
+    (32400000, 21600000),
+    (86400000, 43200000),
+    (604800000, 86400000),
+]
+
+_DURATION_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    m = re.fullmatch(r"(\d+)(ms|s|m|h|d|w)", text.strip())
+    if not m:
+        raise ValueError(f"not a Grafana interval: {text!r}")
+    return int(m.group(1)) * _DURATION_MS[m.group(2)]
+
+
+def round_interval(ms: float) -> int:
+    for below, rounded in _ROUND_INTERVAL_MS:
+        if ms < below:
+            return rounded
+    return 604_800_000
+
+
+def format_duration(ms: int) -> str:
+    for unit in ("w", "d", "h", "m", "s"):
+        size = _DURATION_MS[unit]
+        if ms >= size and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def panel_interval_ms(panel: Mapping[str, Any], datasource_min: str, from_s: int, to_s: int) -> int:
+    points = panel.get("maxDataPoints") or 1000  # a wide panel: Grafana uses its pixel width
+    interval = round_interval((to_s - from_s) * 1000 / points)
+    low = parse_duration_ms(panel.get("interval") or datasource_min)
+    return max(interval, low)
+
+
+def grafana_escape_regex(value: str) -> str:
+    """@grafana/data `escapeRegex`."""
+    return re.sub(r"[\\^$*+?.()|\[\]{}/]", lambda m: "\\" + m.group(0), value)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The current value of one template variable."""
+
+    values: Sequence[str]
+    multi: bool = False
+    include_all: bool = False
+    all_value: str | None = None
+    is_all: bool = False
+
+
+_VAR = re.compile(r"\$(\w+)|\[\[(\w+?)(?::(\w+))?\]\]|\$\{(\w+)(?::([^}]+))?\}")
+
+
+def _inside_regex(query: str, pos: int) -> bool:
+    """Is `pos` inside a `=~ /…/` or `!~ /…/` literal?"""
+    start = query.rfind("/", 0, pos)
+    return start >= 0 and re.search(r"[=!]~\s*$", query[:start]) is not None
+
+
+def expand(
+    query: str,
+    variables: Mapping[str, Selection],
+    from_s: int,
+    to_s: int,
+    interval_ms: int,
+) -> str:
+    builtins = {
+        "timeFilter": f"time >= {from_s * 1000}ms and time <= {to_s * 1000}ms",
+        "__timeFilter": f"time >= {from_s * 1000}ms and time <= {to_s * 1000}ms",
+        "__interval": format_duration(interval_ms),
+        "interval": format_duration(interval_ms),
+        "__interval_ms": str(interval_ms),
+        "__from": str(from_s * 1000),
+        "__to": str(to_s * 1000),
+    }
+
+    def replace(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2) or m.group(4)
+        if name in builtins:
+            return builtins[name]
+        if name not in variables:
+            raise KeyError(f"query uses ${name}, which the dashboard does not define: {query}")
+        sel = variables[name]
+        if sel.is_all and sel.all_value is not None:
+            return sel.all_value
+        if sel.multi or sel.include_all:
+            escaped = [grafana_escape_regex(v) for v in sel.values]
+            return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+        (value,) = sel.values
+        return grafana_escape_regex(value) if _inside_regex(query, m.start()) else value
+
+    return _VAR.sub(replace, query)
+
+
+# --------------------------------------------------------------------------------------------------
+# The scripted fleet: 3 hosts × 8 devices over 3 hours of simulated time, sampled every 10 s,
+# reported in 60 s windows. Phase lists run on the absolute clock; T0 is a multiple of every cycle,
+# so each phase starts exactly at T0 + its offset.
+
+T0 = 1_760_054_400  # a multiple of 86 400 s
+DURATION_S = 3 * 3600
+SAMPLE_S = 30
+WINDOW_S = 60
+
+H100, A100, ASCEND = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "910B3"
+
+
+@dataclass(frozen=True)
+class ScriptedHost:
+    host: str
+    labels: dict[str, str]
+    model: str
+    profiles: tuple[str, ...]
+    host_index: int
+
+
+FLEET = (
+    ScriptedHost(
+        "gpu-a01",
+        {"site": "ams1", "cluster": "c1", "pool": "training"},
+        H100,
+        (
+            "training",
+            "training",
+            "idle",
+            "notebook",
+            "training:3600,idle:7200",  # idle since T0+1h
+            "idle:5400,training:5400",  # idle for 1.5 h, then busy to the end
+            "idle",
+            "lost",
+        ),
+        0,
+    ),
+    ScriptedHost(
+        "gpu-b01",
+        {"site": "ams1", "cluster": "c2", "pool": "inference"},
+        A100,
+        (
+            "training",
+            "training",
+            "training:7200,idle:3600",  # idle since T0+2h
+            "notebook",
+            "training:1800,notebook:9000",  # allocated-idle since T0+30min
+            "idle",
+            "training",
+            "training",
+        ),
+        1,
+    ),
+    ScriptedHost(
+        "npu-c01",
+        {"site": "fra2", "cluster": "c3", "pool": "research"},
+        ASCEND,
+        (
+            "training",
+            "idle:9000,training:1800",  # idle for 2.5 h, then busy to the end
+            "idle",
+            "idle",
+            "notebook",
+            "idle",
+            "idle",
+            "training:10200,idle:600",  # idle for the last 10 minutes
+        ),
+        2,
+    ),
+)
+
+PROFILE_STATE = {"idle": "free", "notebook": "allocated_idle", "training": "busy", "lost": "unavailable"}
+
+
+def _phases(spec: str) -> list[tuple[str, int]]:
+    if ":" not in spec:
+        return [(spec, DURATION_S)]
+    return [(name, int(secs)) for name, secs in (p.split(":") for p in spec.split(","))]
+
+
+@dataclass(frozen=True)
+class ExpectedDevice:
+    host: str
+    device: str
+    model: str
+    labels: dict[str, str]
+    state_now: str
+    seconds: dict[str, int]  # state → seconds over the run
+    idle_since: int | None  # at the end of the run
+
+
+def expected_devices() -> list[ExpectedDevice]:
+    """What the script says, worked out from the phase lists alone (no classifier involved)."""
+    out = []
+    for h in FLEET:
+        for i, spec in enumerate(h.profiles):
+            seconds = dict.fromkeys(PROFILE_STATE.values(), 0)
+            t = 0
+            timeline = []
+            for name, secs in _phases(spec):
+                seconds[PROFILE_STATE[name]] += secs
+                timeline.append((t, PROFILE_STATE[name]))
+                t += secs
+            assert t == DURATION_S, spec
+            state_now = timeline[-1][1]
+            idle_since = T0 + timeline[-1][0] if state_now in wire.IDLE_STATES else None
+            out.append(
+                ExpectedDevice(
+                    h.host,
+                    f"MOCK-{h.host_index:03d}-{i:02d}",
+                    h.model,
+                    h.labels,
+                    state_now,
+                    seconds,
+                    idle_since,
+                )
+            )
+    return out
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedSpool:
+    """A report sink that keeps reports in memory and tells the agent scripted spool counters.
+
+    npu-c01's collector link is "down" for windows 60–89: its spool fills, two reports are dropped
+    and one is dead-lettered; the other hosts' spools stay empty.
+    """
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.reports: list[wire.Report] = []
+
+    async def start(self) -> None:
+        pass
+
+    def next_seq(self) -> int:
+        return len(self.reports) + 1
+
+    async def put(self, report: wire.Report) -> None:
+        self.reports.append(report)
+
+    def stats(self) -> dict[str, int]:
+        n = len(self.reports) + 1  # the window being closed
+        if self.host != "npu-c01":
+            return {}
+        backlog = n - 59 if 60 <= n < 90 else 0
+        return {
+            "spool_reports": backlog,
+            "spool_bytes": backlog * 9000,
+            "dropped_reports": 2 if n >= 75 else 0,
+            "dead_letter_reports": 1 if n >= 80 else 0,
+        }
+
+    async def close(self, timeout_s: float) -> None:
+        pass
+
+
+class FailingProbe(MockProbe):
+    """A second probe on npu-c01 that raises on every third call: probe errors in the Agents dashboard."""
+
+    name = "flaky_driver"
+
+
+class HangingProbe(MockProbe):
+    """A probe that takes longer than its timeout: probe timeouts in the Agents dashboard."""
+
+    name = "slow_driver"
+
+
+PROBE_ERRORS_EXPECTED = DURATION_S // WINDOW_S // 3  # FailingProbe is called once per window
+PROBE_TIMEOUTS_EXPECTED = 3  # HangingProbe is called on three ticks only, after the first window
+_HANGING_TICKS = range(10, 10 + PROBE_TIMEOUTS_EXPECTED)
+
+
+async def _run_agent(h: ScriptedHost) -> tuple[wire.AgentIdentity, list[wire.Report]]:
+    clock = FakeClock(T0)
+    mock = MockProbe(
+        MockConfig(devices=len(h.profiles), profiles=h.profiles, models=(h.model,), host_index=h.host_index),
+        clock=clock,
+    )
+    probes: list[Probe] = [mock, HostProbe()]
+    if h.host == "npu-c01":
+        probes.append(FailingProbe(MockConfig(devices=0, raise_every=3), clock=clock))
+        probes.append(HangingProbe(MockConfig(devices=0, hang_s=0.02, timeout_s=0.005), clock=clock))
+    for p in probes:
+        p.setup()
+    config = AgentConfig(agent=AgentSection(id=h.host, host=h.host, labels=h.labels, window_s=WINDOW_S))
+    sink = ScriptedSpool(h.host)
+    agent = Agent(config, sink=sink, probes=probes, clock=clock)
+    tasks = agent.sampler.tasks
+    start = T0
+    for k in range(DURATION_S // SAMPLE_S):
+        clock.now = T0 + k * SAMPLE_S
+        end = clock.now + SAMPLE_S
+        for task in tasks:
+            name = task.probe.name
+            # The mock every tick; the others once per window (each tick is a thread: keep them few).
+            if name == "slow_driver" and k not in _HANGING_TICKS:
+                continue
+            if name in ("host", "flaky_driver") and end % WINDOW_S:
+                continue
+            await task.tick()
+            if name == "slow_driver" and task._inflight is not None:
+                # Let the hung call return, so that the next tick times out again instead of skipping.
+                await asyncio.wait([task._inflight])
+        if end % WINDOW_S == 0:
+            clock.now = end
+            await sink.put(agent.close_window(sink.next_seq(), start, end))
+            start = end
+    return wire.AgentIdentity(id=h.host, host=h.host, instance="spool-1", labels=h.labels), sink.reports
+
+
+AGENT_TOKEN = "dashboard-agent-token"
+READ_TOKEN = "dashboard-read-token"
+PRICES = {"H100": 2.5, "A100": 1.5, "910B": 1.2}
+
+
+def collector_config(influx_url: str, db: str) -> Config:
+    return Config(
+        collector=CollectorConfig(),
+        auth=AuthConfig(
+            agent_tokens=(TokenConfig(sha256=hash_token(AGENT_TOKEN), agents=("*",), name="fleet"),),
+            read_tokens=(TokenConfig(sha256=hash_token(READ_TOKEN), name="grafana"),),
+        ),
+        storage=StorageConfig(kind="influxdb_v1", url=influx_url, db=db, flush_interval_s=0.0),
+        pricing=PricingConfig(default=0.0, models=PRICES),
+        source="dashboard tests",
+    )
+
+
+async def run_pipeline(influx_url: str, db: str) -> dict[str, Any]:
+    """Agents → collector (aiohttp test client, influxdb_v1 storage) → influxd; returns /api/v1/fleet."""
+    outputs = await asyncio.gather(*(_run_agent(h) for h in FLEET))
+    app = create_app(collector_config(influx_url, db), clock=lambda: T0 + DURATION_S + 5)
+    async with TestClient(TestServer(app)) as client:
+        for identity, reports in outputs:
+            for i in range(0, len(reports), 100):
+                batch = wire.Batch(agent=identity, reports=reports[i : i + 100])
+                resp = await client.post(
+                    "/api/v1/reports",
+                    data=wire.encode(batch),
+                    headers={"Authorization": f"Bearer {AGENT_TOKEN}", "Content-Type": "application/json"},
+                )
+                assert resp.status == 200, await resp.text()
+        resp = await client.get("/api/v1/fleet", headers={"Authorization": f"Bearer {READ_TOKEN}"})
+        assert resp.status == 200, await resp.text()
+        fleet = await resp.json()
+        resp = await client.get(
+            "/api/v1/devices?state=idle&limit=1000", headers={"Authorization": f"Bearer {READ_TOKEN}"}
+        )
+        assert resp.status == 200, await resp.text()
+        fleet["_devices"] = await resp.json()
+    return fleet
+
+
+def fill(influx_url: str, db: str) -> dict[str, Any]:
+    return asyncio.run(run_pipeline(influx_url, db))

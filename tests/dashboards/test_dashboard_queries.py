@@ -1,0 +1,301 @@
+"""Every dashboard query, expanded as Grafana expands it, run against a real influxd that the real
+agent → collector pipeline filled from a scripted mock fleet; the numbers are checked against the
+script and against the collector's own fleet API.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from dashboard_fleet import (
+    DURATION_S,
+    FLEET,
+    PROBE_ERRORS_EXPECTED,
+    PROBE_TIMEOUTS_EXPECTED,
+    T0,
+    WINDOW_S,
+    Selection,
+    _phases,
+    expand,
+    expected_devices,
+    fill,
+    load_dashboards,
+    panel_interval_ms,
+    panels,
+)
+
+pytestmark = pytest.mark.integration
+
+DB = "capmon"
+FROM_S, TO_S = T0, T0 + DURATION_S
+DASHBOARDS = load_dashboards()
+EXPECTED = expected_devices()
+
+
+@pytest.fixture(scope="module")
+def filled(influxd):
+    influxd.create_database(DB)
+    return influxd, fill(influxd.url, DB)
+
+
+def default_selection(dashboard: dict, **chosen: list[str] | str) -> dict[str, Selection]:
+    """The variables' values: "All" unless chosen; a single-value variable takes its chosen value."""
+    out = {}
+    for var in dashboard["templating"]["list"]:
+        name = var["name"]
+        if var["type"] == "datasource":
+            continue
+        multi, include_all = var.get("multi", False), var.get("includeAll", False)
+        if name in chosen:
+            value = chosen[name]
+            values = [value] if isinstance(value, str) else list(value)
+            out[name] = Selection(values, multi, include_all, var.get("allValue"))
+        elif var["type"] == "custom":
+            out[name] = Selection([var["current"]["value"]])
+        elif include_all:
+            out[name] = Selection([], multi, include_all, var.get("allValue"), is_all=True)
+    return out
+
+
+def run(influxd, query: str) -> list[dict]:
+    return influxd.rows(query, DB)
+
+
+def panel_by_title(uid: str, title: str) -> dict:
+    (p,) = [p for p in panels(DASHBOARDS[uid]) if p["title"] == title]
+    return p
+
+
+def panel_rows(influxd, uid: str, title: str, ref: str = "A", **chosen) -> list[dict]:
+    dashboard = DASHBOARDS[uid]
+    p = panel_by_title(uid, title)
+    (t,) = [t for t in p["targets"] if t["refId"] == ref]
+    q = expand(
+        t["query"],
+        default_selection(dashboard, **chosen),
+        FROM_S,
+        TO_S,
+        panel_interval_ms(p, "1m", FROM_S, TO_S),
+    )
+    return run(influxd, q)
+
+
+def value(rows: list[dict], column: str | None = None) -> float:
+    (row,) = rows
+    if column is None:
+        (column,) = [k for k in row if k not in ("time", "_measurement")]
+    return row[column]
+
+
+# -- every panel -----------------------------------------------------------------------------------
+
+HOST_CHOICE = {"capmon-host": {"host": "gpu-a01"}}
+ALL_TARGETS = [
+    pytest.param(uid, p["title"], t["refId"], id=f"{uid}:{p['title']}:{t['refId']}")
+    for uid, d in DASHBOARDS.items()
+    for p in panels(d)
+    for t in p["targets"]
+]
+
+
+@pytest.mark.parametrize(("uid", "title", "ref"), ALL_TARGETS)
+def test_every_panel_query_runs_and_returns_data(filled, uid, title, ref):
+    influxd, _ = filled
+    rows = panel_rows(influxd, uid, title, ref, **HOST_CHOICE.get(uid, {}))
+    values = [v for r in rows for k, v in r.items() if k not in ("time", "_measurement") and v is not None]
+    assert values, f"{uid} / {title} / {ref} returned no data"
+
+
+@pytest.mark.parametrize("uid", sorted(DASHBOARDS))
+def test_every_variable_query_lists_values(filled, uid):
+    influxd, _ = filled
+    dashboard = DASHBOARDS[uid]
+    chosen = HOST_CHOICE.get(uid, {})
+    for var in dashboard["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        q = expand(var["query"], default_selection(dashboard, **chosen), FROM_S, TO_S, 60_000)
+        assert run(influxd, q), f"{uid}: variable {var['name']} lists nothing: {q}"
+
+
+def test_variables_cascade_with_multi_value_regex(filled):
+    influxd, _ = filled
+    fleet = DASHBOARDS["capmon-fleet"]
+    (host_var,) = [v for v in fleet["templating"]["list"] if v["name"] == "host"]
+    sel = default_selection(fleet, site=["ams1"], cluster=["c1", "c2"])
+    q = expand(host_var["query"], sel, FROM_S, TO_S, 60_000)
+    assert "/^(c1|c2)$/" in q and "/^ams1$/" in q
+    assert sorted(r["value"] for r in run(influxd, q)) == ["gpu-a01", "gpu-b01"]
+    q = expand(host_var["query"], default_selection(fleet, site="fra2"), FROM_S, TO_S, 60_000)
+    assert [r["value"] for r in run(influxd, q)] == ["npu-c01"]
+
+
+# -- Fleet idle capacity ---------------------------------------------------------------------------
+
+
+def test_devices_now_by_state_match_script_and_collector(filled):
+    influxd, fleet_api = filled
+    for state, title in (
+        ("free", "Devices free"),
+        ("allocated_idle", "Devices allocated idle"),
+        ("busy", "Devices busy"),
+        ("unavailable", "Devices unavailable"),
+    ):
+        expected = sum(d.state_now == state for d in EXPECTED)
+        assert value(panel_rows(influxd, "capmon-fleet", title)) == expected, title
+        assert fleet_api["totals"]["states"][state] == expected, state
+    assert sum(d.state_now == "free" for d in EXPECTED) == 10
+
+
+def test_idle_device_hours_value_and_share(filled):
+    influxd, fleet_api = filled
+    idle_s = sum(d.seconds["free"] + d.seconds["allocated_idle"] for d in EXPECTED)
+    assert idle_s / 3600 == pytest.approx(39.6667, abs=1e-3)
+    hours = value(panel_rows(influxd, "capmon-fleet", "Idle device-hours"))
+    assert hours == pytest.approx(idle_s / 3600)
+    assert hours == pytest.approx(fleet_api["totals"]["idle_device_hours"], abs=1e-5)
+    assert value(panel_rows(influxd, "capmon-fleet", "Idle value", price_per_hour="2.50")) == pytest.approx(
+        idle_s / 3600 * 2.5
+    )
+    share = value(panel_rows(influxd, "capmon-fleet", "Idle share of device-time"))
+    assert share == pytest.approx(100 * idle_s / (len(EXPECTED) * DURATION_S))
+    alloc = value(panel_rows(influxd, "capmon-fleet", "Allocated-idle device-hours"))
+    assert alloc == pytest.approx(sum(d.seconds["allocated_idle"] for d in EXPECTED) / 3600)
+    assert alloc == pytest.approx(fleet_api["totals"]["device_hours"]["allocated_idle"], abs=1e-5)
+
+
+def test_breakdowns_by_model_and_labels(filled):
+    influxd, fleet_api = filled
+    rows = panel_rows(influxd, "capmon-fleet", "Idle capacity by model")
+    got = {r["model"]: r["idle device-hours"] for r in rows}
+    want: dict[str, float] = {}
+    for d in EXPECTED:
+        want[d.model] = want.get(d.model, 0) + (d.seconds["free"] + d.seconds["allocated_idle"]) / 3600
+    assert got == pytest.approx(want)
+    assert got == pytest.approx(
+        {m: v["idle_device_hours"] for m, v in fleet_api["by_model"].items()}, abs=1e-5
+    )
+
+    rows = panel_rows(influxd, "capmon-fleet", "Idle capacity by site / cluster / pool")
+    by_cluster = {r["cluster"]: r["idle device-hours"] for r in rows}
+    api = fleet_api["by_label"]["cluster"]
+    assert by_cluster == pytest.approx({c: v["idle_device_hours"] for c, v in api.items()}, abs=1e-5)
+
+    counts = {}
+    for ref, state in zip("ABCD", ("busy", "allocated_idle", "free", "unavailable"), strict=True):
+        for r in panel_rows(influxd, "capmon-fleet", "Devices now by model", ref):
+            counts[(r["model"], state)] = next(
+                v for k, v in r.items() if k not in ("time", "model", "_measurement")
+            )
+    for model, m in fleet_api["by_model"].items():
+        for state, n in m["states"].items():
+            assert counts.get((model, state), 0) == n, (model, state)
+
+
+def test_filters_narrow_with_grafana_regex_forms(filled):
+    influxd, _ = filled
+
+    def hours(devices):
+        return sum(d.seconds["free"] + d.seconds["allocated_idle"] for d in devices) / 3600
+
+    got = value(panel_rows(influxd, "capmon-fleet", "Idle device-hours", site=["ams1"], cluster=["c1", "c2"]))
+    assert got == pytest.approx(hours([d for d in EXPECTED if d.labels["site"] == "ams1"]))
+    got = value(panel_rows(influxd, "capmon-fleet", "Idle device-hours", model=["NVIDIA H100 80GB HBM3"]))
+    assert got == pytest.approx(hours([d for d in EXPECTED if d.model == "NVIDIA H100 80GB HBM3"]))
+    got = value(panel_rows(influxd, "capmon-fleet", "Devices free", host=["npu-c01", "gpu-b01"]))
+    assert got == sum(d.state_now == "free" and d.host != "gpu-a01" for d in EXPECTED)
+
+
+def test_longest_idle_table_order(filled):
+    influxd, fleet_api = filled
+    p = panel_by_title("capmon-fleet", "Longest-idle devices")
+    (sort,) = p["options"]["sortBy"]
+    rows = panel_rows(influxd, "capmon-fleet", "Longest-idle devices")
+    rows.sort(key=lambda r: r[sort["displayName"]], reverse=sort["desc"])  # what the table panel shows
+    got = [(r["host"], r["device"], r["idle for"], r["idle since"] / 1000) for r in rows]
+    idle = sorted((d for d in EXPECTED if d.idle_since is not None), key=lambda d: d.idle_since)
+    assert len(got) == len(idle) == 14
+    assert [g[2] for g in got] == [float(TO_S - d.idle_since) for d in idle]
+    assert {(g[0], g[1], g[3]) for g in got} == {(d.host, d.device, d.idle_since) for d in idle}
+    assert got[-4:] == [(d.host, d.device, float(TO_S - d.idle_since), d.idle_since) for d in idle[-4:]]
+    api = fleet_api["_devices"]["devices"]
+    # The collector measures idle_for from its own clock; its order and idle_since are the same.
+    assert [d["idle_since"] for d in api] == [g[3] for g in got]
+
+
+def idle_devices_in_window(end: int) -> int:
+    """Devices idle through the window ending at `end`, from the phase lists."""
+    n = 0
+    for h in FLEET:
+        for spec in h.profiles:
+            t = 0
+            for name, secs in _phases(spec):
+                if t < end - T0 <= t + secs:
+                    n += name in ("idle", "notebook")
+                t += secs
+    return n
+
+
+def test_idle_share_over_time_follows_the_script(filled):
+    influxd, _ = filled
+    rows = [
+        r for r in panel_rows(influxd, "capmon-fleet", "Idle share over time") if r["idle share"] is not None
+    ]
+    assert len(rows) == DURATION_S // WINDOW_S
+    for r in rows:
+        # $__interval is 1m: the bucket starting at t holds the points stamped t, the window ending at t.
+        assert r["idle share"] == pytest.approx(100 * idle_devices_in_window(r["time"]) / len(EXPECTED)), r[
+            "time"
+        ]
+    rows = panel_rows(influxd, "capmon-fleet", "Idle devices by model (average per interval)")
+    last = {r["model"]: r for r in rows if r["time"] == TO_S}
+    assert sum(r["sum"] for r in last.values()) == pytest.approx(14)
+
+
+# -- Host detail -----------------------------------------------------------------------------------
+
+
+def test_host_state_timeline_follows_the_script(filled):
+    influxd, _ = filled
+    rows = panel_rows(influxd, "capmon-host", "Device state", host="gpu-a01")
+    dev5 = {r["time"]: r["last"] for r in rows if r["device"] == "MOCK-000-05" and r["last"] is not None}
+    # "idle:5400,training:5400": free for 90 minutes, then busy.
+    assert {s for t, s in dev5.items() if t <= T0 + 5400} == {"free"}
+    assert {s for t, s in dev5.items() if t > T0 + 5400} == {"busy"}
+    assert {r["last"] for r in rows if r["device"] == "MOCK-000-07" and r["last"]} == {"unavailable"}
+    devices = {r["device"] for r in rows}
+    assert devices == {f"MOCK-000-{i:02d}" for i in range(8)}
+    now = panel_rows(
+        influxd, "capmon-host", "Devices now", host="gpu-a01", device=["MOCK-000-02", "MOCK-000-05"]
+    )
+    assert {r["device"]: r["state"] for r in now} == {"MOCK-000-02": "free", "MOCK-000-05": "busy"}
+    util = panel_rows(influxd, "capmon-host", "Utilisation", host="gpu-a01", device=["MOCK-000-00"])
+    assert all(90 <= r["mean"] <= 100 for r in util if r["mean"] is not None)
+
+
+# -- Agents ----------------------------------------------------------------------------------------
+
+
+def test_agents_counters(filled):
+    influxd, _ = filled
+    assert value(panel_rows(influxd, "capmon-agents", "Agents reporting now")) == len(FLEET)
+    assert value(panel_rows(influxd, "capmon-agents", "Agents seen in the range")) == len(FLEET)
+    assert value(panel_rows(influxd, "capmon-agents", "Dropped reports")) == 2
+    assert value(panel_rows(influxd, "capmon-agents", "Dead-lettered reports")) == 1
+    assert value(panel_rows(influxd, "capmon-agents", "Probe errors")) == PROBE_ERRORS_EXPECTED
+    assert value(panel_rows(influxd, "capmon-agents", "Probe timeouts")) == PROBE_TIMEOUTS_EXPECTED
+    spool = panel_rows(influxd, "capmon-agents", "Spool depth")
+    assert max(r["max"] or 0 for r in spool if r["agent"] == "npu-c01") == 30
+    assert max(r["max"] or 0 for r in spool if r["agent"] != "npu-c01") == 0
+    last = {r["agent"]: r for r in panel_rows(influxd, "capmon-agents", "Last report per agent")}
+    assert set(last) == {h.host for h in FLEET}
+    assert {r["time"] for r in last.values()} == {TO_S}
+    assert last["npu-c01"]["seq"] == DURATION_S // WINDOW_S
+    probes = {(r["agent"], r["probe"]): r for r in panel_rows(influxd, "capmon-agents", "Probes")}
+    assert probes[("npu-c01", "flaky_driver")]["errors"] == PROBE_ERRORS_EXPECTED
+    assert probes[("npu-c01", "slow_driver")]["timeouts"] == PROBE_TIMEOUTS_EXPECTED
+    assert probes[("gpu-a01", "mock")]["status"] == "active"
+    only_c = panel_rows(influxd, "capmon-agents", "Probe errors", site=["fra2"])
+    assert value(only_c) == PROBE_ERRORS_EXPECTED
+    assert not math.isnan(value(panel_rows(influxd, "capmon-agents", "Probe errors", agent=["gpu-a01"])))
