@@ -1,0 +1,181 @@
+"""The dashboards' structure: what Grafana needs to load them and what keeps them true to the schema."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+from dashboard_fleet import DASHBOARDS, dashboard_files, load_dashboards, panels, storage_schema
+
+SCHEMA = storage_schema()
+BOARDS = load_dashboards()
+UIDS = {"capmon-fleet", "capmon-host", "capmon-agents"}
+
+_KEYWORDS = {
+    "select", "from", "where", "and", "or", "group", "by", "as", "fill", "null", "time", "limit",
+    "order", "desc", "asc", "show", "tag", "values", "with", "key", "not", "none", "previous", "linear",
+}  # fmt: skip
+
+
+def _strip_literals(query: str) -> str:
+    query = re.sub(r"'(?:[^'\\]|\\.)*'", " ", query)  # string literals
+    query = re.sub(r"[=!]~\s*/(?:[^/\\]|\\.)*/", " ", query)  # regex literals
+    query = re.sub(r"\d+(?:\.\d+)?(?:ms|s|m|h|d|w)?\b", " ", query)  # numbers, durations
+    return re.sub(r"\$\{?\w+\}?(?:ms|s|m|h)?", " ", query)  # template variables, macros, `${__to}ms`
+
+
+def referenced(query: str) -> tuple[set[str], set[str]]:
+    """(measurements, identifiers) of one InfluxQL query: every name that must be a field, tag or alias."""
+    text = _strip_literals(query)
+    measurements = set(re.findall(r'\bFROM\s+"?([A-Za-z_]\w*)"?', text, flags=re.IGNORECASE))
+    aliases = set(re.findall(r'\bAS\s+"([^"]+)"', text, flags=re.IGNORECASE))
+    aliases |= set(re.findall(r"\bAS\s+([A-Za-z_]\w*)", text, flags=re.IGNORECASE))
+    names = set()
+    for m in re.finditer(r'"([^"]+)"|([A-Za-z_]\w*)(\s*\()?', text):
+        quoted, bare, call = m.group(1), m.group(2), m.group(3)
+        name = quoted or bare
+        if call or (bare and bare.lower() in _KEYWORDS):
+            continue  # a function, or InfluxQL itself
+        names.add(name)
+    return measurements, names - measurements - aliases
+
+
+def check_query(query: str) -> list[str]:
+    """Problems with a query against the storage schema (empty when it only names what the collector writes)."""
+    measurements, names = referenced(query)
+    problems = [f"unknown measurement {m!r}" for m in sorted(measurements - set(SCHEMA.fields))]
+    known = set()
+    for m in measurements & set(SCHEMA.fields):
+        known |= set(SCHEMA.fields[m]) | SCHEMA.tags[m]
+    problems += [f"{n!r} is no field or tag of {sorted(measurements)}" for n in sorted(names - known)]
+    return problems
+
+
+def all_queries():
+    for uid, board in BOARDS.items():
+        for p in panels(board):
+            for t in p.get("targets", []):
+                yield pytest.param(t["query"], id=f"{uid}:{p['title']}:{t['refId']}")
+        for var in board["templating"]["list"]:
+            if var["type"] == "query":
+                yield pytest.param(var["query"], id=f"{uid}:${var['name']}")
+
+
+def test_schema_comes_from_the_collector():
+    assert set(SCHEMA.fields) == {"capmon_device", "capmon_host", "capmon_agent"}
+    assert SCHEMA.fields["capmon_device"]["state"] == "string"
+    assert {"idle_s", "idle_since", "idle_for_s", "state_code"} <= set(SCHEMA.fields["capmon_device"])
+    assert {"site", "cluster", "pool", "host", "model", "device"} <= SCHEMA.tags["capmon_device"]
+    assert "probe" in SCHEMA.tags["capmon_agent"]
+
+
+def test_the_schema_check_catches_a_misspelt_field():
+    assert check_query('SELECT SUM("idle_s") FROM "capmon_device" WHERE $timeFilter') == []
+    assert check_query('SELECT SUM("idel_s") FROM "capmon_device" WHERE $timeFilter') != []
+    assert check_query('SELECT LAST(seq) FROM capmon_agent WHERE "agnet" =~ /^$agent$/') != []
+    assert check_query("SELECT MEAN(util_mean_pct) FROM capmon_gpu") != []
+
+
+@pytest.mark.parametrize("query", list(all_queries()))
+def test_queries_name_only_what_the_collector_writes(query):
+    assert check_query(query) == []
+
+
+def test_dashboards_are_what_generate_py_writes():
+    spec = importlib.util.spec_from_file_location("capmon_dashboards_generate", DASHBOARDS / "generate.py")
+    assert spec and spec.loader
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    assert sorted(generate.DASHBOARDS) == sorted(p.name for p in dashboard_files())
+    for name, build in generate.DASHBOARDS.items():
+        assert (DASHBOARDS / name).read_text(encoding="utf-8") == generate.render(build), (
+            f"{name} differs from what dashboards/generate.py writes: run it and commit both"
+        )
+
+
+def test_uids_stable_unique_and_no_import_placeholders():
+    uids = [b["uid"] for b in BOARDS.values()]
+    assert len(uids) == len(set(uids)) == len(dashboard_files())
+    assert set(uids) == UIDS
+    for path in dashboard_files():
+        text = path.read_text(encoding="utf-8")
+        assert "${DS_" not in text and "__inputs" not in text, path.name
+
+
+@pytest.mark.parametrize("uid", sorted(UIDS))
+def test_dashboard_model(uid):
+    board = BOARDS[uid]
+    assert board["schemaVersion"] >= 39
+    assert board["title"] and board["time"]["from"]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == "influxdb"
+    wanted = {
+        "capmon-fleet": {"site", "cluster", "model", "host"},
+        "capmon-host": {"site", "cluster", "host"},
+    }
+    for name in wanted.get(uid, {"site"}):
+        var = variables[name]
+        assert var["type"] == "query" and var["query"].startswith("SHOW TAG VALUES"), name
+        assert var["datasource"] == {"type": "influxdb", "uid": "${datasource}"}
+    ids = [p["id"] for p in board["panels"]] + [c["id"] for p in board["panels"] for c in p.get("panels", [])]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("uid", sorted(UIDS))
+def test_every_panel_has_datasource_title_unit_thresholds(uid):
+    for p in panels(BOARDS[uid]):
+        where = f"{uid} / {p.get('title')}"
+        assert p.get("title"), where
+        assert p["datasource"] == {"type": "influxdb", "uid": "${datasource}"}, where
+        defaults = p["fieldConfig"]["defaults"]
+        assert defaults.get("unit"), where
+        steps = defaults["thresholds"]["steps"]
+        assert steps and steps[0]["value"] is None, where
+        assert p["targets"], where
+        for t in p["targets"]:
+            assert t["datasource"] == p["datasource"], where
+            assert t["rawQuery"] is True and t["query"].lstrip().upper().startswith("SELECT"), where
+        if p["type"] == "timeseries" or "$__interval" in str(p["targets"]):
+            assert p.get("interval") == "1m", f"{where}: min interval must match the 60 s windows"
+
+
+def _yaml_value(text: str, key: str) -> str:
+    """The value of `key:` in a YAML file (the first occurrence; no YAML parser in the dev extras)."""
+    m = re.search(rf"^\s*-?\s*{re.escape(key)}:\s*['\"]?([^'\"#\n]*?)['\"]?\s*(?:#.*)?$", text, re.MULTILINE)
+    assert m, f"no {key}: in the file"
+    return m.group(1)
+
+
+def test_provisioning_points_at_the_dashboards_and_a_fixed_datasource_uid():
+    ds = (DASHBOARDS / "provisioning/datasources/capmon.yaml").read_text()
+    assert _yaml_value(ds, "type") == "influxdb"
+    assert _yaml_value(ds, "version") == "InfluxQL"
+    uid = _yaml_value(ds, "uid")
+    assert uid == "capmon-influxdb"
+    for board in BOARDS.values():
+        (var,) = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
+        assert var["current"]["value"] == uid
+    prov = (DASHBOARDS / "provisioning/dashboards/capmon.yaml").read_text()
+    assert _yaml_value(prov, "type") == "file"
+    path = _yaml_value(prov, "path")
+    compose = (DASHBOARDS / "docker-compose.yml").read_text()
+    assert f"./capmon-fleet.json:{path}/capmon-fleet.json" in compose or f":{path}" in compose
+    assert "DOCKER_INFLUXDB_INIT_MODE: setup" in compose
+    assert "/etc/grafana/provisioning" in compose
+
+
+def test_demo_configs_load():
+    from capmon.agent.config import load_config
+    from capmon.collector.config import load
+
+    env = {"CAPMON_AGENT_TOKEN": "t", "CAPMON_READ_TOKEN": "r", "CAPMON_INFLUX_TOKEN": "i"}
+    collector = load(DASHBOARDS / "demo/collector.toml", env=env)
+    assert collector.storage.kind == "influxdb_v2" and collector.storage.bucket == "capmon"
+    compose = (DASHBOARDS / "docker-compose.yml").read_text()
+    for path in sorted((DASHBOARDS / "demo").glob("sim-*.toml")):
+        agent = load_config(path, env=env)
+        assert agent.agent.id == path.stem and "mock" in agent.probes.enable
+        assert agent.transport["url"] == "http://collector:8900/api/v1/reports"
+        assert f"/src/dashboards/demo/{path.name}" in compose
