@@ -1,0 +1,340 @@
+"""The transport against a real aiohttp server scripted to answer like a collector in trouble."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+from email.utils import format_datetime
+
+import pytest
+from aiohttp import web
+
+from capmon.agent import wire
+from capmon.agent.spool import DEAD_LETTER_NAME, Spool, SpoolConfig
+from capmon.agent.transport import Outcome, Transport, TransportConfig
+
+TOKEN = "s3cret-agent-token"
+IDENTITY = wire.AgentIdentity(id="node-1", host="node-1.example", instance="abc123", labels={"site": "ams1"})
+NOW = 1_800_000_000.0
+
+Reply = Callable[[wire.Batch], web.StreamResponse]
+
+
+def ok(batch: wire.Batch) -> web.Response:
+    return web.json_response({"accepted": len(batch.reports)})
+
+
+def status(code: int, error: str = "error", path: str | None = None, **headers: str) -> Reply:
+    def reply(batch: wire.Batch) -> web.Response:
+        body = {"error": error, "detail": f"HTTP {code}"} | ({"path": path} if path else {})
+        return web.json_response(body, status=code, headers=headers)
+
+    return reply
+
+
+class Collector:
+    """Answers each POST with the next scripted reply (the last one repeats); records what it received."""
+
+    def __init__(self, *script: Reply) -> None:
+        self.script = list(script) or [ok]
+        self.received: list[wire.Batch] = []  # every well-formed batch, whatever the answer
+        self.delivered: list[int] = []  # seqs of batches answered 2xx
+        self.requests: list[web.Request] = []
+        self.got_request = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request)
+        self.got_request.set()
+        # aiohttp's server inflates `Content-Encoding: gzip` bodies itself, as the collector relies on.
+        batch = wire.decode_batch(await request.read())
+        self.received.append(batch)
+        reply = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        response = reply(batch)
+        if 200 <= response.status < 300:
+            self.delivered += [r.seq for r in batch.reports]
+        return response
+
+
+def drop(batch: wire.Batch) -> web.StreamResponse:
+    raise ConnectionDropped
+
+
+class ConnectionDropped(Exception):
+    pass
+
+
+@pytest.fixture
+async def collector(aiohttp_server):
+    async def start(*script: Reply) -> tuple[Collector, str]:
+        c = Collector(*script)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                return await c.handle(request)
+            except ConnectionDropped:
+                assert request.transport is not None
+                request.transport.abort()  # the collector's host went away mid-request
+                raise
+
+        app = web.Application()
+        app.router.add_post("/api/v1/reports", handler)
+        server = await aiohttp_server(app)
+        return c, str(server.make_url("/api/v1/reports"))
+
+    return start
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool.open(SpoolConfig(path=str(tmp_path / "spool")), clock=lambda: NOW)
+    yield s
+    s.close()
+
+
+def fill(spool: Spool, n: int) -> list[int]:
+    seqs = []
+    for _ in range(n):
+        seq = spool.next_seq()
+        end = 1_700_000_000 + 60 * seq
+        spool.append(
+            wire.Report(
+                seq=seq,
+                start=end - 60,
+                end=end,
+                devices=[wire.DeviceWindow(device_id="GPU-0", vendor="nvidia", state="free", free_s=60.0)],
+            )
+        )
+        seqs.append(seq)
+    return seqs
+
+
+class Sleeps:
+    """The injected sleep: records what the transport asked for, returns at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        if len(self.calls) > 50:
+            raise AssertionError(f"retry loop: slept {self.calls}")
+
+
+def make_transport(spool: Spool, url: str, sleeps: Sleeps | None = None, **config) -> Transport:
+    config.setdefault("token", TOKEN)
+    return Transport(
+        TransportConfig(url=url, **config),
+        spool,
+        IDENTITY,
+        sleep=sleeps or Sleeps(),
+        clock=lambda: NOW,
+        rng=lambda: 1.0,  # jitter at its top: the backoff ceiling itself
+        environ={},
+    )
+
+
+async def run_until_empty(transport: Transport) -> None:
+    transport.finish()
+    await transport.run()
+
+
+async def test_delivers_oldest_first_in_seq_order_and_empties_the_spool(spool, collector):
+    c, url = await collector(ok)
+    appended = fill(spool, 7)
+    await run_until_empty(make_transport(spool, url, batch_reports=3))
+
+    assert [[r.seq for r in b.reports] for b in c.received] == [[1, 2, 3], [4, 5, 6], [7]]
+    assert c.delivered == appended
+    assert spool.stats()["spool_reports"] == 0
+    request = c.requests[0]
+    assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert request.headers["Content-Encoding"] == "gzip"
+    assert c.received[0].agent == IDENTITY
+
+
+async def test_nothing_leaves_the_spool_until_the_collector_answers_2xx(spool, collector):
+    c, url = await collector(status(503), status(500), drop, ok)
+    fill(spool, 3)
+    transport = make_transport(spool, url, backoff_min_s=2, backoff_max_s=5)
+
+    # Doubling from backoff_min_s, capped at backoff_max_s.
+    for expected_delay, why in ((2.0, "HTTP 503"), (4.0, "HTTP 500"), (5.0, "ServerDisconnected")):
+        attempt = await transport.attempt()
+        assert attempt.outcome is Outcome.RETRY
+        assert attempt.delay_s == expected_delay
+        assert attempt.reason.startswith(why)
+        assert [s for s, _ in spool.oldest(10, 10**9)] == [1, 2, 3]
+    assert (await transport.attempt()).outcome is Outcome.DELIVERED
+    assert spool.stats()["spool_reports"] == 0
+    assert c.delivered == [1, 2, 3]
+    await transport.close()
+
+
+async def test_backoff_is_jittered_and_resets_after_a_delivery(spool, collector):
+    c, url = await collector(status(503), status(503), ok, status(503), ok)
+    fill(spool, 2)
+    draws = iter([0.0, 1.0, 0.5])
+    sleeps = Sleeps()
+    transport = Transport(
+        TransportConfig(url=url, batch_reports=1, backoff_min_s=4),
+        spool,
+        IDENTITY,
+        sleep=sleeps,
+        rng=lambda: next(draws),
+        environ={},
+    )
+    await run_until_empty(transport)
+    # Between half and all of the doubling ceiling (4, then 8); a delivery starts over at 4.
+    assert sleeps.calls == [2.0, 8.0, 3.0]
+    assert c.delivered == [1, 2]
+
+
+async def test_retry_after_seconds_is_honoured(spool, collector):
+    c, url = await collector(status(429, **{"Retry-After": "7"}), status(503, **{"Retry-After": "120"}), ok)
+    fill(spool, 2)
+    sleeps = Sleeps()
+    await run_until_empty(make_transport(spool, url, sleeps))
+    assert sleeps.calls == [7.0, 120.0]
+    assert c.delivered == [1, 2]
+
+
+async def test_retry_after_http_date_is_honoured_and_capped(spool, collector):
+    in_90s = format_datetime(datetime.fromtimestamp(NOW + 90, timezone.utc), usegmt=True)
+    in_a_day = format_datetime(datetime.fromtimestamp(NOW + 86_400, timezone.utc), usegmt=True)
+    c, url = await collector(
+        status(503, **{"Retry-After": in_90s}), status(503, **{"Retry-After": in_a_day}), ok
+    )
+    fill(spool, 1)
+    sleeps = Sleeps()
+    await run_until_empty(make_transport(spool, url, sleeps, retry_after_max_s=600))
+    assert sleeps.calls == [90.0, 600.0]
+    assert c.delivered == [1]
+
+
+async def test_400_dead_letters_only_the_bad_reports_and_delivers_the_good_ones(spool, collector, tmp_path):
+    bad = {3, 6}
+
+    def validate(batch: wire.Batch) -> web.Response:
+        for i, r in enumerate(batch.reports):
+            if r.seq in bad:
+                return status(400, "invalid value", f"$.reports[{i}].devices[0].busy_s")(batch)
+        return ok(batch)
+
+    c, url = await collector(validate)
+    fill(spool, 8)
+    await run_until_empty(make_transport(spool, url))
+
+    assert sorted(c.delivered) == [1, 2, 4, 5, 7, 8]
+    assert c.delivered == sorted(c.delivered)  # still in seq order
+    assert spool.stats() | {"spool_bytes": 0} == {
+        "spool_reports": 0,
+        "spool_bytes": 0,
+        "dropped_reports": 0,
+        "dead_letter_reports": 2,
+    }
+    lines = [json.loads(line) for line in (tmp_path / "spool" / DEAD_LETTER_NAME).read_text().splitlines()]
+    assert [line["seq"] for line in lines] == [3, 6]
+    assert "invalid value" in lines[0]["reason"] and "$.reports[0].devices[0].busy_s" in lines[0]["reason"]
+    assert len(c.requests) < 16, "bisection, not a retry loop"
+
+
+async def test_400_about_the_agent_identity_keeps_every_report(spool, collector):
+    _, url = await collector(status(400, "invalid value", "$.agent.labels"))
+    fill(spool, 4)
+    transport = make_transport(spool, url, auth_retry_s=45)
+    attempt = await transport.attempt()
+    assert attempt.outcome is Outcome.RETRY and attempt.delay_s == 45
+    assert spool.stats()["spool_reports"] == 4
+    assert spool.stats()["dead_letter_reports"] == 0
+    await transport.close()
+
+
+async def test_401_and_403_keep_everything_and_retry_slowly_without_logging_the_token(
+    spool, collector, caplog
+):
+    c, url = await collector(status(401, "unauthorized"), status(403, "forbidden"), ok)
+    fill(spool, 3)
+    sleeps = Sleeps()
+    transport = make_transport(spool, url, sleeps, auth_retry_s=60)
+
+    with caplog.at_level(logging.DEBUG):
+        assert (await transport.attempt()).outcome is Outcome.RETRY
+        assert spool.stats()["spool_reports"] == 3
+        await run_until_empty(transport)
+    assert sleeps.calls == [60.0]
+    assert c.delivered == [1, 2, 3]
+    assert "401" in caplog.text and "403" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+async def test_413_halves_the_batch_until_it_fits(spool, collector):
+    def small_only(batch: wire.Batch) -> web.Response:
+        return ok(batch) if len(batch.reports) <= 3 else status(413, "too large")(batch)
+
+    c, url = await collector(small_only)
+    fill(spool, 10)
+    transport = make_transport(spool, url, batch_reports=12)
+    await run_until_empty(transport)
+    assert c.delivered == list(range(1, 11))
+    assert transport.batch_reports <= 3
+    assert spool.stats()["dead_letter_reports"] == 0
+
+
+async def test_413_for_a_single_report_dead_letters_it_rather_than_loop(spool, collector):
+    def not_two(batch: wire.Batch) -> web.Response:
+        return status(413, "too large")(batch) if any(r.seq == 2 for r in batch.reports) else ok(batch)
+
+    c, url = await collector(not_two)
+    fill(spool, 3)
+    await run_until_empty(make_transport(spool, url))
+    assert c.delivered == [1, 3]
+    assert spool.stats()["dead_letter_reports"] == 1
+
+
+async def test_an_unreachable_collector_is_retried_and_nothing_is_lost(spool, unused_tcp_port):
+    fill(spool, 2)
+    transport = make_transport(spool, f"http://127.0.0.1:{unused_tcp_port}/api/v1/reports")
+    attempt = await transport.attempt()
+    assert attempt.outcome is Outcome.RETRY
+    assert "ClientConnectorError" in attempt.reason
+    assert spool.stats()["spool_reports"] == 2
+    await transport.close()
+
+
+async def test_uncompressed_bodies_when_gzip_is_off_and_the_env_token_wins(spool, collector):
+    c, url = await collector(ok)
+    fill(spool, 1)
+    transport = Transport(
+        TransportConfig(url=url, token="from-file", gzip=False),
+        spool,
+        IDENTITY,
+        sleep=Sleeps(),
+        environ={"CAPMON_AGENT_TOKEN": "from-env"},
+    )
+    await run_until_empty(transport)
+    assert "Content-Encoding" not in c.requests[0].headers
+    assert c.requests[0].headers["Authorization"] == "Bearer from-env"
+    assert c.delivered == [1]
+
+
+async def test_stop_interrupts_a_backoff(spool, collector):
+    c, url = await collector(status(503, **{"Retry-After": "3600"}))
+    fill(spool, 1)
+    transport = Transport(TransportConfig(url=url), spool, IDENTITY, environ={})
+    task = asyncio.create_task(transport.run())
+    await asyncio.wait_for(c.got_request.wait(), 5)
+    transport.stop()
+    await asyncio.wait_for(task, 5)
+    assert spool.stats()["spool_reports"] == 1
+
+
+def test_config_rejects_what_cannot_work():
+    with pytest.raises(ValueError, match="http"):
+        TransportConfig(url="collector:8080")
+    with pytest.raises(ValueError, match="cert_file and key_file"):
+        TransportConfig(url="https://c/api/v1/reports", cert_file="agent.pem")
+    with pytest.raises(ValueError, match="batch_reports"):
+        TransportConfig(url="https://c/api/v1/reports", batch_reports=5000)
