@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import ssl
+import subprocess
 from collections.abc import Callable
 from datetime import datetime, timezone
 from email.utils import format_datetime
@@ -338,3 +341,55 @@ def test_config_rejects_what_cannot_work():
         TransportConfig(url="https://c/api/v1/reports", cert_file="agent.pem")
     with pytest.raises(ValueError, match="batch_reports"):
         TransportConfig(url="https://c/api/v1/reports", batch_reports=5000)
+
+
+@pytest.fixture
+def self_signed(tmp_path):
+    """A certificate for 127.0.0.1 that is its own CA (openssl CLI)."""
+    cert, key = tmp_path / "collector.pem", tmp_path / "collector.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+async def test_tls_verifies_the_collector_against_the_configured_ca_bundle(
+    spool, aiohttp_server, self_signed
+):
+    cert, key = self_signed
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ssl.load_cert_chain(cert, key)
+    c = Collector(ok)
+    app = web.Application()
+    app.router.add_post("/api/v1/reports", c.handle)
+    server = await aiohttp_server(app, ssl=server_ssl)
+    url = f"https://127.0.0.1:{server.port}/api/v1/reports"
+    fill(spool, 1)
+
+    untrusting = make_transport(spool, url)  # the system trust store does not know this CA
+    attempt = await untrusting.attempt()
+    assert attempt.outcome is Outcome.RETRY and "Certificate" in attempt.reason
+    await untrusting.close()
+
+    await run_until_empty(make_transport(spool, url, ca_file=str(cert)))
+    assert c.delivered == [1]
