@@ -52,9 +52,10 @@ class SpoolConfig:
     # `StateDirectory=capmon` makes /var/lib/capmon writable for the agent.
     path: str = "/var/lib/capmon/spool"
     # Most report bytes (encoded JSON, before gzip) kept while the collector is unreachable. The oldest
-    # reports are dropped first, and counted, when a new one would exceed it. 256 MiB holds about a month
-    # of 60 s windows for an 8-GPU host. The database file may be somewhat larger (SQLite page overhead);
-    # freed pages are reused, so it does not grow past its high-water mark.
+    # reports are dropped first, and counted, when a new one would exceed it. 256 MiB holds
+    # about two months of 60 s windows for an 8-GPU host (~2.6 kB each), so `max_age_s` usually binds
+    # first; it matters for hosts with hundreds of devices. The database file may be somewhat larger
+    # (SQLite page overhead); freed pages are reused, so it does not grow past its high-water mark.
     max_bytes: int = 256 * MiB
     # Reports older than this (by the agent's clock when they were spooled) are dropped, and counted:
     # after a week the gap is better told as a gap than back-filled.
