@@ -7,7 +7,8 @@ checksums; an incomplete commit is ignored on the next open), delete-oldest by p
 the standard library, tested far beyond anything we would write. Segment files would need our own
 framing, CRCs, a recovery scan, compaction of partly delivered segments, and a separate metadata file
 kept consistent through atomic renames — more code in the one place that must not lose data. The cost,
-one WAL fsync per commit, is nothing at one window a minute (see the report's measured appends/s).
+one WAL fsync per commit, is nothing at one window a minute: about 280 appends/s were measured on a
+virtual ext4 disk.
 
 Layout, under `SpoolConfig.path` (a directory, created 0700):
 `spool.db` (+ `-wal`, `-shm`), `lock` (an exclusive `flock`, so two agents never share a spool), and
