@@ -370,7 +370,7 @@ def run(
     senders: int = 2,
     agents_per_sender: int = 500,
     reports_per_post: int = 4,
-    concurrency: int = 32,
+    concurrency: int = 200,
     direct_concurrency: int = 2,
     scale: bool = True,
     verbose: bool = True,
@@ -412,6 +412,8 @@ def run(
             )
             req_rate = top.requests / top.wall_s / 2
             say(f"half: open loop at {req_rate:,.0f} requests/s for {seconds:g} s")
+            w_sum0 = _metric(coll.url, "capmon_collector_write_seconds_sum")
+            w_n0 = _metric(coll.url, "capmon_collector_write_seconds_count")
             half = phase(
                 [
                     replace(
@@ -421,6 +423,9 @@ def run(
                 ],
                 coll.pids,
             )
+            w_n = _metric(coll.url, "capmon_collector_write_seconds_count") - w_n0
+            w_sum = _metric(coll.url, "capmon_collector_write_seconds_sum") - w_sum0
+            write_ms = 1000 * w_sum / w_n if w_n else math.nan
         say(
             f"half: p50 {pct(half.latencies_ms, 0.5):.1f} ms, p99 {pct(half.latencies_ms, 0.99):.1f} ms, {half.statuses}"
         )
@@ -448,7 +453,16 @@ def run(
             alone = phase(
                 [replace(base, url=bare.url, sender=i, prefix="bench-n") for i in range(senders)], bare.pids
             )
-        say(f"no storage: {alone.rate:,.0f} dw/s, {alone.per_core:,.0f} per core, {alone.statuses}")
+            say(f"no storage: {alone.rate:,.0f} dw/s, {alone.per_core:,.0f} per core, {alone.statuses}")
+            alone_half = phase(
+                [
+                    replace(
+                        base, url=bare.url, sender=i, mode="open", rate=req_rate / senders, prefix="bench-nh"
+                    )
+                    for i in range(senders)
+                ],
+                bare.pids,
+            )
         two = None
         if scale:
             with Collectors(Path(tmp), influx.url, "scale", processes=2) as coll2:
@@ -486,6 +500,7 @@ def run(
         Row(BENCH, "ratio collector path / direct", ratio, "", f"≥ {RATIO_TARGET}", ratio >= RATIO_TARGET),
         Row(BENCH, f"ack latency p50 at half load ({half.requests / half.wall_s:,.0f} req/s)", p50, "ms"),
         Row(BENCH, "ack latency p99 at half load", p99, "ms", f"< {P99_TARGET_MS:g} ms", p99 < P99_TARGET_MS),
+        Row(BENCH, "mean influxd write during half load (collector's write_seconds)", write_ms, "ms"),
         Row(
             BENCH,
             "device-windows in influxd after max+half (acked)",
@@ -497,6 +512,18 @@ def run(
     rows += [
         Row(BENCH, "no storage (kind none): max rate", alone.rate, "dw/s"),
         Row(BENCH, f"no storage: per collector core ({alone.cpu_s:.1f} CPU s)", alone.per_core, "dw/s/core"),
+        Row(
+            BENCH,
+            "no storage: ack latency p50 at the same half load",
+            pct(alone_half.latencies_ms, 0.5),
+            "ms",
+        ),
+        Row(
+            BENCH,
+            "no storage: ack latency p99 at the same half load",
+            pct(alone_half.latencies_ms, 0.99),
+            "ms",
+        ),
     ]
     if two is not None:
         rows += [
@@ -527,7 +554,12 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=2, help="sender processes (default 2)")
     parser.add_argument("--agents", type=int, default=500, help="agents per sender (default 500)")
     parser.add_argument("--reports-per-post", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per sender")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=200,
+        help="requests in flight per sender (an agent has one at most)",
+    )
     parser.add_argument(
         "--direct-concurrency", type=int, default=2, help="influxd writes in flight per sender"
     )

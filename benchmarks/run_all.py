@@ -1,4 +1,4 @@
-"""Every capmon benchmark in one run, one combined table (`make bench`). About 5 minutes at the defaults.
+"""Every capmon benchmark in one run, one combined table (`make bench`). About 6 minutes at the defaults.
 
 Run: .venv/bin/python benchmarks/run_all.py [--quick] [--save]   (--save rewrites benchmarks/RESULTS.md)
 """
