@@ -223,7 +223,8 @@ class Agent:
                 except asyncio.TimeoutError:
                     pass
                 if stop.is_set():
-                    end = int(self.clock())
+                    # Round up: samples already taken this second belong inside the window.
+                    end = math.ceil(self.clock())
                     if end > start:
                         await self.sink.put(self.close_window(self.sink.next_seq(), start, end))
                     break
