@@ -6,7 +6,6 @@ may come from the environment instead of the file.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from capmon.agent.classifier import ClassifierConfig
+from capmon.agent.probe import config_from_mapping
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,31 +80,10 @@ class AgentConfig:
 
 def section(cls: type, table: Any, where: str) -> Any:
     """Build one frozen dataclass from a TOML table; unknown keys and wrong types are named."""
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
-    values = {}
-    for key, value in table.items():
-        default = fields[key].default
-        if isinstance(value, list):
-            value = tuple(value)
-        if default is not dataclasses.MISSING and default is not None:
-            if (
-                isinstance(default, bool) != isinstance(value, bool)
-                or (isinstance(default, (int, float)) and not isinstance(value, (int, float)))
-                or (isinstance(default, str) and not isinstance(value, str))
-            ):
-                raise ConfigError(f"{where}: {key} must be {type(default).__name__}, got {value!r}")
-            if isinstance(default, float) and isinstance(value, int):
-                value = float(value)
-        values[key] = value
     try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        return config_from_mapping(cls, table, where)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _names(value: str) -> tuple[str, ...]:

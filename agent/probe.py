@@ -102,16 +102,29 @@ class Probe:
         """Release what `setup()` opened. Must not raise."""
 
 
-def config_from_mapping(cls: type[ProbeConfig], values: Mapping[str, Any], where: str) -> ProbeConfig:
-    """Build a probe's config dataclass from a TOML table; an unknown key is an error naming it and `where`."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
+def config_from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """Build a frozen config dataclass from a TOML table; unknown keys and wrong types are errors naming `where`."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where}: expected a table, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for key, value in values.items():
+        default = fields[key].default
         if isinstance(value, list):
             value = tuple(value)
+        if default is not dataclasses.MISSING and default is not None:
+            wrong = (
+                isinstance(default, bool) != isinstance(value, bool)
+                or (isinstance(default, (int, float)) and not isinstance(value, (int, float)))
+                or (isinstance(default, str) and not isinstance(value, str))
+            )
+            if wrong:
+                raise ValueError(f"{where}: {key} must be {type(default).__name__}, got {value!r}")
+            if isinstance(default, float) and isinstance(value, int):
+                value = float(value)
         kwargs[key] = value
     try:
         return cls(**kwargs)
