@@ -43,7 +43,7 @@ P99_TARGET_MS = 200.0
 LABEL_KEYS = ("site", "cluster", "pool")
 
 
-def collector_toml(port: int, influx_url: str, db: str) -> str:
+def collector_toml(port: int, influx_url: str, db: str, storage_extra: str = "") -> str:
     """Storage influxdb_v1 at `influx_url`, or kind "none" when `db` is empty (the collector alone)."""
     from capmon.collector.config import hash_token
 
@@ -64,6 +64,7 @@ kind = "influxdb_v1"
 url = "{influx_url}"
 db = "{db}"
 create_database = true
+{storage_extra}
 """
         if db
         else '\n[storage]\nkind = "none"\n'
@@ -267,11 +268,13 @@ def http_get(url: str) -> tuple[int, bytes]:
 class Collectors:
     """`capmon collector run` (one process) or N reuse-port launchers sharing one port."""
 
-    def __init__(self, workdir: Path, influx_url: str, db: str, processes: int = 1) -> None:
+    def __init__(
+        self, workdir: Path, influx_url: str, db: str, processes: int = 1, storage_extra: str = ""
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = workdir / f"collector-{db or 'none'}.toml"
-        self.config.write_text(collector_toml(self.port, influx_url, db))
+        self.config.write_text(collector_toml(self.port, influx_url, db, storage_extra))
         self.processes = processes
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log = workdir / f"collector-{db or 'none'}.log"
@@ -373,6 +376,7 @@ def run(
     concurrency: int = 200,
     direct_concurrency: int = 2,
     scale: bool = True,
+    storage_extra: str = "",
     verbose: bool = True,
 ) -> list[Row]:
     def say(msg: str) -> None:
@@ -399,7 +403,7 @@ def run(
         say(
             f"influxd on {influx.url}; {senders} senders × {agents_per_sender} agents × {rounds} POSTs built ahead"
         )
-        with Collectors(Path(tmp), influx.url, "capmon") as coll:
+        with Collectors(Path(tmp), influx.url, "capmon", storage_extra=storage_extra) as coll:
             say(f"max: closed loop, {senders}×{concurrency} in flight, {seconds:g} s")
             top = phase([replace(base, url=coll.url, sender=i) for i in range(senders)], coll.pids)
             write_lines = _metric(coll.url, "capmon_collector_batch_lines_sum")
@@ -465,7 +469,9 @@ def run(
             )
         two = None
         if scale:
-            with Collectors(Path(tmp), influx.url, "scale", processes=2) as coll2:
+            with Collectors(
+                Path(tmp), influx.url, "scale", processes=2, storage_extra=storage_extra
+            ) as coll2:
                 say(f"scale: 2 collectors behind SO_REUSEPORT, {seconds:g} s")
                 two = phase(
                     [replace(base, url=coll2.url, sender=i, prefix="bench-s") for i in range(senders)],
@@ -563,6 +569,13 @@ def main() -> None:
     parser.add_argument(
         "--direct-concurrency", type=int, default=2, help="influxd writes in flight per sender"
     )
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='extra [storage] TOML line for the collector, e.g. "write_concurrency = 4" (to try a setting)',
+    )
     parser.add_argument("--no-scale", action="store_true", help="skip the 2-process phase")
     args = parser.parse_args()
     rows = run(
@@ -573,6 +586,7 @@ def main() -> None:
         concurrency=args.concurrency,
         direct_concurrency=args.direct_concurrency,
         scale=not args.no_scale,
+        storage_extra="\n".join(args.storage_option),
     )
     print(machine())
     print(table(rows))
