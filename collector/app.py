@@ -238,7 +238,7 @@ async def ingest(request: web.Request) -> web.Response:
     dropped = sum(1 for k in batch.agent.labels if k not in config.collector.label_keys)
     if dropped:
         metrics.labels_dropped.inc(dropped)
-    lines = batch_lines(batch, config.collector.label_keys)
+    lines = batch_lines(batch, config.collector.label_keys, app[FLEET].pricing.price)
     _applied, seen = app[FLEET].apply(batch)
     try:
         await app[STORAGE].submit(lines)

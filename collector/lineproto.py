@@ -7,6 +7,8 @@ report's `end` in seconds, so a resent report rewrites identical points.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from capmon.agent.wire import STATES, AgentIdentity, Batch, Report
 
 STATE_CODE: dict[str, float] = {state: float(i) for i, state in enumerate(STATES)}
@@ -53,8 +55,17 @@ def identity_tags(agent: AgentIdentity, label_keys: tuple[str, ...]) -> str:
     return "".join(parts)
 
 
-def report_lines(report: Report, tags: str, out: list[str]) -> None:
-    """Append the lines of one report to `out`."""
+def report_lines(
+    report: Report,
+    tags: str,
+    out: list[str],
+    price: Callable[[str | None], float] | None = None,
+) -> None:
+    """Append the lines of one report to `out`.
+
+    `price`: value of one device-hour by model (the collector's `Pricing.price`, cached per model);
+    a device it prices above 0 gets `idle_value`.
+    """
     ts = report.end
     window = float(report.end - report.start)
     for d in report.devices:
@@ -77,6 +88,10 @@ def report_lines(report: Report, tags: str, out: list[str]) -> None:
             f",free_s={float(d.free_s)!r},unavailable_s={float(d.unavailable_s)!r}"
             f",idle_s={float(idle_s)!r},ghost_s={float(d.ghost_s)!r}"
         )
+        if price is not None:
+            value_per_hour = price(d.model)
+            if value_per_hour > 0:
+                line.append(f",idle_value={idle_s / 3600 * value_per_hour!r}")
         if d.util_mean_pct is not None:
             line.append(f",util_mean_pct={float(d.util_mean_pct)!r}")
         if d.util_max_pct is not None:
@@ -148,10 +163,12 @@ def report_lines(report: Report, tags: str, out: list[str]) -> None:
             out.append(f"capmon_agent{tags},probe={escape_tag(p.name)} {','.join(pf)} {ts}")
 
 
-def batch_lines(batch: Batch, label_keys: tuple[str, ...]) -> list[str]:
-    """All lines of a batch, in report order."""
+def batch_lines(
+    batch: Batch, label_keys: tuple[str, ...], price: Callable[[str | None], float] | None = None
+) -> list[str]:
+    """All lines of a batch, in report order. `price` (e.g. `Pricing.price`) adds `idle_value`."""
     tags = identity_tags(batch.agent, label_keys)
     out: list[str] = []
     for report in batch.reports:
-        report_lines(report, tags, out)
+        report_lines(report, tags, out, price)
     return out

@@ -244,22 +244,19 @@ def tag_var(name: str, measurement: str, where: str = "", multi: bool = True, la
     return var
 
 
-def price_var() -> dict:
-    values = ["0.50", "1.00", "1.50", "2.00", "2.50", "3.00", "4.00"]
+def currency_var() -> dict:
     return {
-        "name": "price_per_hour",
-        "label": "Price per device-hour",
+        "name": "currency",
+        "label": "Currency",
         "description": (
-            "What one idle device-hour is worth (your rental or amortised cost). One price for the "
-            "devices shown: filter by model to price each model separately. Type any value."
+            "The currency of the collector's [pricing] (the stored idle_value is in it). A constant: "
+            "edit it in the dashboard settings to match your collector."
         ),
-        "type": "custom",
-        "query": ",".join(values),
-        "current": {"text": "2.00", "value": "2.00"},
-        "options": [{"text": v, "value": v, "selected": v == "2.00"} for v in values],
-        "multi": False,
-        "includeAll": False,
-        "hide": 0,
+        "type": "constant",
+        "query": "USD",
+        "current": {"text": "USD", "value": "USD"},
+        "options": [{"text": "USD", "value": "USD", "selected": True}],
+        "hide": 2,
     }
 
 
@@ -368,11 +365,11 @@ def fleet() -> dict:
     )
     lay.add(
         stat(
-            "Idle value",
-            "Idle device-hours in the range × $price_per_hour (the dashboard variable; filter by model "
-            "to price models separately). The collector's /api/v1/fleet prices each model from [pricing].",
-            f'SELECT SUM("idle_s") / 3600 * $price_per_hour FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
-            "currencyUSD",
+            "Idle value ($currency)",
+            "SUM(idle_value): each device's idle device-hours × its model's price, written by the "
+            "collector from its [pricing] (the prices /api/v1/fleet uses). Models without a price count 0.",
+            f'SELECT SUM("idle_value") FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+            "short",
             thresholds((None, "green"), (1000, "yellow"), (10000, "red")),
             decimals=0,
         ),
@@ -407,14 +404,17 @@ def fleet() -> dict:
     lay.row("Breakdowns (over the time range)")
     hour_cols = [
         unit_override("idle device-hours", "h", decimals=1),
-        unit_override("idle value", "currencyUSD", decimals=0),
+        {
+            "matcher": {"id": "byRegexp", "options": "idle value.*"},
+            "properties": [{"id": "unit", "value": "short"}, {"id": "decimals", "value": 0}],
+        },
         unit_override("idle share", "percent", decimals=1),
         unit_override("allocated-idle device-hours", "h", decimals=1),
     ]
 
     def breakdown_query(group: str) -> str:
         return (
-            f'SELECT SUM("idle_s") / 3600 AS "idle device-hours", SUM("idle_s") / 3600 * $price_per_hour AS "idle value", '
+            f'SELECT SUM("idle_s") / 3600 AS "idle device-hours", SUM("idle_value") AS "idle value ($currency)", '
             f'{IDLE_SHARE} AS "idle share", SUM("allocated_idle_s") / 3600 AS "allocated-idle device-hours" '
             f'FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} GROUP BY {group}'
         )
@@ -423,7 +423,7 @@ def fleet() -> dict:
     lay.add(
         table(
             "Idle capacity by model",
-            "Idle device-hours, their value at $price_per_hour, and the idle share per model.",
+            "Idle device-hours, their value (the collector's per-model [pricing]) and the idle share per model.",
             [target(breakdown_query('"model"'), fmt="table")],
             "h",
             hour_cols,
@@ -588,7 +588,7 @@ def fleet() -> dict:
             "capmon_device",
             '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/',
         ),
-        price_var(),
+        currency_var(),
     ]
     return dashboard(
         "capmon-fleet",

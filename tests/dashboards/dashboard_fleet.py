@@ -29,6 +29,7 @@ from capmon.collector.config import (
     TokenConfig,
     hash_token,
 )
+from capmon.collector.fleet import Pricing
 from capmon.collector.lineproto import batch_lines
 from capmon.plugins.host.probe import HostProbe
 from capmon.plugins.mock import MockConfig, MockProbe
@@ -108,7 +109,8 @@ def storage_schema() -> Schema:
     )
     identity = wire.AgentIdentity(id="a", host="h", labels={k: "v" for k in LABEL_KEYS})
     schema = Schema()
-    for line in batch_lines(wire.Batch(agent=identity, reports=[report]), LABEL_KEYS):
+    price = Pricing(PricingConfig(default=1.0)).price  # so that `idle_value` is written
+    for line in batch_lines(wire.Batch(agent=identity, reports=[report]), LABEL_KEYS, price):
         series, fieldset, _ts = _split_unescaped(line, " ")
         measurement, *tags = _split_unescaped(series, ",")
         schema.tags.setdefault(measurement, set()).update(t.split("=", 1)[0] for t in tags)
@@ -498,7 +500,8 @@ async def _run_agent(h: ScriptedHost) -> tuple[wire.AgentIdentity, list[wire.Rep
 
 AGENT_TOKEN = "dashboard-agent-token"
 READ_TOKEN = "dashboard-read-token"
-PRICES = {"H100": 2.5, "A100": 1.5, "910B": 1.2}
+# Different per model, as in a real [pricing]: "910B3" is an exact key, the others substrings.
+PRICES = {"H100": 2.10, "A100": 1.20, "910B3": 0.90}
 
 
 def collector_config(influx_url: str, db: str) -> Config:

@@ -9,8 +9,11 @@ import math
 
 import pytest
 from dashboard_fleet import (
+    A100,
+    ASCEND,
     DURATION_S,
     FLEET,
+    H100,
     PROBE_ERRORS_EXPECTED,
     PROBE_TIMEOUTS_EXPECTED,
     T0,
@@ -51,7 +54,7 @@ def default_selection(dashboard: dict, **chosen: list[str] | str) -> dict[str, S
             value = chosen[name]
             values = [value] if isinstance(value, str) else list(value)
             out[name] = Selection(values, multi, include_all, var.get("allValue"))
-        elif var["type"] == "custom":
+        elif var["type"] in ("custom", "constant"):
             out[name] = Selection([var["current"]["value"]])
         elif include_all:
             out[name] = Selection([], multi, include_all, var.get("allValue"), is_all=True)
@@ -155,14 +158,47 @@ def test_idle_device_hours_value_and_share(filled):
     hours = value(panel_rows(influxd, "capmon-fleet", "Idle device-hours"))
     assert hours == pytest.approx(idle_s / 3600)
     assert hours == pytest.approx(fleet_api["totals"]["idle_device_hours"], abs=1e-5)
-    assert value(panel_rows(influxd, "capmon-fleet", "Idle value", price_per_hour="2.50")) == pytest.approx(
-        idle_s / 3600 * 2.5
-    )
     share = value(panel_rows(influxd, "capmon-fleet", "Idle share of device-time"))
     assert share == pytest.approx(100 * idle_s / (len(EXPECTED) * DURATION_S))
     alloc = value(panel_rows(influxd, "capmon-fleet", "Allocated-idle device-hours"))
     assert alloc == pytest.approx(sum(d.seconds["allocated_idle"] for d in EXPECTED) / 3600)
     assert alloc == pytest.approx(fleet_api["totals"]["device_hours"]["allocated_idle"], abs=1e-5)
+
+
+# Idle device-hours per model, counted by hand from FLEET's phase lists, at PRICES (dashboard_fleet):
+#   H100   gpu-a01  idle 3 + notebook 3 + 2 + 1.5 + idle 3          = 12.5 h  × 2.10 = 26.25
+#   A100   gpu-b01  1 + notebook 3 + notebook 2.5 + idle 3           =  9.5 h  × 1.20 = 11.40
+#   910B3  npu-c01  2.5 + 3 + 3 + notebook 3 + 3 + 3 + 1/6           = 17 2/3 h × 0.90 = 15.90
+IDLE_HOURS = {H100: 12.5, A100: 9.5, ASCEND: 17 + 2 / 3}
+IDLE_VALUE = {H100: 26.25, A100: 11.40, ASCEND: 15.90}
+VALUE_COLUMN = "idle value (USD)"  # the alias "idle value ($currency)" with the default currency
+
+
+def test_idle_value_is_priced_per_model(filled):
+    influxd, fleet_api = filled
+    for model, hours in IDLE_HOURS.items():
+        got = sum(d.seconds["free"] + d.seconds["allocated_idle"] for d in EXPECTED if d.model == model)
+        assert got / 3600 == pytest.approx(hours), model
+    total = value(panel_rows(influxd, "capmon-fleet", "Idle value ($currency)"))
+    assert total == pytest.approx(53.55)
+    by_model = {
+        r["model"]: r[VALUE_COLUMN] for r in panel_rows(influxd, "capmon-fleet", "Idle capacity by model")
+    }
+    assert by_model == pytest.approx(IDLE_VALUE)
+    # The collector's /api/v1/fleet prices the same way: its value per hour of the devices idle now,
+    # per model, is that model's price; × its idle device-hours it gives the dashboard's value.
+    for model, m in fleet_api["by_model"].items():
+        idle_now = m["states"].get("free", 0) + m["states"].get("allocated_idle", 0)
+        price = m["idle_value_per_hour"] / idle_now
+        assert price == pytest.approx(IDLE_VALUE[model] / IDLE_HOURS[model]), model
+        assert by_model[model] == pytest.approx(m["idle_device_hours"] * price, abs=1e-4), model
+    rows = panel_rows(influxd, "capmon-fleet", "Idle capacity by site / cluster / pool")
+    by_cluster = {r["cluster"]: r[VALUE_COLUMN] for r in rows}
+    assert by_cluster == pytest.approx({"c1": 26.25, "c2": 11.40, "c3": 15.90})
+    h100 = panel_rows(influxd, "capmon-fleet", "Idle value ($currency)", model=[H100])
+    assert value(h100) == pytest.approx(26.25)
+    ams1 = panel_rows(influxd, "capmon-fleet", "Idle value ($currency)", site=["ams1"])
+    assert value(ams1) == pytest.approx(26.25 + 11.40)
 
 
 def test_breakdowns_by_model_and_labels(filled):
