@@ -117,6 +117,10 @@ class Spool:
         self._count = self._bytes = 0
         self._load_totals()
         self._closed = False
+        # The batch the transport is sending (the last `oldest()`), and those of it the bounds dropped
+        # meanwhile: if the send succeeds they were delivered after all, and are not counted as dropped.
+        self._lent: set[int] = set()
+        self._dropped_lent: set[int] = set()
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -221,19 +225,36 @@ class Spool:
                     break
                 out.append((seq, bytes(body)))
                 total += len(body)
+            self._lent = {seq for seq, _ in out}
+            self._dropped_lent = set()
         return out
 
     def remove(self, seqs: Iterable[int]) -> None:
-        """Forget delivered reports (durably). Unknown seqs are ignored."""
+        """Forget delivered reports (durably). Unknown seqs are ignored.
+
+        Reports of the last `oldest()` batch that the bounds dropped while it was being sent were
+        delivered after all: they are taken back out of the `dropped` count.
+        """
         seqs = list(seqs)
         if not seqs:
             return
         with self._mutex:
             self._check_open()
+            delivered_anyway = self._dropped_lent.intersection(seqs)
             with self._write():
                 count, size = self._delete(seqs)
+                if delivered_anyway:
+                    self._dropped -= len(delivered_anyway)
+                    self._set_meta("dropped", self._dropped)
             self._count -= count
             self._bytes -= size
+            self._lent.difference_update(seqs)
+            self._dropped_lent.difference_update(seqs)
+        if delivered_anyway:
+            log.info(
+                "%d report(s) dropped by the spool bound while being sent were delivered; not counted as dropped",
+                len(delivered_anyway),
+            )
 
     def dead_letter(self, seq: int, reason: str) -> None:
         """Move report `seq` to `dead-letter.jsonl` with `reason` (e.g. the collector's 400 body), counted.
@@ -310,6 +331,7 @@ class Spool:
             self._last_seq = self._meta("last_seq")
             self._dropped = self._meta("dropped")
             self._dead_lettered = self._meta("dead_lettered")
+            self._dropped_lent.clear()  # unsure what was dropped: rather over-count than under-count
             raise
 
     def _check_open(self) -> None:
@@ -347,6 +369,9 @@ class Spool:
             "SELECT count(*), coalesce(sum(size), 0) FROM reports WHERE created < ?", (cutoff,)
         ).fetchone()
         if c:
+            if self._lent:
+                aged = self._db.execute("SELECT seq FROM reports WHERE created < ?", (cutoff,))
+                self._dropped_lent.update(self._lent.intersection(seq for (seq,) in aged))
             self._db.execute("DELETE FROM reports WHERE created < ?", (cutoff,))
             self._count -= c
             self._bytes -= s
@@ -362,6 +387,7 @@ class Spool:
                 if freed >= excess:
                     break
             self._db.execute("DELETE FROM reports WHERE seq <= ?", (last,))
+            self._dropped_lent.update(seq for seq in self._lent if seq <= last)
             self._count -= count
             self._bytes -= freed
             dropped += count

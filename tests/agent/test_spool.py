@@ -232,3 +232,35 @@ def test_an_unreadable_spool_is_moved_aside_and_a_new_one_starts(tmp_path, caplo
         fill(spool, 1)
     assert any(p.name.startswith(DB_NAME + ".corrupt-") for p in tmp_path.iterdir())
     assert "unreadable" in caplog.text
+
+
+def test_reports_dropped_while_being_sent_and_then_delivered_are_not_counted_as_dropped(tmp_path):
+    # Found end to end (tests/faults): the collector came back, the agent sent its full spool, a new
+    # window pushed the oldest of that batch out, the send succeeded — and the counter said "lost".
+    size = len(wire.encode(report(1)))
+    config = SpoolConfig(path=str(tmp_path), max_bytes=int(size * 3.5))
+    with Spool.open(config) as spool:
+        fill(spool, 3)
+        in_flight = [s for s, _ in spool.oldest(100, 10**9)]
+        fill(spool, 2)  # the bound drops 1 and 2 while they are on the wire
+        assert spool.stats()["dropped_reports"] == 2
+        spool.remove(in_flight)  # 2xx: the collector stored them
+        assert spool.stats()["dropped_reports"] == 0
+        assert [s for s, _ in spool.oldest(100, 10**9)] == [4, 5]
+        spool.remove([999])  # an unknown seq changes nothing
+        assert spool.stats()["dropped_reports"] == 0
+    with Spool.open(config) as spool:
+        assert spool.stats()["dropped_reports"] == 0
+
+
+def test_reports_dropped_during_a_failed_send_stay_counted(tmp_path):
+    size = len(wire.encode(report(1)))
+    config = SpoolConfig(path=str(tmp_path), max_bytes=int(size * 3.5))
+    with Spool.open(config) as spool:
+        fill(spool, 3)
+        spool.oldest(100, 10**9)  # this send fails ...
+        fill(spool, 2)  # ... while 1 and 2 are dropped
+        retry = [s for s, _ in spool.oldest(100, 10**9)]  # the next attempt
+        assert retry == [3, 4, 5]
+        spool.remove(retry)
+        assert spool.stats()["dropped_reports"] == 2
