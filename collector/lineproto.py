@@ -60,11 +60,13 @@ def report_lines(
     tags: str,
     out: list[str],
     price: Callable[[str | None], float] | None = None,
+    agent_fields: str = "",
 ) -> None:
     """Append the lines of one report to `out`.
 
     `price`: value of one device-hour by model (the collector's `Pricing.price`, cached per model);
-    a device it prices above 0 gets `idle_value`.
+    a device it prices above 0 gets `idle_value`. `agent_fields`: `version="…"` or empty, added to the
+    report's `capmon_agent` point.
     """
     ts = report.end
     window = float(report.end - report.start)
@@ -149,6 +151,8 @@ def report_lines(
             f",spool_bytes={float(a.spool_bytes)!r},dropped_reports={float(a.dropped_reports)!r}"
             f",dead_letter_reports={float(a.dead_letter_reports)!r}"
         )
+    if agent_fields:
+        fields.append(agent_fields)
     out.append(f"capmon_agent{tags} {','.join(fields)} {ts}")
     if a is not None:
         for p in a.probes:
@@ -168,7 +172,9 @@ def batch_lines(
 ) -> list[str]:
     """All lines of a batch, in report order. `price` (e.g. `Pricing.price`) adds `idle_value`."""
     tags = identity_tags(batch.agent, label_keys)
+    version = batch.agent.version
+    agent_fields = "version=" + string_field(version) if version else ""
     out: list[str] = []
     for report in batch.reports:
-        report_lines(report, tags, out, price)
+        report_lines(report, tags, out, price, agent_fields)
     return out

@@ -892,10 +892,10 @@ def agents() -> dict:
     lay.add(
         table(
             "Last report per agent",
-            "When each agent last reported (its age is the report's lateness), its sequence number, uptime and spool.",
+            "When each agent last reported (its age is the report's lateness), its sequence number, version, uptime and spool.",
             [
                 target(
-                    'SELECT LAST("seq") AS "seq", "uptime_s" AS "uptime", "devices", "spool_reports" AS "spooled reports", '
+                    'SELECT LAST("seq") AS "seq", "version", "uptime_s" AS "uptime", "devices", "spool_reports" AS "spooled reports", '
                     f'"dropped_reports" AS "dropped (total)", "dead_letter_reports" AS "dead-lettered (total)" FROM "capmon_agent" '
                     f'WHERE $timeFilter AND {SELF} {AGENT_FILTER} GROUP BY "agent", "host", "site", "cluster"',
                     fmt="table",

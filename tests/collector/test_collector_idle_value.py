@@ -110,3 +110,13 @@ async def test_collector_writes_idle_value_with_its_configured_pricing():
         if line.startswith("capmon_device")
     }
     assert values == pytest.approx({"GPU-0": 60 / 3600 * 2.5, "NPU-0": 60 / 3600 * 1.25})
+
+
+def test_agent_version_is_a_string_field_of_the_report_point_only():
+    lines = batch_lines(msgspec.convert(batch(), Batch), LABEL_KEYS)
+    [agent_line] = [x for x in lines if x.startswith("capmon_agent,") and ",probe=" not in x.split(" ")[0]]
+    assert agent_line.split(" ")[1].endswith(',version="0.1.0"')
+    assert sum("version=" in x for x in lines) == 1
+    data = batch()
+    data["agent"]["version"] = ""
+    assert not any("version=" in x for x in batch_lines(msgspec.convert(data, Batch), LABEL_KEYS))

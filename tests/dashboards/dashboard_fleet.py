@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiohttp.test_utils import TestClient, TestServer
 
 from capmon.agent import wire
 from capmon.agent.config import AgentConfig, AgentSection
-from capmon.agent.daemon import Agent
+from capmon.agent.daemon import Agent, identity_of
 from capmon.agent.probe import Probe
 from capmon.collector.app import create_app
 from capmon.collector.config import (
@@ -107,7 +108,7 @@ def storage_schema() -> Schema:
             probes=[wire.ProbeStats(name="nvml", status="failed", last_duration_s=0.1, reason="why")]
         ),
     )
-    identity = wire.AgentIdentity(id="a", host="h", labels={k: "v" for k in LABEL_KEYS})
+    identity = wire.AgentIdentity(id="a", host="h", version="1.0", labels={k: "v" for k in LABEL_KEYS})
     schema = Schema()
     price = Pricing(PricingConfig(default=1.0)).price  # so that `idle_value` is written
     for line in batch_lines(wire.Batch(agent=identity, reports=[report]), LABEL_KEYS, price):
@@ -495,7 +496,8 @@ async def _run_agent(h: ScriptedHost) -> tuple[wire.AgentIdentity, list[wire.Rep
             clock.now = end
             await sink.put(agent.close_window(sink.next_seq(), start, end))
             start = end
-    return wire.AgentIdentity(id=h.host, host=h.host, instance="spool-1", labels=h.labels), sink.reports
+    # The agent's own identity (id, host, labels, version), with the spool instance a spool would give.
+    return msgspec.structs.replace(identity_of(config), instance="spool-1"), sink.reports
 
 
 AGENT_TOKEN = "dashboard-agent-token"

@@ -28,6 +28,8 @@ from dashboard_fleet import (
     panels,
 )
 
+from capmon.agent import __version__
+
 pytestmark = pytest.mark.integration
 
 DB = "capmon"
@@ -328,6 +330,7 @@ def test_agents_counters(filled):
     assert set(last) == {h.host for h in FLEET}
     assert {r["time"] for r in last.values()} == {TO_S}
     assert last["npu-c01"]["seq"] == DURATION_S // WINDOW_S
+    assert {r["version"] for r in last.values()} == {__version__}
     probes = {(r["agent"], r["probe"]): r for r in panel_rows(influxd, "capmon-agents", "Probes")}
     assert probes[("npu-c01", "flaky_driver")]["errors"] == PROBE_ERRORS_EXPECTED
     assert probes[("npu-c01", "slow_driver")]["timeouts"] == PROBE_TIMEOUTS_EXPECTED

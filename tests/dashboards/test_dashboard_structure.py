@@ -68,6 +68,8 @@ def test_schema_comes_from_the_collector():
     assert {"idle_s", "idle_since", "idle_for_s", "state_code"} <= set(SCHEMA.fields["capmon_device"])
     assert {"site", "cluster", "pool", "host", "model", "device"} <= SCHEMA.tags["capmon_device"]
     assert "probe" in SCHEMA.tags["capmon_agent"]
+    assert SCHEMA.fields["capmon_agent"]["version"] == "string"
+    assert SCHEMA.fields["capmon_device"]["idle_value"] == "float"
 
 
 def test_the_schema_check_catches_a_misspelt_field():
