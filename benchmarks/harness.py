@@ -140,76 +140,21 @@ def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
         proc.wait()
 
 
-class Influxd:
-    """InfluxDB 1.x on free loopback ports in `workdir`, configured as tests/servers.py does."""
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from servers import InfluxdServer  # noqa: E402  (the one influxd launcher, shared with the integration tests)
+
+
+class Influxd(InfluxdServer):
+    """InfluxDB 1.x on free loopback ports in `workdir` (tests/servers.py's launcher)."""
 
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("influxd") or "/usr/bin/influxd"
         if not os.path.exists(binary):
             raise RuntimeError("influxd is not installed: apt-get install influxdb (or `make servers`)")
-        self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / "influxd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.config = workdir / "influxd.conf"
-        self.config.write_text(
-            f"""
-reporting-disabled = true
-bind-address = "127.0.0.1:{free_port()}"
-[meta]
-  dir = "{workdir}/meta"
-[data]
-  dir = "{workdir}/data"
-  wal-dir = "{workdir}/wal"
-  query-log-enabled = false
-[coordinator]
-[retention]
-  enabled = false
-[shard-precreation]
-  enabled = false
-[monitor]
-  store-enabled = false
-[http]
-  enabled = true
-  bind-address = "127.0.0.1:{self.port}"
-  auth-enabled = false
-  log-enabled = false
-[[graphite]]
-  enabled = false
-[[collectd]]
-  enabled = false
-[[opentsdb]]
-  enabled = false
-[[udp]]
-  enabled = false
-[continuous_queries]
-  enabled = false
-"""
-        )
+        super().__init__(workdir, binary)
 
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [self.binary, "-config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-            )
-        wait_http(self.url + "/ping", self.proc, log=self.log)
-
-    def stop(self) -> None:
-        stop(self.proc)
-
-    def query(self, q: str, db: str | None = None) -> dict:
-        import json
-
-        params = {"q": q, "epoch": "s", **({"db": db} if db else {})}
-        status, body = http("POST", f"{self.url}/query", data=urllib.parse.urlencode(params).encode())
-        if status != 200:
-            raise RuntimeError(f"influxd {q!r}: {status} {body[:300]!r}")
-        return json.loads(body)
+    def query(self, q: str, db: str | None = None, method: str = "POST") -> dict:
+        return super().query(q, db, method)
 
     def count(self, db: str, measurement: str, field: str) -> int:
         result = self.query(f'SELECT count("{field}") FROM "{measurement}"', db)["results"][0]
