@@ -9,7 +9,7 @@ Phases (each bounded in time, loopback only, every child stopped in a finally):
           were answered; latency counted from the scheduled send, so a stall is not hidden)
   direct  the same points' line protocol (collector's own `batch_lines`) POSTed to influxd /write in
           batches as large as the collector's mean storage write, gzip level 1, as many in flight
-  scale   the max phase against 2 collector processes sharing the port (benchmarks/reuseport_collector.py)
+  scale   the max phase against 2 `capmon collector run` processes sharing the port (`reuse_port = true`)
 
 Run: .venv/bin/python benchmarks/collector_throughput.py [--quick] [--seconds 15] [--senders 2]
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import fleet_sim
 import psutil
-from harness import ROOT, Row, capmon_bin, free_port, influxd, machine, stop, table, wait_http
+from harness import Row, capmon_bin, free_port, influxd, machine, stop, table, wait_http
 
 BENCH = "collector"
 TOKEN = "bench-agent-token"
@@ -43,7 +43,7 @@ P99_TARGET_MS = 200.0
 LABEL_KEYS = ("site", "cluster", "pool")
 
 
-def collector_toml(port: int, influx_url: str, db: str, storage_extra: str = "") -> str:
+def collector_toml(port: int, influx_url: str, db: str, storage_extra: str = "", reuse_port: bool = False) -> str:
     """Storage influxdb_v1 at `influx_url`, or kind "none" when `db` is empty (the collector alone)."""
     from capmon.collector.config import hash_token
 
@@ -52,6 +52,7 @@ def collector_toml(port: int, influx_url: str, db: str, storage_extra: str = "")
 host = "127.0.0.1"
 port = {port}
 drain_timeout_s = 10.0
+reuse_port = {"true" if reuse_port else "false"}
 
 [auth]
 agent_tokens = [{{ name = "bench", sha256 = "{hash_token(TOKEN)}", agents = ["bench-*"] }}]
@@ -266,7 +267,7 @@ def http_get(url: str) -> tuple[int, bytes]:
 
 
 class Collectors:
-    """`capmon collector run` (one process) or N reuse-port launchers sharing one port."""
+    """`capmon collector run`: one process, or N sharing one port with `reuse_port = true`."""
 
     def __init__(
         self, workdir: Path, influx_url: str, db: str, processes: int = 1, storage_extra: str = ""
@@ -274,7 +275,7 @@ class Collectors:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = workdir / f"collector-{db or 'none'}.toml"
-        self.config.write_text(collector_toml(self.port, influx_url, db, storage_extra))
+        self.config.write_text(collector_toml(self.port, influx_url, db, storage_extra, reuse_port=processes > 1))
         self.processes = processes
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log = workdir / f"collector-{db or 'none'}.log"
@@ -282,23 +283,8 @@ class Collectors:
     def __enter__(self) -> Collectors:
         log = open(self.log, "ab")
         try:
+            argv = [capmon_bin(), "collector", "run", "--config", str(self.config), "--log-level", "warning"]
             for _ in range(self.processes):
-                if self.processes == 1:
-                    argv = [
-                        capmon_bin(),
-                        "collector",
-                        "run",
-                        "--config",
-                        str(self.config),
-                        "--log-level",
-                        "warning",
-                    ]
-                else:
-                    argv = [
-                        sys.executable,
-                        str(ROOT / "benchmarks" / "reuseport_collector.py"),
-                        str(self.config),
-                    ]
                 self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
             for p in self.procs:
                 wait_http(self.url + "/healthz", p, log=self.log)

@@ -410,6 +410,7 @@ def run(config: Config) -> None:
         host=config.collector.host,
         port=config.collector.port,
         shutdown_timeout=config.collector.drain_timeout_s,
+        reuse_port=config.collector.reuse_port or None,
         access_log=None,
         print=lambda *a: log.info(
             "capmon collector listening on %s:%s", config.collector.host, config.collector.port

@@ -58,6 +58,9 @@ class CollectorConfig:
     stale_windows: float = 3.0
     # Seconds SIGTERM waits for in-flight requests and writes before exiting.
     drain_timeout_s: float = 30.0
+    # Let several collector processes share host:port (SO_REUSEPORT; Linux spreads connections
+    # across them). They keep no state that matters, so this is how one host uses more cores.
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True)
