@@ -22,6 +22,7 @@ import contextlib
 import gzip
 import math
 import multiprocessing as mp
+import os
 import re
 import subprocess
 import sys
@@ -521,7 +522,7 @@ def run(
         rows += [
             Row(BENCH, "scale: 2 collectors (SO_REUSEPORT), max rate", two.rate, "dw/s"),
             Row(BENCH, f"scale: 2 collectors, per core ({two.cpu_s:.1f} CPU s)", two.per_core, "dw/s/core"),
-            Row(BENCH, "scale: speed-up 1 → 2 processes (2-core machine)", two.rate / top.rate, "×"),
+            Row(BENCH, f"scale: speed-up 1 → 2 processes ({os.cpu_count()}-core machine)", two.rate / top.rate, "×"),
         ]
     if top.replays or half.replays or half.late:
         rows.append(
