@@ -12,16 +12,18 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+# The one influxd launcher and loopback helpers, shared with the integration tests.
+from servers import InfluxdServer
+from servers import _http as http
+from servers import free_port as free_port  # re-exported for the benchmark scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -96,21 +98,6 @@ def load() -> str:
     return f"{os.getloadavg()[0]:.1f}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(method: str, url: str, data: bytes | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def wait_http(
     url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0, log: Path | None = None
 ) -> None:
@@ -138,10 +125,6 @@ def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from servers import InfluxdServer  # noqa: E402  (the one influxd launcher, shared with the integration tests)
 
 
 class Influxd(InfluxdServer):

@@ -70,6 +70,18 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     p.set_defaults(func=cmd_demo)
 
 
+def default_args(**overrides: Any) -> argparse.Namespace:
+    """`capmon demo`'s options at their defaults, as its parser gives them, with `overrides` (tests)."""
+    parser = argparse.ArgumentParser(prog="capmon")
+    register_demo(parser.add_subparsers())
+    args = parser.parse_args(["demo"])
+    unknown = set(overrides) - set(vars(args))
+    if unknown:
+        raise TypeError(f"capmon demo has no option {sorted(unknown)[0]!r}")
+    vars(args).update(overrides)
+    return args
+
+
 def demo_config(args: argparse.Namespace) -> Config:
     storage = StorageConfig()
     if args.influx_url:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from capmon.collector.demo import run_demo
+from capmon.collector.demo import default_args, run_demo
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -30,20 +29,7 @@ async def test_readme_curl_lines_work_against_the_demo():
     lines = [ln for ln in re.findall(r"^curl .*$", block, re.M)]
     assert len(lines) == 5
     port = free_port()
-    args = argparse.Namespace(
-        hosts=2,
-        devices=4,
-        window=1,
-        port=port,
-        seconds=30,
-        seed=0,
-        influx_url=None,
-        influx_version="2",
-        influx_token="",
-        influx_org="",
-        influx_bucket="capmon",
-        influx_db="capmon",
-    )
+    args = default_args(hosts=2, devices=4, window=1, port=port, seconds=30)
     demo = asyncio.create_task(run_demo(args, io.StringIO()))
     try:
         await asyncio.sleep(3.5)  # two 1 s windows delivered

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 
-from capmon.collector.demo import run_demo
+from capmon.collector.demo import default_args, run_demo
 
 
 async def test_demo_shows_the_simulated_fleet_within_seconds():
-    args = argparse.Namespace(
-        hosts=3,
-        devices=4,
-        window=1,
-        port=0,
-        seconds=3.5,
-        seed=0,
-        influx_url=None,
-        influx_version="2",
-        influx_token="",
-        influx_org="",
-        influx_bucket="capmon",
-        influx_db="capmon",
-    )
+    args = default_args(hosts=3, devices=4, window=1, port=0, seconds=3.5)
     out = io.StringIO()
     await run_demo(args, out)
     text = out.getvalue()
