@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -37,6 +38,11 @@ class NvmlConfig(ProbeConfig):
     xid_events: bool = True
     # Also count graphics (OpenGL/Vulkan) processes, not only CUDA compute ones, like nvidia-smi does.
     graphics_processes: bool = True
+    # XIDs after which NVIDIA says the GPU needs a reset (48 double-bit ECC, 79 fallen off the bus,
+    # 95 uncontained ECC): the GPU is reported unhealthy (so `unavailable`, never rentable) for
+    # `fatal_xid_hold_s` seconds after the last one. Needs `xid_events`.
+    fatal_xids: tuple[int, ...] = (48, 79, 95)
+    fatal_xid_hold_s: float = 600.0
 
 
 @dataclass
@@ -254,6 +260,10 @@ class NvmlProbe(Probe):
             extra["xid_errors"] = float(xids)
             if last_xid is not None:
                 extra["last_xid"] = float(last_xid)
+            fatal = self._xid.fatal(gpu.uuid, self.config.fatal_xid_hold_s)
+            if fatal is not None and healthy:
+                xid, ago = fatal
+                healthy, error = False, f"XID {xid} {ago:.0f}s ago: the GPU needs a reset (nvidia-smi -r)"
 
         children: list[DeviceSample] = []
         if mig_on:
@@ -526,12 +536,22 @@ class _XidWatcher:
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._last: dict[str, int] = {}
+        self._fatal: dict[str, tuple[int, float]] = {}  # uuid → (xid, monotonic time)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def counts(self, uuid: str) -> tuple[int, int | None]:
         with self._lock:
             return self._counts.get(uuid, 0), self._last.get(uuid)
+
+    def fatal(self, uuid: str, hold_s: float) -> tuple[int, float] | None:
+        """The last fatal XID on `uuid` and how many seconds ago, while within `hold_s`."""
+        with self._lock:
+            seen = self._fatal.get(uuid)
+        if seen is None:
+            return None
+        ago = time.monotonic() - seen[1]
+        return (seen[0], ago) if ago < hold_s else None
 
     def start(self) -> None:
         nv = self._probe._nvml
@@ -584,6 +604,8 @@ class _XidWatcher:
                 with self._lock:
                     self._counts[uuid] = self._counts.get(uuid, 0) + 1
                     self._last[uuid] = int(data.eventData)
+                    if int(data.eventData) in self._probe.config.fatal_xids:
+                        self._fatal[uuid] = (int(data.eventData), time.monotonic())
         finally:
             self._free(event_set)
 

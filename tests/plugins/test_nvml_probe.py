@@ -418,3 +418,32 @@ def test_readme_documents_every_option_and_extra_field():
         "bus_id",
     ]:
         assert f'"{key}"' in readme, key
+
+
+def _wait_for_xids(probe, index, count):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        samples = probe.sample()
+        if samples[index].extra["xid_errors"] >= count:
+            return samples
+        time.sleep(0.01)
+    raise AssertionError("XID events never arrived")
+
+
+def test_a_fatal_xid_makes_the_gpu_unavailable_for_the_hold_then_it_recovers():
+    gpus = h100s(3)
+    nvml = FakeNvml(gpus)
+    probe = NvmlProbe(NvmlConfig(fatal_xid_hold_s=0.5), nvml=nvml)
+    probe.setup()
+    try:
+        nvml.raise_xid(gpus[0], 13)  # graphics engine exception: the application's fault, GPU fine
+        nvml.raise_xid(gpus[1], 79)  # fallen off the bus
+        samples = _wait_for_xids(probe, 1, 1)
+        samples = _wait_for_xids(probe, 0, 1)
+        assert samples[0].healthy and samples[2].healthy
+        assert not samples[1].healthy
+        assert samples[1].error.startswith("XID 79 ") and "needs a reset" in samples[1].error
+        time.sleep(0.6)
+        assert probe.sample()[1].healthy, "the hold expired"
+    finally:
+        probe.close()
