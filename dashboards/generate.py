@@ -219,6 +219,10 @@ def datasource_var() -> dict:
 
 
 def tag_var(name: str, measurement: str, where: str = "", multi: bool = True, label: str = "") -> dict:
+    """A `SHOW TAG VALUES` variable. Queries use it only as `"tag" =~ /^$name$/`, the single-value one too:
+    Grafana's InfluxDB data source regex-escapes values in raw queries (all of them in 9.x–10.x, a
+    non-numeric single value in a query with any regex in 11.x), which breaks `"host" = '$host'` for
+    a host like `gpu01.fra1.example.com` and is harmless inside a regex."""
     query = f'SHOW TAG VALUES FROM "{measurement}" WITH KEY = "{name}"' + (f" WHERE {where}" if where else "")
     var: dict[str, Any] = {
         "name": name,
@@ -601,7 +605,8 @@ def fleet() -> dict:
 
 # -- Host detail -----------------------------------------------------------------------------------
 
-HOST_FILTER = """AND "host" = '$host' AND "device" =~ /^$device$/"""
+# Variables only ever inside `=~ /^…$/`: Grafana regex-escapes even a single value (see tag_var).
+HOST_FILTER = 'AND "host" =~ /^$host$/ AND "device" =~ /^$device$/'
 
 
 def per_device(title: str, description: str, select: str, unit: str, steps: dict = GREEN, **kw: Any) -> dict:
@@ -768,7 +773,7 @@ def host() -> dict:
             [
                 target(
                     'SELECT MEAN("cpu_mean_pct") AS "cpu mean", MAX("cpu_max_pct") AS "cpu max" FROM "capmon_host" '
-                    """WHERE $timeFilter AND "host" = '$host' GROUP BY time($__interval) fill(null)"""
+                    'WHERE $timeFilter AND "host" =~ /^$host$/ GROUP BY time($__interval) fill(null)'
                 )
             ],
             "percent",
@@ -786,7 +791,7 @@ def host() -> dict:
             [
                 target(
                     'SELECT MEAN("memory_used_bytes") AS "used", MAX("memory_total_bytes") AS "total" FROM "capmon_host" '
-                    """WHERE $timeFilter AND "host" = '$host' GROUP BY time($__interval) fill(null)"""
+                    'WHERE $timeFilter AND "host" =~ /^$host$/ GROUP BY time($__interval) fill(null)'
                 )
             ],
             "bytes",
@@ -800,7 +805,7 @@ def host() -> dict:
         tag_var("site", "capmon_device"),
         tag_var("cluster", "capmon_device", '"site" =~ /^$site$/'),
         tag_var("host", "capmon_device", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/', multi=False),
-        tag_var("device", "capmon_device", """"host" = '$host'"""),
+        tag_var("device", "capmon_device", '"host" =~ /^$host$/'),
     ]
     return dashboard(
         "capmon-host",

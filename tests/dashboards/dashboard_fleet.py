@@ -150,9 +150,13 @@ def panels(dashboard: Mapping[str, Any]) -> Iterator[dict]:
 
 # --------------------------------------------------------------------------------------------------
 # Grafana's expansion of an InfluxQL raw query, as the InfluxDB data source does it:
-#  * template variables (`$v`, `${v}`, `[[v]]`): a multi-value or include-all variable is regex-escaped,
-#    one value alone, several as `(a|b)`; "All" with a custom all value is inserted as is (unescaped);
-#    a single-value variable is inserted as is unless it stands inside `=~ /…/` (then regex-escaped);
+#  * template variables (`$v`, `${v}`, `[[v]]`): "All" with a custom all value is inserted as is
+#    (unescaped); any other value is regex-escaped, one value alone, several as `(a|b)`. A single-value
+#    variable too, wherever it stands: Grafana 9.x–10.x interpolate raw InfluxQL with the `regex` format
+#    (grafana/grafana#80242), Grafana 11 escapes a non-numeric single value whenever the query holds
+#    a `=~ /…/` (so `"host" = '$host'` next to one gets `'gpu\.example'`), older versions not at all.
+#    The strictest of these is what is modelled: a variable belongs inside `=~ /^$v$/`, where escaped
+#    and unescaped values both match, never inside a string literal;
 #  * `$timeFilter` / `$__timeFilter` → `time >= <from>ms and time <= <to>ms` (backend, Grafana ≥ 8);
 #  * `$__interval` / `$__interval_ms`: range / max data points, rounded (Grafana's `roundInterval`),
 #    never below the panel's min interval; `${__from}` / `${__to}`: epoch milliseconds.
@@ -237,12 +241,6 @@ class Selection:
 _VAR = re.compile(r"\$(\w+)|\[\[(\w+?)(?::(\w+))?\]\]|\$\{(\w+)(?::([^}]+))?\}")
 
 
-def _inside_regex(query: str, pos: int) -> bool:
-    """Is `pos` inside a `=~ /…/` or `!~ /…/` literal?"""
-    start = query.rfind("/", 0, pos)
-    return start >= 0 and re.search(r"[=!]~\s*$", query[:start]) is not None
-
-
 def expand(
     query: str,
     variables: Mapping[str, Selection],
@@ -269,11 +267,11 @@ def expand(
         sel = variables[name]
         if sel.is_all and sel.all_value is not None:
             return sel.all_value
+        escaped = [grafana_escape_regex(v) for v in sel.values]
         if sel.multi or sel.include_all:
-            escaped = [grafana_escape_regex(v) for v in sel.values]
             return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
-        (value,) = sel.values
-        return grafana_escape_regex(value) if _inside_regex(query, m.start()) else value
+        (value,) = escaped
+        return value
 
     return _VAR.sub(replace, query)
 
@@ -302,7 +300,7 @@ class ScriptedHost:
 
 FLEET = (
     ScriptedHost(
-        "gpu-a01",
+        "gpu-a01.ams1.example.com",  # dotted, as real host names are: Grafana regex-escapes it
         {"site": "ams1", "cluster": "c1", "pool": "training"},
         H100,
         (

@@ -95,7 +95,8 @@ def value(rows: list[dict], column: str | None = None) -> float:
 
 # -- every panel -----------------------------------------------------------------------------------
 
-HOST_CHOICE = {"capmon-host": {"host": "gpu-a01"}}
+GPU_A = FLEET[0].host  # "gpu-a01.ams1.example.com": its dots are regex-escaped
+HOST_CHOICE = {"capmon-host": {"host": GPU_A}}
 ALL_TARGETS = [
     pytest.param(uid, p["title"], t["refId"], id=f"{uid}:{p['title']}:{t['refId']}")
     for uid, d in DASHBOARDS.items()
@@ -131,7 +132,7 @@ def test_variables_cascade_with_multi_value_regex(filled):
     sel = default_selection(fleet, site=["ams1"], cluster=["c1", "c2"])
     q = expand(host_var["query"], sel, FROM_S, TO_S, 60_000)
     assert "/^(c1|c2)$/" in q and "/^ams1$/" in q
-    assert sorted(r["value"] for r in run(influxd, q)) == ["gpu-a01", "gpu-b01"]
+    assert sorted(r["value"] for r in run(influxd, q)) == [GPU_A, "gpu-b01"]
     q = expand(host_var["query"], default_selection(fleet, site="fra2"), FROM_S, TO_S, 60_000)
     assert [r["value"] for r in run(influxd, q)] == ["npu-c01"]
 
@@ -242,7 +243,7 @@ def test_filters_narrow_with_grafana_regex_forms(filled):
     got = value(panel_rows(influxd, "capmon-fleet", "Idle device-hours", model=["NVIDIA H100 80GB HBM3"]))
     assert got == pytest.approx(hours([d for d in EXPECTED if d.model == "NVIDIA H100 80GB HBM3"]))
     got = value(panel_rows(influxd, "capmon-fleet", "Devices free", host=["npu-c01", "gpu-b01"]))
-    assert got == sum(d.state_now == "free" and d.host != "gpu-a01" for d in EXPECTED)
+    assert got == sum(d.state_now == "free" and d.host != GPU_A for d in EXPECTED)
 
 
 def test_longest_idle_table_order(filled):
@@ -296,7 +297,7 @@ def test_idle_share_over_time_follows_the_script(filled):
 
 def test_host_state_timeline_follows_the_script(filled):
     influxd, _ = filled
-    rows = panel_rows(influxd, "capmon-host", "Device state", host="gpu-a01")
+    rows = panel_rows(influxd, "capmon-host", "Device state", host=GPU_A)
     dev5 = {r["time"]: r["last"] for r in rows if r["device"] == "MOCK-000-05" and r["last"] is not None}
     # "idle:5400,training:5400": free for 90 minutes, then busy.
     assert {s for t, s in dev5.items() if t <= T0 + 5400} == {"free"}
@@ -304,11 +305,9 @@ def test_host_state_timeline_follows_the_script(filled):
     assert {r["last"] for r in rows if r["device"] == "MOCK-000-07" and r["last"]} == {"unavailable"}
     devices = {r["device"] for r in rows}
     assert devices == {f"MOCK-000-{i:02d}" for i in range(8)}
-    now = panel_rows(
-        influxd, "capmon-host", "Devices now", host="gpu-a01", device=["MOCK-000-02", "MOCK-000-05"]
-    )
+    now = panel_rows(influxd, "capmon-host", "Devices now", host=GPU_A, device=["MOCK-000-02", "MOCK-000-05"])
     assert {r["device"]: r["state"] for r in now} == {"MOCK-000-02": "free", "MOCK-000-05": "busy"}
-    util = panel_rows(influxd, "capmon-host", "Utilisation", host="gpu-a01", device=["MOCK-000-00"])
+    util = panel_rows(influxd, "capmon-host", "Utilisation", host=GPU_A, device=["MOCK-000-00"])
     assert all(90 <= r["mean"] <= 100 for r in util if r["mean"] is not None)
 
 
@@ -334,7 +333,7 @@ def test_agents_counters(filled):
     probes = {(r["agent"], r["probe"]): r for r in panel_rows(influxd, "capmon-agents", "Probes")}
     assert probes[("npu-c01", "flaky_driver")]["errors"] == PROBE_ERRORS_EXPECTED
     assert probes[("npu-c01", "slow_driver")]["timeouts"] == PROBE_TIMEOUTS_EXPECTED
-    assert probes[("gpu-a01", "mock")]["status"] == "active"
+    assert probes[(GPU_A, "mock")]["status"] == "active"
     only_c = panel_rows(influxd, "capmon-agents", "Probe errors", site=["fra2"])
     assert value(only_c) == PROBE_ERRORS_EXPECTED
-    assert not math.isnan(value(panel_rows(influxd, "capmon-agents", "Probe errors", agent=["gpu-a01"])))
+    assert not math.isnan(value(panel_rows(influxd, "capmon-agents", "Probe errors", agent=[GPU_A])))

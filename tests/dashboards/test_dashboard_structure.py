@@ -84,6 +84,20 @@ def test_queries_name_only_what_the_collector_writes(query):
     assert check_query(query) == []
 
 
+@pytest.mark.parametrize("query", list(all_queries()))
+def test_variables_stand_only_inside_regex_literals(query):
+    """Grafana regex-escapes variables in raw InfluxQL, single values too (grafana/grafana#80242): in
+    `"host" = '$host'` a host `gpu01.fra1` becomes `'gpu01\\.fra1'` and matches nothing. Inside
+    `=~ /^…$/` escaped and unescaped values both match; built-in macros are no tag values."""
+    builtins = {"timeFilter", "__timeFilter", "__interval", "__interval_ms", "__from", "__to", "currency"}
+    outside = re.sub(r"[=!]~\s*/(?:[^/\\]|\\.)*/", " ", query)
+    outside = re.sub(r'"[^"]*"', " ", outside)  # identifiers and aliases: "idle value ($currency)"
+    used = set(re.findall(r"\$\{?(\w+)", outside)) - builtins
+    assert not used, f"variables outside a regex literal: {sorted(used)}"
+    literals = re.findall(r"'(?:[^'\\]|\\.)*'", query)
+    assert not [lit for lit in literals if "$" in lit], "a variable inside a string literal"
+
+
 def test_dashboards_are_what_generate_py_writes():
     spec = importlib.util.spec_from_file_location("capmon_dashboards_generate", DASHBOARDS / "generate.py")
     assert spec and spec.loader
