@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .storage import (
     CollectorOverloaded,
     GroupCommitWriter,
+    RequestTooLarge,
     StorageError,
     StorageRejected,
     StorageWriter,
@@ -227,6 +228,16 @@ async def ingest(request: web.Request) -> web.Response:
         raise Refusal(400, "invalid report", "body is not valid UTF-8", reason="invalid") from None
     except RecursionError:  # msgspec skips unknown fields recursively: `{"x":{"x":{…`
         raise Refusal(400, "invalid report", "JSON nested too deeply", reason="invalid") from None
+    # Before any per-window work: everything after this is linear in the device windows.
+    windows = sum(len(r.devices) for r in batch.reports)
+    if windows > config.collector.max_device_windows:
+        raise Refusal(
+            413,
+            "too many device windows",
+            f"{windows} device windows (devices summed over reports) in one request; at most "
+            f"{config.collector.max_device_windows} (collector.max_device_windows): send fewer reports per request",
+            reason="too_large",
+        )
     if not principal.may_write_as(batch.agent.id):
         log.info("token %s may not write as agent %r", principal.name, batch.agent.id)
         raise Refusal(
@@ -248,6 +259,8 @@ async def ingest(request: web.Request) -> web.Response:
         raise Refusal(
             429, "overloaded", exc.detail, reason="overloaded", retry_after=exc.retry_after
         ) from None
+    except RequestTooLarge as exc:
+        raise Refusal(413, "too many points", exc.detail, reason="too_large") from None
     except StorageError as exc:
         raise Refusal(
             503,
@@ -258,7 +271,7 @@ async def ingest(request: web.Request) -> web.Response:
         ) from None
     metrics.reports.inc(len(batch.reports))
     metrics.duplicate_reports.inc(seen)
-    metrics.device_windows.inc(sum(len(r.devices) for r in batch.reports))
+    metrics.device_windows.inc(windows)
     return json_response({"accepted": len(batch.reports), "points": len(lines), "duplicates": seen})
 
 

@@ -45,6 +45,10 @@ class CollectorConfig:
     # Compressed body on the wire, and the body after gzip decoding (zip bombs stop here).
     max_body_bytes: int = 8 * 1024 * 1024
     max_decoded_bytes: int = 64 * 1024 * 1024
+    # Device windows (devices summed over reports) one request may carry; 413 beyond, and agents
+    # split. An agent sends at most 100 reports of a few devices each; this keeps one request from
+    # holding the event loop for seconds.
+    max_device_windows: int = 20_000
     # How far a window's end may lie ahead of / behind the collector's clock.
     max_future_s: float = 300.0
     max_past_s: float = 7 * 86400.0
@@ -104,7 +108,8 @@ class StorageConfig:
     flush_interval_s: float = 0.05
     write_concurrency: int = 2
     timeout_s: float = 10.0
-    # Lines waiting for storage beyond which ingest answers 429.
+    # Lines waiting for storage beyond which ingest answers 429; one request with more lines than
+    # this is answered 413 (the agent splits it).
     max_pending_lines: int = 200_000
     # Retry-After (seconds) told to agents when storage is down and did not say.
     retry_after_s: int = 10
@@ -211,7 +216,13 @@ def validate(config: Config, env: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(f"{src}: collector.label_keys: {key!r} is not a valid label key")
         if key in RESERVED_TAGS:
             raise ConfigError(f"{src}: collector.label_keys: {key!r} is a tag the collector writes itself")
-    for name in ("max_body_bytes", "max_decoded_bytes", "max_labels", "max_label_value_len"):
+    for name in (
+        "max_body_bytes",
+        "max_decoded_bytes",
+        "max_device_windows",
+        "max_labels",
+        "max_label_value_len",
+    ):
         if getattr(c, name) <= 0:
             raise ConfigError(f"{src}: collector.{name} must be positive")
     for i, tok in enumerate(config.auth.agent_tokens):

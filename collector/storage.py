@@ -52,6 +52,10 @@ class CollectorOverloaded(StorageError):
     """Too many lines already wait for storage: answer 429."""
 
 
+class RequestTooLarge(StorageError):
+    """One request alone has more lines than `max_pending_lines`: answer 413 (the agent splits it)."""
+
+
 def classify(status: int, detail: str, retry_after: str | None, default_retry: int) -> StorageError:
     if status in (400, 422):
         return StorageRejected(detail)
@@ -287,7 +291,13 @@ class GroupCommitWriter:
             return
         if self._closing:
             raise StorageUnavailable("collector is shutting down", self.cfg.retry_after_s)
-        if self.pending_lines + len(lines) > self.cfg.max_pending_lines and self.pending_lines:
+        if len(lines) > self.cfg.max_pending_lines:
+            raise RequestTooLarge(
+                f"{len(lines)} points in one request; at most {self.cfg.max_pending_lines} "
+                "(storage.max_pending_lines): send fewer reports per request"
+            )
+        # Only refused while others are pending: an idle collector always takes a request that fits.
+        if self.pending_lines and self.pending_lines + len(lines) > self.cfg.max_pending_lines:
             raise CollectorOverloaded(
                 "too many lines waiting for storage", max(1, self.cfg.retry_after_s // 2)
             )

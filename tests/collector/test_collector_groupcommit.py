@@ -12,6 +12,7 @@ from capmon.collector.metrics import Metrics
 from capmon.collector.storage import (
     CollectorOverloaded,
     GroupCommitWriter,
+    RequestTooLarge,
     StorageRejected,
     StorageTooLarge,
     StorageUnavailable,
@@ -154,3 +155,13 @@ def test_retry_classes_follow_telegraf(status, kind):
 def test_retry_after_from_storage_is_passed_on():
     assert classify(429, "slow down", "30", 10).retry_after == 30
     assert classify(503, "down", "garbage", 10).retry_after == 10
+
+
+async def test_one_request_larger_than_max_pending_lines_is_refused_even_alone():
+    writer = ScriptedWriter()
+    gc = await started(writer, max_pending_lines=10)
+    with pytest.raises(RequestTooLarge):
+        await gc.submit(["m v=1.0 1"] * 11)
+    await gc.submit(["m v=1.0 1"] * 10)
+    assert sum(len(w) for w in writer.writes) == 10
+    await gc.close()

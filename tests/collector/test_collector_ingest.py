@@ -22,7 +22,8 @@ from collector_helpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capmon.collector.app import create_app
+from capmon.collector.app import FLEET, create_app
+from capmon.collector.config import StorageConfig
 from capmon.collector.storage import CollectorOverloaded, StorageRejected, StorageUnavailable
 
 HEADERS = {**JSON, **auth(AGENT_TOKEN)}
@@ -248,3 +249,39 @@ async def test_hostile_payloads_never_5xx_and_write_nothing(aiohttp_client, payl
         err = json.loads(text)
         assert err["error"]
     await client.close()
+
+
+# -- per-request size limits -----------------------------------------------------------------------
+
+
+async def test_too_many_device_windows_is_413_naming_the_limit(aiohttp_client, writer):
+    """Devices × reports is capped right after decoding, before any per-window work (agents split on 413)."""
+    client = await aiohttp_client(
+        create_app(make_config(max_device_windows=10), writer=writer, clock=Clock())
+    )
+    devs = [device(f"GPU-{i}") for i in range(5)]
+    just_over = batch(
+        [report(seq=1, end=NOW - 60, devices=devs), report(seq=2, devices=[*devs, device("GPU-5")])]
+    )
+    resp = await post(client, just_over, compress=True)
+    assert resp.status == 413
+    err = await resp.json()
+    assert err["error"] == "too many device windows" and "max_device_windows" in err["detail"]
+    assert "10" in err["detail"] and "11" in err["detail"]
+    assert writer.lines == []
+    assert client.server.app[FLEET].agents == {}
+    # At the limit it is accepted.
+    at_limit = batch([report(seq=1, end=NOW - 60, devices=devs), report(seq=2, devices=devs)])
+    assert (await post(client, at_limit)).status == 200
+
+
+async def test_one_request_with_more_lines_than_max_pending_lines_is_413(aiohttp_client, writer):
+    """A single request may not exceed max_pending_lines even when nothing else is pending."""
+    cfg = make_config(storage=StorageConfig(flush_interval_s=0.0, max_pending_lines=4))
+    client = await aiohttp_client(create_app(cfg, writer=writer, clock=Clock()))
+    resp = await post(client, batch([report(devices=[device("GPU-0"), device("GPU-1")])]))  # 5 lines
+    assert resp.status == 413
+    err = await resp.json()
+    assert err["error"] == "too many points" and "max_pending_lines" in err["detail"]
+    assert writer.lines == []
+    assert (await post(client, batch([report(devices=[device("GPU-0")])]))).status == 200  # 4 lines
