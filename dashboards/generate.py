@@ -7,7 +7,8 @@ every panel gets the same datasource reference, filters, units and thresholds. E
 
 Queries are InfluxQL (InfluxDB 1.x, 2.x through a DBRP mapping, 3.x) over the schema in
 collector/README.md. "Now" means the end of the dashboard's time range: the latest window of each
-device in the last 3 minutes before it (the collector's default staleness: 3 windows of 60 s).
+device in the `now_window` before it (default 3m: the collector's staleness rule, 3 windows of 60 s;
+at least 3 × the agents' window_s).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ FLEET_FILTER = (
     'AND "site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/ '
     'AND "model" =~ /^$model$/ AND "host" =~ /^$host$/'
 )
-# The end of the range: each device's latest window must lie in the 3 minutes before it.
-NOW = "time > ${__to}ms - 3m AND time <= ${__to}ms"
+# The end of the range: each device's latest window must lie in the `now_window` before it.
+NOW = "time > ${__to}ms - $now_window AND time <= ${__to}ms"
+NOW_WINDOW_DEFAULT = "3m"
+NOW_WINDOW_CHOICES = ("3m", "5m", "10m", "15m", "30m", "1h")
 IDLE_SHARE = '100 * SUM("idle_s") / (SUM("busy_s") + SUM("idle_s") + SUM("unavailable_s"))'
 STATE_CODES = {"busy": 0, "allocated_idle": 1, "free": 2, "unavailable": 3}
 STATE_COLORS = {"busy": "blue", "allocated_idle": "orange", "free": "green", "unavailable": "red"}
@@ -264,6 +267,28 @@ def currency_var() -> dict:
     }
 
 
+def now_window_var() -> dict:
+    """How far back from the end of the range "now" panels look for each device's latest window."""
+    options = [{"text": v, "value": v, "selected": v == NOW_WINDOW_DEFAULT} for v in NOW_WINDOW_CHOICES]
+    return {
+        "name": "now_window",
+        "label": "Now window",
+        "description": (
+            "\"Now\" panels count each device's (agent's) latest report in this span before the end of the "
+            "range. Set it to at least 3 × the agents' window_s, as the collector's stale rule: 3m for "
+            "60 s windows; shorter, devices of slower agents vanish from the now panels."
+        ),
+        "type": "custom",
+        "query": ",".join(NOW_WINDOW_CHOICES),
+        "current": {"text": NOW_WINDOW_DEFAULT, "value": NOW_WINDOW_DEFAULT},
+        "options": options,
+        "multi": False,
+        "includeAll": False,
+        "allowCustomValue": True,
+        "hide": 0,
+    }
+
+
 def dashboard(
     uid: str, title: str, description: str, layout: Layout, variables: list[dict], **kw: Any
 ) -> dict:
@@ -331,7 +356,7 @@ def fleet() -> dict:
         lay.add(
             stat(
                 f"Devices {STATE_TEXT[state]}",
-                f"Devices whose latest report window (in the 3 minutes before the end of the range) ended "
+                f"Devices whose latest report window (in the now window, $now_window, before the end of the range) ended "
                 f"{STATE_TEXT[state]}: {what}. Devices of agents silent for longer are not counted: see the Agents dashboard.",
                 count_now(STATE_CODES[state]),
                 "none",
@@ -592,6 +617,7 @@ def fleet() -> dict:
             "capmon_device",
             '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/',
         ),
+        now_window_var(),
         currency_var(),
     ]
     return dashboard(
@@ -649,7 +675,7 @@ def host() -> dict:
     lay.add(
         table(
             "Devices now",
-            "Each device's latest window in the 3 minutes before the end of the range.",
+            "Each device's latest window in the now window ($now_window) before the end of the range.",
             [
                 target(
                     'SELECT LAST("state_code") AS "code", "state", "idle_for_s" AS "idle for", "util_mean_pct" AS "utilisation", '
@@ -806,6 +832,7 @@ def host() -> dict:
         tag_var("cluster", "capmon_device", '"site" =~ /^$site$/'),
         tag_var("host", "capmon_device", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/', multi=False),
         tag_var("device", "capmon_device", '"host" =~ /^$host$/'),
+        now_window_var(),
     ]
     return dashboard(
         "capmon-host",
@@ -836,7 +863,7 @@ def agents() -> dict:
     lay.add(
         stat(
             "Agents reporting now",
-            "Agents with a report in the 3 minutes before the end of the range.",
+            "Agents with a report in the now window ($now_window) before the end of the range.",
             f'SELECT COUNT("seq") FROM (SELECT LAST("seq") AS "seq" FROM "capmon_agent" WHERE {NOW} AND {SELF} {AGENT_FILTER} GROUP BY "agent")',
             "none",
             decimals=0,
@@ -1022,6 +1049,7 @@ def agents() -> dict:
         tag_var("site", "capmon_agent"),
         tag_var("cluster", "capmon_agent", '"site" =~ /^$site$/'),
         tag_var("agent", "capmon_agent", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/'),
+        now_window_var(),
     ]
     return dashboard(
         "capmon-agents",

@@ -72,7 +72,7 @@ def panel_by_title(uid: str, title: str) -> dict:
     return p
 
 
-def panel_rows(influxd, uid: str, title: str, ref: str = "A", **chosen) -> list[dict]:
+def panel_rows(influxd, uid: str, title: str, ref: str = "A", to_s: int = TO_S, **chosen) -> list[dict]:
     dashboard = DASHBOARDS[uid]
     p = panel_by_title(uid, title)
     (t,) = [t for t in p["targets"] if t["refId"] == ref]
@@ -80,8 +80,8 @@ def panel_rows(influxd, uid: str, title: str, ref: str = "A", **chosen) -> list[
         t["query"],
         default_selection(dashboard, **chosen),
         FROM_S,
-        TO_S,
-        panel_interval_ms(p, "1m", FROM_S, TO_S),
+        to_s,
+        panel_interval_ms(p, "1m", FROM_S, to_s),
     )
     return run(influxd, q)
 
@@ -135,6 +135,34 @@ def test_variables_cascade_with_multi_value_regex(filled):
     assert sorted(r["value"] for r in run(influxd, q)) == [GPU_A, "gpu-b01"]
     q = expand(host_var["query"], default_selection(fleet, site="fra2"), FROM_S, TO_S, 60_000)
     assert [r["value"] for r in run(influxd, q)] == ["npu-c01"]
+
+
+NOW_TARGETS = [
+    pytest.param(uid, p["title"], t["refId"], id=f"{uid}:{p['title']}:{t['refId']}")
+    for uid, d in DASHBOARDS.items()
+    for p in panels(d)
+    for t in p["targets"]
+    if "$now_window" in t["query"]
+]
+
+
+@pytest.mark.parametrize(("uid", "title", "ref"), NOW_TARGETS)
+def test_now_panels_follow_the_now_window(filled, uid, title, ref):
+    """Looked at 5 minutes after the last report (as if the agents reported every 100 s or more),
+    the default 3m window sees nothing; a 10m window sees what 3m saw at the last report."""
+    influxd, _ = filled
+    chosen = HOST_CHOICE.get(uid, {})
+
+    def data(rows):
+        return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+    at_end = data(panel_rows(influxd, uid, title, ref, **chosen))
+    assert at_end
+    late = TO_S + 300
+    stale = data(panel_rows(influxd, uid, title, ref, to_s=late, **chosen))
+    assert not [v for r in stale for k, v in r.items() if k != "_measurement" and v], stale
+    wider = data(panel_rows(influxd, uid, title, ref, to_s=late, now_window="10m", **chosen))
+    assert wider == at_end
 
 
 # -- Fleet idle capacity ---------------------------------------------------------------------------

@@ -90,12 +90,34 @@ def test_variables_stand_only_inside_regex_literals(query):
     `"host" = '$host'` a host `gpu01.fra1` becomes `'gpu01\\.fra1'` and matches nothing. Inside
     `=~ /^…$/` escaped and unescaped values both match; built-in macros are no tag values."""
     builtins = {"timeFilter", "__timeFilter", "__interval", "__interval_ms", "__from", "__to", "currency"}
+    builtins.add("now_window")  # a duration (3m): escaping leaves it as it is
     outside = re.sub(r"[=!]~\s*/(?:[^/\\]|\\.)*/", " ", query)
     outside = re.sub(r'"[^"]*"', " ", outside)  # identifiers and aliases: "idle value ($currency)"
     used = set(re.findall(r"\$\{?(\w+)", outside)) - builtins
     assert not used, f"variables outside a regex literal: {sorted(used)}"
     literals = re.findall(r"'(?:[^'\\]|\\.)*'", query)
     assert not [lit for lit in literals if "$" in lit], "a variable inside a string literal"
+
+
+def test_now_panels_use_the_now_window_variable():
+    """No hard-coded "now" span: agents with window_s ≥ 60 s need a longer one (3 × window_s)."""
+    now_queries = 0
+    for uid, board in BOARDS.items():
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        for p in panels(board):
+            for t in p["targets"]:
+                if "${__to}" not in t["query"]:
+                    continue
+                now_queries += 1
+                assert "${__to}ms - $now_window AND time <= ${__to}ms" in t["query"], f"{uid} / {p['title']}"
+                assert "now_window" in variables, uid
+        if "now_window" in variables:
+            var = variables["now_window"]
+            assert var["type"] in ("custom", "constant", "textbox") and not var.get("multi")
+            assert var["current"]["value"] == "3m" and "3 × the agents' window_s" in var["description"]
+    assert (
+        now_queries == 4 + 2 * 4 + 1 + 1 + 1
+    )  # fleet stats, the two by-state tables, longest-idle, host, agents
 
 
 def test_dashboards_are_what_generate_py_writes():
