@@ -611,11 +611,15 @@ def fleet() -> dict:
         tag_var("site", "capmon_device"),
         tag_var("cluster", "capmon_device", '"site" =~ /^$site$/'),
         tag_var("pool", "capmon_device", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/'),
-        tag_var("model", "capmon_device", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/'),
+        tag_var(
+            "model",
+            "capmon_device",
+            '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/',
+        ),
         tag_var(
             "host",
             "capmon_device",
-            '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/',
+            '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/ AND "model" =~ /^$model$/',
         ),
         now_window_var(),
         currency_var(),

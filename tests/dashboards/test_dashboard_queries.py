@@ -165,6 +165,28 @@ def test_now_panels_follow_the_now_window(filled, uid, title, ref):
     assert wider == at_end
 
 
+def test_each_fleet_variable_is_filtered_by_the_ones_before_it(filled):
+    """site → cluster → pool → model → host: a choice narrows every list after it."""
+    influxd, _ = filled
+    fleet = DASHBOARDS["capmon-fleet"]
+    variables = {v["name"]: v for v in fleet["templating"]["list"]}
+
+    def listed(name, **chosen):
+        q = expand(variables[name]["query"], default_selection(fleet, **chosen), FROM_S, TO_S, 60_000)
+        return sorted(r["value"] for r in run(influxd, q))
+
+    assert listed("model") == sorted({H100, A100, ASCEND})
+    assert listed("model", pool=["training"]) == [H100]
+    assert listed("model", pool=["inference", "research"]) == sorted([A100, ASCEND])
+    assert listed("host", model=[A100]) == ["gpu-b01"]
+    assert listed("host", pool=["training", "research"], model=[ASCEND]) == ["npu-c01"]
+    order = [v["name"] for v in fleet["templating"]["list"] if v["type"] == "query"]
+    assert order == ["site", "cluster", "pool", "model", "host"]
+    for i, name in enumerate(order):
+        for before in order[:i]:
+            assert f'"{before}" =~ /^${before}$/' in variables[name]["query"], (name, before)
+
+
 # -- Fleet idle capacity ---------------------------------------------------------------------------
 
 
