@@ -195,6 +195,12 @@ def _build(cls: type, data: Mapping[str, Any], where: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+# The sample's example tokens (commented out there): public, so never accepted.
+_EXAMPLE_TOKENS = {
+    hashlib.sha256(t.encode()).hexdigest(): t for t in ("example-agent-token", "example-read-token")
+}
+
+
 def _check_token(tok: TokenConfig, where: str, source: str, env: Mapping[str, str]) -> None:
     if bool(tok.sha256) == bool(tok.env):
         raise ConfigError(f"{source}: {where} needs exactly one of sha256 or env")
@@ -202,6 +208,14 @@ def _check_token(tok: TokenConfig, where: str, source: str, env: Mapping[str, st
         raise ConfigError(f"{source}: {where}.sha256 must be 64 lowercase hex digits")
     if tok.env and not env.get(tok.env):
         raise ConfigError(f"{source}: {where}.env names ${tok.env}, which is not set")
+    digest = tok.sha256 or hash_token(env[tok.env])
+    if digest in _EXAMPLE_TOKENS:
+        key = f"{where}.sha256" if tok.sha256 else f"{where}.env (${tok.env})"
+        raise ConfigError(
+            f"{source}: {key} is the sample's example token {_EXAMPLE_TOKENS[digest]!r}, which anyone can "
+            "read: make a real one with `capmon collector hash-token --generate` (it prints the token "
+            "for the client and the sha256 for this file)"
+        )
 
 
 def validate(config: Config, env: Mapping[str, str] | None = None) -> Config:

@@ -14,8 +14,31 @@ def test_sample_parses_with_documented_defaults():
     config = parse(sample_config(), "sample.toml", env={})
     assert config.collector.port == 8900 and config.storage.kind == "none"
     assert config.collector.label_keys == ("site", "cluster", "pool")
-    assert config.auth.agent_tokens[0].agents == ("example-*",)
-    assert config.auth.agent_tokens[0].sha256 == hash_token("example-agent-token")
+    # The sample ships no working token: the example entries are commented out.
+    assert config.auth.agent_tokens == () and config.auth.read_tokens == ()
+
+
+@pytest.mark.parametrize(
+    ("entry", "where", "plain"),
+    [
+        ('{ name = "example-rack"', "auth.agent_tokens[0]", "example-agent-token"),
+        ('{ name = "grafana"', "auth.read_tokens[0]", "example-read-token"),
+    ],
+)
+def test_the_samples_example_tokens_are_refused_when_uncommented(entry, where, plain):
+    """Everyone knows the sample's example tokens: a config using their digests must not start."""
+    text = sample_config()
+    assert f"# {entry}" in text
+    with pytest.raises(ConfigError) as exc:
+        parse(text.replace(f"# {entry}", entry), "collector.toml", env={})
+    message = str(exc.value)
+    assert "collector.toml" in message and f"{where}.sha256" in message and plain in message
+    assert "capmon collector hash-token --generate" in message
+
+
+def test_example_token_refused_from_the_environment_too():
+    with pytest.raises(ConfigError, match=r"auth\.read_tokens\[0\].*example-read-token"):
+        parse("[auth]\nread_tokens = [{env = 'RT'}]\n", "c.toml", env={"RT": "example-read-token"})
 
 
 @pytest.mark.parametrize(
