@@ -204,14 +204,39 @@ def test_provisioning_points_at_the_dashboards_and_a_fixed_datasource_uid():
     assert "/etc/grafana/provisioning" in compose
 
 
+def _compose_services(compose: str) -> dict[str, str]:
+    """Each service's block of docker-compose.yml (the lines under `services:` indented below its name)."""
+    body = compose.split("\nservices:\n", 1)[1].split("\nvolumes:\n", 1)[0]
+    return dict(re.findall(r"^  ([\w-]+):\n((?:(?:    .*)?\n)*)", body + "\n", re.MULTILINE))
+
+
+def test_demo_collector_installs_what_its_storage_needs():
+    """kind = "influxdb_v2" imports influxdb-client, which only the [collector] extra installs."""
+    from capmon.collector.config import load
+
+    compose = (DASHBOARDS / "docker-compose.yml").read_text()
+    services = _compose_services(compose)
+    assert {"influxdb", "grafana", "collector", "sim-001"} <= set(services)
+    env = dict(re.findall(r"^\s+(CAPMON_\w+_TOKEN): (\S+)$", compose, re.MULTILINE))
+    collector = load(DASHBOARDS / "demo/collector.toml", env=env)
+    assert collector.storage.kind == "influxdb_v2"
+    assert "pip install --quiet '/tmp/capmon[collector]'" in services["collector"]
+    assert "capmon collector run" in services["collector"]
+    for name, block in services.items():
+        if name.startswith("sim-"):
+            assert "pip install --quiet /tmp/capmon &&" in block and "capmon agent run" in block, name
+
+
 def test_demo_configs_load():
     from capmon.agent.config import load_config
     from capmon.collector.config import load
 
-    env = {"CAPMON_AGENT_TOKEN": "t", "CAPMON_READ_TOKEN": "r", "CAPMON_INFLUX_TOKEN": "i"}
+    compose = (DASHBOARDS / "docker-compose.yml").read_text()
+    # The tokens the compose file sets: the collector refuses the sample's public example tokens.
+    env = dict(re.findall(r"^\s+(CAPMON_\w+_TOKEN): (\S+)$", compose, re.MULTILINE))
+    assert set(env) == {"CAPMON_AGENT_TOKEN", "CAPMON_READ_TOKEN", "CAPMON_INFLUX_TOKEN"}
     collector = load(DASHBOARDS / "demo/collector.toml", env=env)
     assert collector.storage.kind == "influxdb_v2" and collector.storage.bucket == "capmon"
-    compose = (DASHBOARDS / "docker-compose.yml").read_text()
     for path in sorted((DASHBOARDS / "demo").glob("sim-*.toml")):
         agent = load_config(path, env=env)
         assert agent.agent.id == path.stem and "mock" in agent.probes.enable
