@@ -390,11 +390,16 @@ def create_app(
     app[TOKENS] = TokenStore(config.auth, os.environ if env is None else env)
     app[METRICS] = metrics = Metrics()
     app[FLEET] = fleet = FleetView(
-        config.collector.label_keys, Pricing(config.pricing), config.collector.stale_windows, clock
+        config.collector.label_keys,
+        Pricing(config.pricing),
+        config.collector.stale_windows,
+        clock,
+        forget_after_s=config.collector.forget_after_s,
+        on_forget=metrics.forgotten_agents.inc,
     )
     app[STORAGE] = storage = GroupCommitWriter(writer or make_writer(config.storage), config.storage, metrics)
     metrics.gauge("live_devices", "Devices in the live view.", lambda: fleet.device_count)
-    metrics.gauge("agents", "Agents in the live view.", lambda: len(fleet.agents))
+    metrics.gauge("agents", "Agents in the live view.", lambda: fleet.agent_count)
     metrics.gauge("stale_agents", "Agents silent for more than stale_windows windows.", fleet.stale_agents)
     metrics.gauge(
         "pending_lines", "Lines waiting for or being written to storage.", lambda: storage.pending_lines

@@ -60,6 +60,8 @@ class CollectorConfig:
     max_label_value_len: int = 128
     # An agent silent for more than this many of its windows shows its devices `unavailable`.
     stale_windows: float = 3.0
+    # An agent silent (by the collector's clock) for longer than this leaves the live view.
+    forget_after_s: float = 86400.0
     # Seconds SIGTERM waits for in-flight requests and writes before exiting.
     drain_timeout_s: float = 30.0
     # Let several collector processes share host:port (SO_REUSEPORT; Linux spreads connections
@@ -236,6 +238,7 @@ def validate(config: Config, env: Mapping[str, str] | None = None) -> Config:
         "max_device_windows",
         "max_labels",
         "max_label_value_len",
+        "forget_after_s",
     ):
         if getattr(c, name) <= 0:
             raise ConfigError(f"{src}: collector.{name} must be positive")

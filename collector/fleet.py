@@ -3,7 +3,9 @@
 Per agent it keeps the last `seq` of the current spool `instance` (a report at or below it is a replay
 and leaves the view alone; a new instance starts over), the latest window's devices, and the seconds
 its devices spent in each state since the collector started (per model). An agent silent for more
-than `stale_windows` of its own windows shows all its devices `unavailable`.
+than `stale_windows` of its own windows shows all its devices `unavailable`; one silent for more than
+`forget_after_s` leaves the view (filtered at read time, removed by a sweep that `apply` runs at most
+once a minute), so decommissioned hosts go away and the view's memory stays bounded.
 
 Memory matters at 100,000 devices: per-device state is a `__slots__` object whose repeated strings
 (vendor, model, host, labels) are interned, so thousands of devices share one copy.
@@ -11,6 +13,7 @@ Memory matters at 100,000 devices: per-device state is a `__slots__` object whos
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,6 +28,10 @@ _UNAVAILABLE = _STATE_INDEX["unavailable"]
 _IDLE_INDEXES = frozenset(_STATE_INDEX[s] for s in IDLE_STATES)
 UNKNOWN_MODEL = "unknown"
 NO_LABEL = "(none)"
+# Seconds between sweeps of forgotten agents (fewer when forget_after_s is shorter).
+SWEEP_INTERVAL_S = 60.0
+
+log = logging.getLogger("capmon.collector.fleet")
 
 
 def _intern(value: str | None) -> str | None:
@@ -152,6 +159,8 @@ class FleetView:
         pricing: Pricing,
         stale_windows: float = 3.0,
         clock: Callable[[], float] = time.time,
+        forget_after_s: float = 86400.0,
+        on_forget: Callable[[int], object] | None = None,
     ) -> None:
         self.label_keys = label_keys
         self.pricing = pricing
@@ -159,6 +168,11 @@ class FleetView:
         self.clock = clock
         self.started_at = clock()
         self.agents: dict[str, AgentState] = {}
+        self.forget_after_s = forget_after_s
+        self.on_forget = on_forget
+        self._sweep_interval = min(SWEEP_INTERVAL_S, forget_after_s)
+        self._next_sweep = self.started_at + self._sweep_interval
+        self.sweeps = 0
 
     def apply(self, batch: Batch) -> tuple[int, int]:
         """Fold a validated batch into the view; returns (reports applied, reports already seen)."""
@@ -174,7 +188,7 @@ class FleetView:
         labels = tuple(_intern(ident.labels.get(k) or None) for k in self.label_keys)
         if labels != agent.labels:
             agent.labels = labels
-        agent.last_seen = self.clock()
+        now = agent.last_seen = self.clock()
         applied = seen = 0
         for report in sorted(batch.reports, key=lambda r: r.seq):
             if report.seq <= agent.last_seq:
@@ -203,18 +217,50 @@ class FleetView:
                     else:
                         dev.update(d, report.end)
                     agent.devices[dev.device_id] = dev
+        if now >= self._next_sweep:  # after last_seen moved: the sender itself is never swept
+            self._sweep(now)
         return applied, seen
+
+    def _sweep(self, now: float) -> None:
+        """Drop agents silent for more than `forget_after_s` (the read paths already hide them)."""
+        self._next_sweep = now + self._sweep_interval
+        self.sweeps += 1
+        gone = [a.id for a in self.agents.values() if self.is_forgotten(a, now)]
+        for agent_id in gone:
+            del self.agents[agent_id]
+        if gone:
+            log.info(
+                "forgot %d agent(s) silent for more than %gs: %s%s",
+                len(gone),
+                self.forget_after_s,
+                ", ".join(gone[:10]),
+                ", …" if len(gone) > 10 else "",
+            )
+            if self.on_forget is not None:
+                self.on_forget(len(gone))
 
     def is_stale(self, agent: AgentState, now: float) -> bool:
         return now - agent.last_seen > self.stale_windows * agent.window_s
 
+    def is_forgotten(self, agent: AgentState, now: float) -> bool:
+        return now - agent.last_seen > self.forget_after_s
+
+    def live_agents(self, now: float | None = None) -> list[AgentState]:
+        """Agents in the view: those not yet forgotten (a sweep may not have run yet)."""
+        now = self.clock() if now is None else now
+        return [a for a in self.agents.values() if not self.is_forgotten(a, now)]
+
+    @property
+    def agent_count(self) -> int:
+        return len(self.live_agents())
+
     @property
     def device_count(self) -> int:
-        return sum(len(a.devices) for a in self.agents.values())
+        return sum(len(a.devices) for a in self.live_agents())
 
     def stale_agents(self) -> int:
         now = self.clock()
-        return sum(1 for a in self.agents.values() if self.is_stale(a, now))
+        return sum(1 for a in self.live_agents(now) if self.is_stale(a, now))
 
     def summary(self) -> dict[str, Any]:
         """`GET /api/v1/fleet`: device counts by state, idle value per hour, idle device-hours; by model and label."""
@@ -223,7 +269,8 @@ class FleetView:
         by_model: dict[str, _Tally] = {}
         by_label: list[dict[str, _Tally]] = [{} for _ in self.label_keys]
         stale = 0
-        for agent in self.agents.values():
+        agents = self.live_agents(now)
+        for agent in agents:
             is_stale = self.is_stale(agent, now)
             stale += is_stale
             label_tallies = [
@@ -254,7 +301,7 @@ class FleetView:
             "generated_at": now,
             "since": self.started_at,
             "currency": self.pricing.currency,
-            "agents": {"total": len(self.agents), "stale": stale},
+            "agents": {"total": len(agents), "stale": stale},
             "totals": total.as_dict(),
             "by_model": {m: t.as_dict() for m, t in sorted(by_model.items())},
             "by_label": {
@@ -280,7 +327,7 @@ class FleetView:
         label_filters = [(self.label_keys.index(k), v) for k, v in filters.items()]
         state_idx = None if states is None else frozenset(_STATE_INDEX[s] for s in states)
         found: list[tuple[float, AgentState, DeviceState, int]] = []
-        for agent in self._agents(want_agent):
+        for agent in self._agents(want_agent, now):
             if want_host is not None and agent.host != want_host:
                 continue
             if any((agent.labels[i] if agent.labels else None) != v for i, v in label_filters):
@@ -307,11 +354,11 @@ class FleetView:
             self._device_dict(agent, dev, state, idle_for) for idle_for, agent, dev, state in found[:limit]
         ]
 
-    def _agents(self, agent_id: str | None) -> Iterable[AgentState]:
+    def _agents(self, agent_id: str | None, now: float) -> Iterable[AgentState]:
         if agent_id is None:
-            return self.agents.values()
+            return self.live_agents(now)
         agent = self.agents.get(agent_id)
-        return [agent] if agent is not None else []
+        return [agent] if agent is not None and not self.is_forgotten(agent, now) else []
 
     def _device_dict(
         self, agent: AgentState, dev: DeviceState, state: int, idle_for: float

@@ -94,6 +94,9 @@ class Metrics:
             "Agent labels ignored because their key is not in collector.label_keys.",
         )
         self.lines_written = Counter(p + "lines_written_total", "Line-protocol lines storage accepted.")
+        self.forgotten_agents = Counter(
+            p + "forgotten_agents_total", "Agents dropped from the live view after forget_after_s of silence."
+        )
         self.storage_errors = Counter(p + "storage_errors_total", "Failed storage writes by kind.", ("kind",))
         self.batch_lines = Histogram(
             p + "batch_lines", "Lines per storage write.", (1, 10, 100, 500, 1000, 2000, 5000, 10000)
@@ -117,6 +120,7 @@ class Metrics:
             self.device_windows,
             self.duplicate_reports,
             self.labels_dropped,
+            self.forgotten_agents,
             self.lines_written,
             self.storage_errors,
             self.batch_lines,

@@ -194,3 +194,56 @@ def test_device_state_is_compact():
 
     dev = DeviceState(msgspec.convert(device(), DeviceWindow), NOW)
     assert not hasattr(dev, "__dict__") and not hasattr(AgentState("a"), "__dict__")
+
+
+async def test_agents_silent_longer_than_forget_after_s_leave_the_view(aiohttp_client, clock, writer):
+    """Decommissioned hosts do not stay `unavailable` forever, and the view's memory stays bounded."""
+    app = create_app(make_config(forget_after_s=3600.0), writer=writer, clock=clock)
+    client = await aiohttp_client(app)
+    await send(client, batch([report(devices=[device("GPU-0"), device("GPU-1")])]))
+    clock.advance(3600)  # silent exactly forget_after_s: stale, still shown
+    fleet = await get(client, "/api/v1/fleet")
+    assert fleet["agents"] == {"total": 1, "stale": 1} and fleet["totals"]["states"]["unavailable"] == 2
+    clock.advance(1)
+    # Filtered at read time, before any sweep has run.
+    fleet = await get(client, "/api/v1/fleet")
+    assert fleet["agents"] == {"total": 0, "stale": 0} and fleet["totals"]["devices"] == 0
+    assert (await get(client, "/api/v1/devices", state="all"))["devices"] == []
+    assert (await get(client, "/api/v1/devices", state="all", agent="node-1"))["devices"] == []
+    text = await (await client.get("/metrics", headers=auth(READ_TOKEN))).text()
+    assert "capmon_collector_agents 0" in text and "capmon_collector_live_devices 0" in text
+    # Another agent's report sweeps the forgotten one out of memory, and the sweep is counted.
+    await send(
+        client,
+        batch([report(end=int(clock.now) - 1)], agent_id="rack2-n1", host="h2"),
+        token=RACK_TOKEN,
+    )
+    assert list(app[FLEET].agents) == ["rack2-n1"]
+    text = await (await client.get("/metrics", headers=auth(READ_TOKEN))).text()
+    assert "capmon_collector_forgotten_agents_total 1" in text
+    # It comes back: a fresh entry.
+    await send(client, batch([report(seq=2, end=int(clock.now) - 1)]))
+    assert (await get(client, "/api/v1/fleet"))["agents"]["total"] == 2
+
+
+def test_sweep_runs_at_most_once_per_interval():
+    import msgspec
+
+    from capmon.agent import wire
+    from capmon.collector.config import PricingConfig
+    from capmon.collector.fleet import FleetView, Pricing
+
+    clock = Clock(NOW + 1)
+    view = FleetView(("site",), Pricing(PricingConfig()), clock=clock, forget_after_s=600.0)
+
+    def apply(agent_id, end):
+        view.apply(msgspec.convert(batch([report(end=end)], agent_id=agent_id), wire.Batch))
+
+    apply("a", NOW)
+    clock.advance(601)
+    apply("b", NOW + 600)  # swept: "a" is gone
+    assert list(view.agents) == ["b"]
+    apply("c", NOW + 600)
+    clock.advance(30)
+    apply("d", NOW + 630)  # no sweep within the interval even though nothing changed
+    assert view.sweeps == 1
