@@ -7,6 +7,7 @@ may come from the environment instead of the file.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping
@@ -86,6 +87,30 @@ def section(cls: type, table: Any, where: str) -> Any:
         raise ConfigError(str(exc)) from None
 
 
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def _check_identity(agent: AgentSection, source: str) -> None:
+    """What the collector would refuse for every window (wire.AgentIdentity's limits) is refused here,
+    at startup, naming the key: a bad label must not cost the fleet its data."""
+    where = f"{source}: [agent]"
+    if not isinstance(agent.labels, Mapping):
+        raise ConfigError(f"{where} labels must be a table such as {{ site = \"ams1\" }}, got {agent.labels!r}")
+    if len(agent.labels) > 16:
+        raise ConfigError(f"{where} labels: at most 16, got {len(agent.labels)}")
+    for key, value in agent.labels.items():
+        if not _LABEL_KEY.match(key):
+            raise ConfigError(
+                f"{where} labels.{key}: a label key is lower-case letters, digits and _ starting with a letter"
+            )
+        if not isinstance(value, str) or len(value) > 256:
+            raise ConfigError(f"{where} labels.{key} must be a string of at most 256 characters, got {value!r}")
+    if len(agent.id) > 128:
+        raise ConfigError(f"{where} id: at most 128 characters")
+    if len(agent.host) > 256:
+        raise ConfigError(f"{where} host: at most 256 characters")
+
+
 def _names(value: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in value.split(",") if n.strip())
 
@@ -110,9 +135,7 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     agent = section(AgentSection, data.get("agent", {}), f"{source}: [agent]")
     if agent.window_s < 1:
         raise ConfigError(f"{source}: [agent] window_s must be ≥ 1, got {agent.window_s}")
-    for key, value in agent.labels.items():
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: [agent] labels.{key} must be a string, got {value!r}")
+    _check_identity(agent, source)
     classifier = section(ClassifierConfig, data.get("classifier", {}), f"{source}: [classifier]")
     probes_table = dict(data.get("probes", {}))
     options = {k: v for k, v in probes_table.items() if isinstance(v, Mapping)}
@@ -125,11 +148,18 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     transport = dict(data.get("transport", {}))
     if env.get("CAPMON_AGENT_TOKEN"):
         transport["token"] = env["CAPMON_AGENT_TOKEN"]
+    spool = dict(data.get("spool", {}))
+    # Checked now, not when first used: a misspelt `url` must not quietly turn delivery off.
+    from capmon.agent.spool import SpoolConfig
+    from capmon.agent.transport import TransportConfig
+
+    section(SpoolConfig, spool, f"{source}: [spool]")
+    section(TransportConfig, transport, f"{source}: [transport]")
     return AgentConfig(
         agent=agent,
         classifier=classifier,
         probes=probes,
-        spool=dict(data.get("spool", {})),
+        spool=spool,
         transport=transport,
         source=source,
     )

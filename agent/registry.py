@@ -110,23 +110,32 @@ class ProbeRegistry:
         enable, disable = set(enable), set(disable)
         options = options or {}
         boundaries = boundaries or {}
-        unknown = sorted((enable | set(options)) - set(self.types) - set(self.load_errors))
+        known = set(self.types) | set(self.load_errors)
+        unknown = sorted((enable | disable | set(options)) - known)
         if unknown:
             raise ValueError(
                 f"{where}: unknown probe {unknown[0]!r} (known: {', '.join(self.types) or 'none'})"
             )
+        # Every probe's options are checked, whether or not it runs here: a typo is an error today,
+        # not on the day the hardware arrives.
+        configs = {
+            name: config_from_mapping(cls.Config, options.get(name, {}), f"{where}: [probes.{name}]")
+            for name, cls in self.types.items()
+        }
         statuses: list[ProbeStatus] = []
         for name, cls in self.types.items():
             source = self.sources[name]
             if name in disable:
                 statuses.append(ProbeStatus(name, "disabled", "disabled by configuration", source))
                 continue
-            if not cls.auto and name not in enable and name not in options:
+            # Only `enable` starts a probe that does not detect its hardware (the mock): its options
+            # table alone, as in `capmon agent config`'s output, must never put fake devices in a fleet.
+            if not cls.auto and name not in enable:
                 statuses.append(
                     ProbeStatus(name, "disabled", "runs only when enabled (probes.enable)", source)
                 )
                 continue
-            config = config_from_mapping(cls.Config, options.get(name, {}), f"{where}: [probes.{name}]")
+            config = configs[name]
             try:
                 probe = cls(config, **boundaries.get(name, {}))
                 probe.setup()

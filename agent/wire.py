@@ -165,4 +165,8 @@ def split_error(exc: msgspec.MsgspecError) -> tuple[str, str | None]:
     reason, sep, where = text.rpartition(" - at `")
     if not sep:
         return text, None
+    # A bad dict key reads "… - at `key` in `$.agent.labels`": the path is the part after " in `".
+    _, in_sep, path = where.partition("` in `")
+    if in_sep:
+        return f"{reason} (a key)", path.rstrip("`")
     return reason, where.rstrip("`")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from capmon.agent.config import ConfigError, load_config, sample_config
@@ -56,3 +58,46 @@ def test_the_combined_sample_configuration_parses_and_maps_onto_every_dataclass(
         from capmon.agent.delivery import SpoolingSink
 
         SpoolingSink.from_config(identity_of(config), config.spool, config.transport, where=str(path))
+
+
+def test_the_printed_sample_configuration_runs_no_mock_devices(tmp_path, capsys):
+    from capmon.agent.cli import main
+
+    path = tmp_path / "agent.toml"
+    path.write_text(sample_config())  # what `capmon agent config | sudo tee /etc/capmon/agent.toml` gives
+    assert main(["agent", "probes", "--json", "--config", str(path)]) == 0
+    import json
+
+    statuses = {p["name"]: p["status"] for p in json.loads(capsys.readouterr().out)}
+    assert statuses["mock"] == "disabled"
+
+
+@pytest.mark.parametrize(
+    "labels,message",
+    [
+        ('{ Site = "ams1" }', "labels.Site: a label key is lower-case"),
+        ('{ "rack-id" = "7" }', "labels.rack-id: a label key is lower-case"),
+        ("{ site = 7 }", "labels.site must be a string"),
+        ('"ams1"', "labels must be a table"),
+    ],
+)
+def test_a_label_the_collector_would_refuse_is_a_startup_error(tmp_path, labels, message):
+    path = tmp_path / "agent.toml"
+    path.write_text(f"[agent]\nlabels = {labels}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: [agent] {message}")):
+        load_config(path, env={})
+
+
+def test_a_misspelt_transport_or_spool_key_is_a_startup_error(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text('[transport]\nURL = "https://capmon.example.net/api/v1/reports"\n')
+    with pytest.raises(ConfigError, match=rf"{path}: \[transport\]: unknown key 'URL'"):
+        load_config(path, env={})
+    path.write_text("[spool]\nmax_byte = 5\n")
+    with pytest.raises(ConfigError, match=rf"{path}: \[spool\]: unknown key 'max_byte'"):
+        load_config(path, env={})
+
+
+def test_a_misspelt_probe_name_is_a_startup_error():
+    with pytest.raises(ValueError, match="unknown probe 'nvidia'"):
+        ProbeRegistry().activate(disable=["nvidia"], where="agent.toml")
