@@ -35,6 +35,9 @@ class ClassifierConfig:
     # Baseline memory (MiB) by model or vendor, overriding the learned one (lowest seen with no
     # process). Example: {"910B3" = 3400, "ascend" = 4096}.
     memory_baseline_mib: Mapping[str, float] = field(default_factory=dict)
+    # Where nothing above applies and no zero-process sample taught a baseline: the baseline as % of
+    # total memory by vendor or model. Ascend reserves ~3 of 32 GB, 4 of 64, ~4.8 of 96 with no workload.
+    memory_baseline_pct: Mapping[str, float] = field(default_factory=lambda: {"ascend": 8.0})
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,14 +148,23 @@ class IdleClassifier:
         used = sample.memory_used_bytes
         if used is None:
             return False, "processes and memory unknown"
+        total = sample.memory_total_bytes or 0
         base = self._baseline_override(sample)
         if base is None:
-            base = baseline_bytes if baseline_bytes is not None else used
-        total = sample.memory_total_bytes or 0
+            # Never the memory in use now: a job holding 40 of 64 GB from the first sample on
+            # would become its own baseline and the device would look free.
+            base = baseline_bytes if baseline_bytes is not None else self._default_baseline(sample, total)
         margin = max(self.config.memory_margin_mib * MIB, total * self.config.memory_margin_pct / 100)
         if used > base + margin:
             return True, f"{(used - base) / MIB:.0f} MiB in use above baseline"
         return False, "memory at baseline"
+
+    def _default_baseline(self, sample: DeviceSample, total: int) -> int:
+        table = self.config.memory_baseline_pct
+        for key in (sample.model, sample.vendor):
+            if key is not None and key in table:
+                return int(total * table[key] / 100)
+        return 0
 
     def _baseline_override(self, sample: DeviceSample) -> int | None:
         table = self.config.memory_baseline_mib
@@ -166,8 +178,12 @@ class IdleClassifier:
         track = self._tracks.get(sample.device_id)
         if track is None:
             track = self._tracks[sample.device_id] = _DeviceTrack()
+        # A result that arrives after a later one (a slow probe; a window already closed past it)
+        # must not move the track's clock back: that time would be credited twice.
+        if track.last_t is not None and t < track.last_t:
+            t = track.last_t
         track.hold(t)
-        if sample.healthy and (sample.processes == 0 or sample.processes is None):
+        if sample.healthy and sample.processes == 0:
             used = sample.memory_used_bytes
             if used is not None and (track.baseline_bytes is None or used < track.baseline_bytes):
                 track.baseline_bytes = used
@@ -212,13 +228,15 @@ class IdleClassifier:
     def close_window(self, start: float, end: float) -> list[DeviceWindow]:
         """Fold everything observed up to `end` into one record per device, and start the next window.
 
-        A device not observed since `start` (it disappeared: a MIG instance destroyed, a probe
-        removed) is forgotten rather than reported forever.
+        A device not observed for a whole window before this one (it disappeared: a MIG instance
+        destroyed, a probe removed) is forgotten rather than reported forever; one merely sampled
+        less often than windows close keeps its state and its idle streak.
         """
         windows: list[DeviceWindow] = []
+        forget_before = start - (end - start)
         for device_id in list(self._tracks):
             track = self._tracks[device_id]
-            if track.seen_t is None or track.seen_t < start or track.last_sample is None:
+            if track.seen_t is None or track.seen_t < forget_before or track.last_sample is None:
                 del self._tracks[device_id]
                 continue
             track.hold(end)

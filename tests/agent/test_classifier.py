@@ -88,23 +88,68 @@ def test_probe_failure_is_unavailable_never_free_and_ends_the_streak_after_grace
     assert w.idle_since is None
 
 
-def test_unknown_processes_memory_above_learned_baseline_is_held():
+def npu(memory, processes=None, util=0.0):
+    return DeviceSample(
+        "npu0-chip0",
+        "ascend",
+        model="910B3",
+        util_pct=util,
+        memory_used_bytes=memory,
+        memory_total_bytes=64 * GIB,
+        processes=processes,
+    )
+
+
+def test_unknown_processes_memory_above_the_vendor_baseline_is_held():
     c = IdleClassifier()
     t0 = 1_000_000_000
-    base = 3 * GIB  # an Ascend chip reserves ~3 GB with no workload
+    # No process table (processes unknown): Ascend's default baseline is 8% of 64 GiB = 5.12 GiB,
+    # the margin max(512 MiB, 2%) = 1.28 GiB; ~4 GiB reserved idle is free, 12 GiB in use is held.
+    end = run(c, [(10, npu(4 * GIB)), (10, npu(5 * GIB)), (10, npu(12 * GIB))], t0)
+    [w] = c.close_window(t0, end)
+    assert (w.free_s, w.allocated_idle_s) == (20, 10)
+    assert w.processes is None
+
+
+def test_a_job_holding_memory_from_the_first_sample_is_not_its_own_baseline():
+    c = IdleClassifier()
+    t0 = 1_000_000_000
+    end = run(c, [(300, npu(40 * GIB))], t0)
+    [w] = c.close_window(t0, end)
+    assert w.state == "allocated_idle" and w.allocated_idle_s == 300
+    assert IdleClassifier().classify(npu(40 * GIB)).state == "allocated_idle"  # `capmon agent probe`
+
+
+def test_baseline_is_learned_only_where_no_process_was_counted():
+    c = IdleClassifier()
+    t0 = 1_000_000_000
+    base = 3 * GIB
     end = run(
         c,
         [
-            (10, gpu(processes=None, memory=base)),
+            (10, gpu(processes=0, memory=base)),
             (10, gpu(processes=None, memory=base + 100 * 1024**2)),
             (10, gpu(processes=None, memory=base + 8 * GIB)),
         ],
         t0,
     )
     [w] = c.close_window(t0, end)
-    # 100 MiB over the baseline is within the 512 MiB margin (free); 8 GiB over is held.
+    # 100 MiB over the learned 3 GiB is within the 512 MiB margin (free); 8 GiB over is held.
     assert (w.free_s, w.allocated_idle_s) == (20, 10)
-    assert w.processes is None
+
+
+def test_a_late_result_is_not_credited_twice():
+    c = IdleClassifier()
+    t0 = 1_000_000_000
+    c.observe(t0, gpu(util=0))
+    c.observe(t0 + 50, gpu(util=0))
+    [w1] = c.close_window(t0, t0 + 60)
+    # A hung probe's failure, stamped when its sample began (t0 + 55), arrives after the window closed.
+    c.observe(t0 + 55, DeviceSample("GPU-0", "nvidia", healthy=False, error="timed out"))
+    c.observe(t0 + 70, gpu(util=0))
+    [w2] = c.close_window(t0 + 60, t0 + 120)
+    assert w1.free_s == 60
+    assert w2.unavailable_s + w2.free_s == 60 and w2.unavailable_s == 10
 
 
 def test_configured_baseline_overrides_the_learned_one():
@@ -145,10 +190,16 @@ def test_state_seconds_cover_the_window_with_sample_and_hold():
     assert w.free_s + w.busy_s + w.allocated_idle_s + w.unavailable_s == 60
 
 
-def test_device_not_seen_in_a_window_is_forgotten():
+def test_device_not_seen_for_a_whole_window_is_forgotten():
     c = IdleClassifier()
     t0 = 1_000_000_000
     c.observe(t0, gpu(device_id="MIG-a"))
     assert [w.device_id for w in c.close_window(t0, t0 + 60)] == ["MIG-a"]
     c.observe(t0 + 61, gpu(device_id="MIG-b"))
-    assert [w.device_id for w in c.close_window(t0 + 60, t0 + 120)] == ["MIG-b"]
+    # A probe sampling less often than windows close (MIG-a) keeps its state and streak for a window…
+    second = {w.device_id: w for w in c.close_window(t0 + 60, t0 + 120)}
+    assert set(second) == {"MIG-a", "MIG-b"} and second["MIG-a"].free_s == 60
+    assert second["MIG-a"].idle_since == t0
+    c.observe(t0 + 121, gpu(device_id="MIG-b"))
+    # …and is forgotten once a whole window passed without it.
+    assert [w.device_id for w in c.close_window(t0 + 120, t0 + 180)] == ["MIG-b"]
