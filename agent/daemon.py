@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
+
+import msgspec
 
 from capmon.agent import __version__, wire
 from capmon.agent.classifier import IdleClassifier
@@ -154,6 +157,7 @@ class Agent:
         self.sampler = Sampler(self.probes, self._on_samples, clock)
         self.sink = sink or make_sink(config)
         self._host = _HostWindow()
+        self.lost_windows = 0
 
     def _on_samples(self, probe: str, t: float, devices: list[DeviceSample], host: HostSample | None) -> None:
         # A GPU split into MIG instances is capacity only through its instances: count it once.
@@ -204,16 +208,27 @@ class Agent:
             uptime_s=round(max(0.0, now - self.started), 3),
             spool_reports=sink.get("spool_reports", 0),
             spool_bytes=sink.get("spool_bytes", 0),
-            dropped_reports=sink.get("dropped_reports", 0),
+            dropped_reports=min(sink.get("dropped_reports", 0) + self.lost_windows, 1_000_000),
             dead_letter_reports=sink.get("dead_letter_reports", 0),
             probes=probes[:64],
         )
+
+    async def _keep(self, report: wire.Report) -> None:
+        """Hand a finished window to the sink; a sink failure (disk full, EIO) costs that window, not the agent."""
+        try:
+            await self.sink.put(checked_report(report))
+        except Exception as exc:
+            self.lost_windows += 1
+            log.error(
+                "window seq %d could not be kept and is lost: %s: %s", report.seq, type(exc).__name__, exc
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sample and report until `stop` is set; then report the partial window and flush the sink."""
         await self.sink.start()
         sampling_stop = asyncio.Event()
         sampling = asyncio.create_task(self.sampler.run(sampling_stop))
+        window = self.config.agent.window_s
         start = int(self.clock())
         try:
             while True:
@@ -222,20 +237,68 @@ class Agent:
                     await asyncio.wait_for(stop.wait(), max(0.0, end - self.clock()))
                 except asyncio.TimeoutError:
                     pass
+                now = self.clock()
                 if stop.is_set():
                     # Round up: samples already taken this second belong inside the window.
-                    end = math.ceil(self.clock())
+                    end = math.ceil(now)
                     if end > start:
-                        await self.sink.put(self.close_window(self.sink.next_seq(), start, end))
+                        await self._keep(self.close_window(self.sink.next_seq(), start, end))
                     break
-                await self.sink.put(self.close_window(self.sink.next_seq(), start, end))
+                if now < start - window:
+                    # The wall clock stepped back by more than a window (NTP step, VM restore): waiting
+                    # for it to reach `end` again would silence the agent for that long. Restart the
+                    # windows from now; points at timestamps already written are overwritten.
+                    log.warning("clock stepped back %.0fs: windows restart from now", start - now)
+                    self.classifier.close_window(start, start + window)
+                    start = int(now)
+                    continue
+                await self._keep(self.close_window(self.sink.next_seq(), start, end))
                 start = end
         finally:
             sampling_stop.set()
+            # A probe wedged in sample() is not waited for: its thread is a daemon and dies with us.
+            sampling.cancel()
             await asyncio.gather(sampling, return_exceptions=True)
             await self.sink.close(self.config.agent.shutdown_timeout_s)
+            busy = {t.probe.name for t in self.sampler.tasks if t.busy}
             for probe in self.probes:
+                if probe.name in busy:
+                    # close() under a running sample() would free what the sample is using (NVML).
+                    log.warning("probe %s: sample() still running at exit; not closed", probe.name)
+                    continue
                 try:
                     probe.close()
                 except Exception:
                     log.exception("probe %s: close() failed", probe.name)
+
+
+def checked_report(report: wire.Report) -> wire.Report:
+    """The report as the collector will judge it: a record it would refuse (and with it the whole
+    window of every device) is dropped here, with the reason in the log, and the rest goes."""
+    for _ in range(len(report.devices) + 3):
+        try:
+            wire.decode_report(wire.encode(report))
+            return report
+        except msgspec.ValidationError as exc:
+            reason, path = wire.split_error(exc)
+            path = path or ""
+            m = re.match(r"\$\.devices\[(\d+)\]", path)
+            if m:
+                i = int(m.group(1))
+                log.error(
+                    "device %s left out of window seq %d: %s at %s",
+                    report.devices[i].device_id,
+                    report.seq,
+                    reason,
+                    path,
+                )
+                report = msgspec.structs.replace(report, devices=report.devices[:i] + report.devices[i + 1 :])
+            elif path.startswith("$.host"):
+                log.error("host record left out of window seq %d: %s at %s", report.seq, reason, path)
+                report = msgspec.structs.replace(report, host=None)
+            elif path.startswith("$.agent"):
+                log.error("agent stats left out of window seq %d: %s at %s", report.seq, reason, path)
+                report = msgspec.structs.replace(report, agent=None)
+            else:
+                raise
+    return report

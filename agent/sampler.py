@@ -102,15 +102,32 @@ def _sanitise(s: DeviceSample) -> tuple[DeviceSample, str | None]:
         value = changes.get(name, getattr(s, name))
         if isinstance(value, float):
             changes[name] = int(value)
+    # The wire protocol's limits (agent/wire.py): the collector refuses a whole report for one bad
+    # record, so whatever this probe got wrong is mended or dropped here, never sent.
     extra = {k: float(v) for k, v in s.extra.items() if _FIELD_NAME.match(str(k)) and _finite(v, -1e15, 1e15)}
+    if len(extra) > 32:
+        extra = dict(list(extra.items())[:32])
     if len(extra) != len(s.extra):
         changes["extra"] = extra
-        why.append("invalid extra fields dropped")
+        why.append("invalid or surplus extra fields dropped (at most 32)")
     info = {k: str(v)[:1024] for k, v in s.info.items() if _FIELD_NAME.match(str(k))}
+    if len(info) > 16:
+        info = dict(list(info.items())[:16])
     if len(info) != len(s.info) or any(len(str(v)) > 1024 for v in s.info.values()):
         changes["info"] = info
     if not isinstance(s.vendor, str) or not s.vendor:
         changes["vendor"] = "unknown"
+    elif len(s.vendor) > 64:
+        changes["vendor"] = s.vendor[:64]
+    if s.model is not None and (not isinstance(s.model, str) or not s.model or len(s.model) > 256):
+        changes["model"] = s.model[:256] if isinstance(s.model, str) and s.model else None
+    if s.parent_id is not None and (
+        not isinstance(s.parent_id, str) or not s.parent_id or len(s.parent_id) > 128
+    ):
+        changes["parent_id"] = None
+        why.append(f"parent_id {s.parent_id!r} dropped")
+    if s.error is not None and not isinstance(s.error, str):
+        changes["error"] = str(s.error)
     if not changes:
         return s, None
     return replace(s, **changes), "; ".join(why) or None
@@ -172,6 +189,11 @@ class ProbeTask:
         self._inflight_since = 0.0
         self._last: dict[str, DeviceSample] = {}
         self._warned: set[str] = set()
+
+    @property
+    def busy(self) -> bool:
+        """A `sample()` is running on its thread (a hung probe)."""
+        return self._inflight is not None and not self._inflight.done()
 
     async def tick(self) -> None:
         """One sampling attempt: returns after the probe answered, failed or timed out."""

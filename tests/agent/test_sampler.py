@@ -20,6 +20,10 @@ class Hanging(Probe):
         super().__init__(config)
         self.release = threading.Event()
         self.calls = 0
+        self.closed = False
+
+    def close(self):
+        self.closed = True
 
     def sample(self):
         self.calls += 1
@@ -171,3 +175,66 @@ def test_a_mig_parent_is_not_counted_beside_its_instances():
     windows = agent.classifier.close_window(1_000_000_000, 1_000_000_060)
     assert sorted(w.device_id for w in windows) == ["MIG-0", "MIG-1", "MIG-2"]
     assert {w.device_id: w.state for w in windows} == {"MIG-0": "free", "MIG-1": "busy", "MIG-2": "free"}
+
+
+async def test_strings_beyond_the_wire_limits_are_mended_not_sent():
+    class Sloppy(Probe):
+        name, vendor = "sloppy", "test"
+
+        def sample(self):
+            return [
+                DeviceSample(
+                    "S-0",
+                    "v" * 65,
+                    model="",
+                    parent_id="p" * 200,
+                    extra={f"f{i}": float(i) for i in range(40)},
+                    info={f"i{i}": "x" for i in range(20)},
+                ),
+                DeviceSample("S-1", "test", model="m" * 300),
+            ]
+
+    seen = []
+    await Sampler([Sloppy()], lambda n, t, d, h: seen.extend(d)).tasks[0].tick()
+    a, b = seen
+    assert a.vendor == "v" * 64 and a.model is None and a.parent_id is None
+    assert len(a.extra) == 32 and len(a.info) == 16
+    assert b.model == "m" * 256
+
+
+def test_a_record_the_collector_would_refuse_costs_only_that_record():
+    from capmon.agent import wire
+    from capmon.agent.daemon import checked_report
+
+    good = wire.DeviceWindow(device_id="GPU-0", vendor="nvidia", state="free", free_s=60.0)
+    bad = wire.DeviceWindow(device_id="GPU-1", vendor="nvidia", state="busy", busy_s=-1.0)  # built in-process
+    report = wire.Report(seq=1, start=1_000_000_000, end=1_000_000_060, devices=[bad, good])
+    kept = checked_report(report)
+    assert [d.device_id for d in kept.devices] == ["GPU-0"]
+
+
+class FailingSink(ListSink):
+    async def put(self, report):
+        if report.seq == 1:
+            raise OSError(28, "No space left on device")
+        await super().put(report)
+
+    def next_seq(self):
+        self.n = getattr(self, "n", 0) + 1
+        return self.n
+
+
+async def test_a_sink_failure_costs_one_window_not_the_agent():
+    config = AgentConfig(agent=AgentSection(id="t", host="h", window_s=1))
+    sink = FailingSink()
+    hanging = Hanging()
+    agent = Agent(config, sink=sink, probes=[fast_mock(1), hanging])
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    await asyncio.sleep(2.6)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    hanging.release.set()
+    assert [r.seq for r in sink.reports][:1] == [2] and agent.lost_windows == 1
+    assert sink.reports[0].agent.dropped_reports == 1  # the lost window is counted, never silent
+    assert hanging.calls == 2 and not hanging.closed  # close() never runs under a running sample()
