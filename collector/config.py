@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import os
 import re
 import sys
@@ -220,6 +221,17 @@ def _check_token(tok: TokenConfig, where: str, source: str, env: Mapping[str, st
         )
 
 
+def _require_influxdb_client(src: str) -> None:
+    """influxdb_v2 writes through influxdb-client's async API, an optional dependency."""
+    try:
+        importlib.import_module("influxdb_client.client.influxdb_client_async")
+    except ImportError as exc:
+        raise ConfigError(
+            f"{src}: storage.kind influxdb_v2 needs the influxdb-client package ({exc}): "
+            "pip install 'capmon[collector]'"
+        ) from None
+
+
 def validate(config: Config, env: Mapping[str, str] | None = None) -> Config:
     """Check what types alone cannot; fill secrets from the environment. Returns the final config."""
     env = os.environ if env is None else env
@@ -255,6 +267,7 @@ def validate(config: Config, env: Mapping[str, str] | None = None) -> Config:
         token = s.token or env.get("CAPMON_INFLUX_TOKEN", "")
         if not s.org or not s.bucket:
             raise ConfigError(f"{src}: storage.kind influxdb_v2 needs storage.org and storage.bucket")
+        _require_influxdb_client(src)
         s = dataclasses.replace(s, token=token)
     elif s.kind == "influxdb_v1":
         if not s.db:

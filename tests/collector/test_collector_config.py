@@ -104,3 +104,18 @@ def test_cli_run_refuses_a_bad_config(tmp_path, capsys):
     args = cli("collector", "run", "--config", str(path))
     assert args.func(args) == 2
     assert "unknown key 'collector.bogus'" in capsys.readouterr().err
+
+
+def test_influxdb_v2_without_influxdb_client_names_the_extra(monkeypatch):
+    """Refused at config time with the install command, not a traceback once serving starts."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "influxdb_client" or m.startswith("influxdb_client.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "influxdb_client", None)  # `import influxdb_client` now fails
+    with pytest.raises(ConfigError) as exc:
+        parse("[storage]\nkind = 'influxdb_v2'\norg = 'o'\n", "collector.toml", env={})
+    assert "collector.toml" in str(exc.value) and "storage.kind" in str(exc.value)
+    assert "pip install 'capmon[collector]'" in str(exc.value)
+    # Other kinds never need it.
+    assert parse("[storage]\nkind = 'influxdb_v1'\n", "collector.toml", env={}).storage.kind == "influxdb_v1"
