@@ -68,6 +68,7 @@ class _DeviceTrack:
         "power_n",
         "power_sum",
         "processes_max",
+        "restored_idle_since",
         "seen_t",
         "temp_max",
         "unavailable_s",
@@ -79,6 +80,7 @@ class _DeviceTrack:
     def __init__(self) -> None:
         self.baseline_bytes: int | None = None
         self.idle_since: float | None = None
+        self.restored_idle_since: float | None = None
         self.busy_run_start: float | None = None
         self.last_state: str | None = None
         self.ghost = False
@@ -121,6 +123,7 @@ class IdleClassifier:
     def __init__(self, config: ClassifierConfig | None = None) -> None:
         self.config = config or ClassifierConfig()
         self._tracks: dict[str, _DeviceTrack] = {}
+        self._restored: dict[str, tuple[float | None, int | None]] = {}
 
     # -- one tick ---------------------------------------------------------------------------
 
@@ -178,6 +181,9 @@ class IdleClassifier:
         track = self._tracks.get(sample.device_id)
         if track is None:
             track = self._tracks[sample.device_id] = _DeviceTrack()
+            saved = self._restored.pop(sample.device_id, None)
+            if saved is not None:
+                track.restored_idle_since, track.baseline_bytes = saved
         # A result that arrives after a later one (a slow probe; a window already closed past it)
         # must not move the track's clock back: that time would be credited twice.
         if track.last_t is not None and t < track.last_t:
@@ -209,9 +215,11 @@ class IdleClassifier:
         return obs
 
     def _advance_streak(self, track: _DeviceTrack, t: float, state: str) -> None:
+        restored, track.restored_idle_since = track.restored_idle_since, None
         if state in ("free", "allocated_idle"):
             if track.idle_since is None:
-                track.idle_since = t
+                # Idle again right after an agent restart: the streak that was running goes on.
+                track.idle_since = restored if restored is not None and restored <= t else t
             track.busy_run_start = None
             return
         if track.busy_run_start is None:
@@ -271,6 +279,14 @@ class IdleClassifier:
             extra={k: float(v) for k, v in s.extra.items()},
             info=dict(s.info),
         )
+
+    def remember(self) -> dict[str, tuple[float | None, int | None]]:
+        """What must survive an agent restart: each device's idle streak start and learned baseline."""
+        return {d: (t.idle_since, t.baseline_bytes) for d, t in self._tracks.items()}
+
+    def restore(self, saved: Mapping[str, tuple[float | None, int | None]]) -> None:
+        """Take back what `remember()` gave before a restart; applied as each device is first seen."""
+        self._restored = {d: (v[0], v[1]) for d, v in saved.items()}
 
     def forget(self, device_ids: Iterable[str]) -> None:
         for device_id in device_ids:

@@ -7,8 +7,10 @@ and a resent window rewrites the same points.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -115,6 +117,40 @@ def identity_of(config: AgentConfig) -> wire.AgentIdentity:
     )
 
 
+class StreakFile:
+    """Idle streaks and memory baselines kept across agent restarts (a JSON file beside the spool).
+
+    Without it an agent upgrade would turn "idle for three weeks" into "idle for two minutes"
+    fleet-wide. What it holds is trusted only if it was saved recently: an agent that was down for
+    long cannot know what its devices did meanwhile.
+    """
+
+    def __init__(self, path: Path, max_age_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.max_age_s = max_age_s
+        self.clock = clock
+
+    def load(self) -> dict[str, tuple[float | None, int | None]]:
+        try:
+            data = json.loads(self.path.read_text())
+            age = self.clock() - float(data["saved_at"])
+            devices = {str(k): (v[0], v[1]) for k, v in data["devices"].items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            log.warning("ignoring %s: %s", self.path, exc)
+            return {}
+        if not 0 <= age <= self.max_age_s:
+            log.info("idle streaks in %s are %.0fs old: starting them afresh", self.path, age)
+            return {}
+        return devices
+
+    def save(self, devices: Mapping[str, tuple[float | None, int | None]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"saved_at": self.clock(), "devices": devices}))
+        os.replace(tmp, self.path)
+
+
 def make_sink(config: AgentConfig) -> ReportSink:
     """A spooling HTTP sink when a collector url is configured, else JSON lines."""
     identity = identity_of(config)
@@ -158,6 +194,11 @@ class Agent:
         self.sink = sink or make_sink(config)
         self._host = _HostWindow()
         self.lost_windows = 0
+        self.streaks: StreakFile | None = None
+        if config.transport.get("url"):
+            spool_dir = Path(config.spool.get("path", "/var/lib/capmon/spool"))
+            keep_s = max(3 * config.agent.window_s, 600)
+            self.streaks = StreakFile(spool_dir / "idle-streaks.json", keep_s, clock)
 
     def _on_samples(self, probe: str, t: float, devices: list[DeviceSample], host: HostSample | None) -> None:
         # A GPU split into MIG instances is capacity only through its instances: count it once.
@@ -222,10 +263,17 @@ class Agent:
             log.error(
                 "window seq %d could not be kept and is lost: %s: %s", report.seq, type(exc).__name__, exc
             )
+        if self.streaks is not None:
+            try:
+                await asyncio.to_thread(self.streaks.save, self.classifier.remember())
+            except OSError as exc:
+                log.warning("could not save idle streaks to %s: %s", self.streaks.path, exc)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sample and report until `stop` is set; then report the partial window and flush the sink."""
         await self.sink.start()
+        if self.streaks is not None:
+            self.classifier.restore(await asyncio.to_thread(self.streaks.load))
         sampling_stop = asyncio.Event()
         sampling = asyncio.create_task(self.sampler.run(sampling_stop))
         window = self.config.agent.window_s

@@ -203,3 +203,24 @@ def test_device_not_seen_for_a_whole_window_is_forgotten():
     c.observe(t0 + 121, gpu(device_id="MIG-b"))
     # …and is forgotten once a whole window passed without it.
     assert [w.device_id for w in c.close_window(t0 + 120, t0 + 180)] == ["MIG-b"]
+
+
+def test_an_idle_streak_survives_a_restart_if_the_device_is_still_idle():
+    t0 = 1_000_000_000
+    before = IdleClassifier()
+    run(before, [(600, gpu(util=0, processes=0, memory=3 * GIB))], t0)
+    saved = before.remember()
+    after = IdleClassifier()
+    after.restore(saved)
+    after.observe(t0 + 620, gpu(util=0, processes=None, memory=3 * GIB + 10))
+    after.observe(t0 + 620, gpu(util=80, processes=1, device_id="GPU-busy-now"))
+    [w, _] = sorted(after.close_window(t0 + 600, t0 + 660), key=lambda w: w.device_id)
+    assert w.idle_since == t0  # the streak goes on across the restart…
+    assert w.state == "free"  # …and the learned 3 GiB baseline came back with it
+
+    busy = IdleClassifier()
+    busy.restore(saved)
+    busy.observe(t0 + 620, gpu(util=80, processes=1))
+    busy.observe(t0 + 700, gpu(util=0, processes=0))
+    [w] = busy.close_window(t0 + 600, t0 + 720)
+    assert w.idle_since == t0 + 700  # busy when the agent came back: that streak is over

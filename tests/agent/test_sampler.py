@@ -238,3 +238,46 @@ async def test_a_sink_failure_costs_one_window_not_the_agent():
     assert [r.seq for r in sink.reports][:1] == [2] and agent.lost_windows == 1
     assert sink.reports[0].agent.dropped_reports == 1  # the lost window is counted, never silent
     assert hanging.calls == 2 and not hanging.closed  # close() never runs under a running sample()
+
+
+def test_streak_file_is_trusted_only_while_recent(tmp_path):
+    from capmon.agent.daemon import StreakFile
+
+    now = [1_000_000_000.0]
+    f = StreakFile(tmp_path / "idle-streaks.json", max_age_s=600, clock=lambda: now[0])
+    f.save({"GPU-0": (999_000_000, 1024)})
+    now[0] += 300
+    assert f.load() == {"GPU-0": (999_000_000, 1024)}
+    now[0] += 400
+    assert f.load() == {}  # down for longer than it can vouch for
+    (tmp_path / "idle-streaks.json").write_text("{not json")
+    assert f.load() == {}
+
+
+async def test_an_agent_restart_keeps_idle_since(tmp_path):
+    from capmon.agent.config import load_config
+
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'[agent]\nid = "t"\nhost = "h"\nwindow_s = 1\nshutdown_timeout_s = 0.2\n'
+        f'[transport]\nurl = "http://127.0.0.1:9/api/v1/reports"\n[spool]\npath = "{tmp_path / "spool"}"\n'
+    )
+    config = load_config(path, env={})
+    firsts = []
+    for _ in range(2):
+        agent = Agent(config, probes=[fast_mock(1)])
+        reports = []
+        real_keep = agent._keep
+
+        async def keep(report, real_keep=real_keep, reports=reports):
+            reports.append(report)
+            await real_keep(report)
+
+        agent._keep = keep
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        await asyncio.sleep(2.2)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        firsts.append(next(r for r in reports if r.devices).devices[0].idle_since)
+    assert firsts[0] is not None and firsts[1] == firsts[0]
