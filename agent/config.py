@@ -95,7 +95,7 @@ def _check_identity(agent: AgentSection, source: str) -> None:
     at startup, naming the key: a bad label must not cost the fleet its data."""
     where = f"{source}: [agent]"
     if not isinstance(agent.labels, Mapping):
-        raise ConfigError(f"{where} labels must be a table such as {{ site = \"ams1\" }}, got {agent.labels!r}")
+        raise ConfigError(f'{where} labels must be a table such as {{ site = "ams1" }}, got {agent.labels!r}')
     if len(agent.labels) > 16:
         raise ConfigError(f"{where} labels: at most 16, got {len(agent.labels)}")
     for key, value in agent.labels.items():
@@ -104,7 +104,9 @@ def _check_identity(agent: AgentSection, source: str) -> None:
                 f"{where} labels.{key}: a label key is lower-case letters, digits and _ starting with a letter"
             )
         if not isinstance(value, str) or len(value) > 256:
-            raise ConfigError(f"{where} labels.{key} must be a string of at most 256 characters, got {value!r}")
+            raise ConfigError(
+                f"{where} labels.{key} must be a string of at most 256 characters, got {value!r}"
+            )
     if len(agent.id) > 128:
         raise ConfigError(f"{where} id: at most 128 characters")
     if len(agent.host) > 256:
@@ -137,6 +139,14 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
         raise ConfigError(f"{source}: [agent] window_s must be ≥ 1, got {agent.window_s}")
     _check_identity(agent, source)
     classifier = section(ClassifierConfig, data.get("classifier", {}), f"{source}: [classifier]")
+    for name in ("memory_baseline_mib", "memory_baseline_pct"):
+        table = getattr(classifier, name)
+        if not isinstance(table, Mapping) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in table.values()
+        ):
+            raise ConfigError(
+                f"{source}: [classifier] {name} must map models or vendors to numbers ≥ 0, got {table!r}"
+            )
     probes_table = dict(data.get("probes", {}))
     options = {k: v for k, v in probes_table.items() if isinstance(v, Mapping)}
     for k in options:

@@ -117,12 +117,14 @@ def config_from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any
             value = tuple(value)
         if default is not dataclasses.MISSING and default is not None:
             wrong = (
-                isinstance(default, bool) != isinstance(value, bool)
+                (isinstance(default, tuple) and not isinstance(value, tuple))
+                or isinstance(default, bool) != isinstance(value, bool)
                 or (isinstance(default, (int, float)) and not isinstance(value, (int, float)))
                 or (isinstance(default, str) and not isinstance(value, str))
             )
             if wrong:
-                raise ValueError(f"{where}: {key} must be {type(default).__name__}, got {value!r}")
+                expected = "a list" if isinstance(default, tuple) else type(default).__name__
+                raise ValueError(f"{where}: {key} must be {expected}, got {value!r}")
             if isinstance(default, float) and isinstance(value, int):
                 value = float(value)
         kwargs[key] = value

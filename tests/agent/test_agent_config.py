@@ -101,3 +101,18 @@ def test_a_misspelt_transport_or_spool_key_is_a_startup_error(tmp_path):
 def test_a_misspelt_probe_name_is_a_startup_error():
     with pytest.raises(ValueError, match="unknown probe 'nvidia'"):
         ProbeRegistry().activate(disable=["nvidia"], where="agent.toml")
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[probes.nvml]\nfatal_xids = 79\n", r"\[probes.nvml\]: fatal_xids must be a list, got 79"),
+        ('[classifier]\nmemory_baseline_mib = { "910B3" = "3400" }\n', "memory_baseline_mib must map"),
+    ],
+)
+def test_a_value_of_the_wrong_shape_is_a_startup_error(tmp_path, text, message):
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    with pytest.raises((ConfigError, ValueError), match=message):
+        config = load_config(path, env={})
+        ProbeRegistry().activate(options=config.probes.options, where=str(path))
