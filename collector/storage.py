@@ -101,7 +101,11 @@ class NullWriter:
 
 
 class InfluxV1Writer:
-    """InfluxDB 1.x API: `POST /write?db=&rp=&precision=s`, basic auth with user/password."""
+    """InfluxDB 1.x API: `POST /write?db=&rp=&precision=s`, basic auth with user/password.
+
+    The URLs are built absolute from `url` (no `base_url`: aiohttp 3.9 takes neither a path in it nor
+    relative request URLs), so a path prefix behind a reverse proxy (`http://proxy/influx/`) is kept.
+    """
 
     name = "influxdb_v1"
 
@@ -112,11 +116,13 @@ class InfluxV1Writer:
         if cfg.rp:
             self._params["rp"] = cfg.rp
         self._last_create = 0.0
+        base = cfg.url.rstrip("/")
+        self._write_url = base + "/write"
+        self._query_url = base + "/query"
 
     async def start(self) -> None:
         auth = aiohttp.BasicAuth(self.cfg.user, self.cfg.password) if self.cfg.user else None
         self.session = aiohttp.ClientSession(
-            base_url=self.cfg.url.rstrip("/") + "/",
             auth=auth,
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
         )
@@ -128,7 +134,7 @@ class InfluxV1Writer:
         self._last_create = time.monotonic()
         name = self.cfg.db.replace("\\", "\\\\").replace('"', '\\"')
         try:
-            async with self.session.post("query", data={"q": f'CREATE DATABASE "{name}"'}) as resp:
+            async with self.session.post(self._query_url, data={"q": f'CREATE DATABASE "{name}"'}) as resp:
                 if resp.status >= 300:
                     log.warning("CREATE DATABASE %s answered %s", self.cfg.db, resp.status)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -145,7 +151,9 @@ class InfluxV1Writer:
         if self.cfg.gzip:
             headers["Content-Encoding"] = "gzip"
         try:
-            async with self.session.post("write", params=self._params, data=body, headers=headers) as resp:
+            async with self.session.post(
+                self._write_url, params=self._params, data=body, headers=headers
+            ) as resp:
                 if resp.status < 300:
                     return
                 text = (await resp.text(errors="replace"))[:2000]
