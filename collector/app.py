@@ -250,18 +250,23 @@ async def ingest(request: web.Request) -> web.Response:
     if dropped:
         metrics.labels_dropped.inc(dropped)
     lines = batch_lines(batch, config.collector.label_keys, app[FLEET].pricing.price)
-    _applied, seen = app[FLEET].apply(batch)
+    # The live view takes the batch once storage has answered: not when storage refuses the data
+    # itself (400: the agent dead-letters it) or the request is too large (413: the agent splits it),
+    # but still when storage merely cannot take it now (429/503: the agent retries, and "idle now"
+    # must not freeze during an outage; the retry is then a replay and is not counted twice).
     try:
         await app[STORAGE].submit(lines)
     except StorageRejected as exc:
         raise Refusal(400, "storage rejected the data", exc.detail, reason="storage_rejected") from None
+    except RequestTooLarge as exc:
+        raise Refusal(413, "too many points", exc.detail, reason="too_large") from None
     except CollectorOverloaded as exc:
+        app[FLEET].apply(batch)
         raise Refusal(
             429, "overloaded", exc.detail, reason="overloaded", retry_after=exc.retry_after
         ) from None
-    except RequestTooLarge as exc:
-        raise Refusal(413, "too many points", exc.detail, reason="too_large") from None
     except StorageError as exc:
+        app[FLEET].apply(batch)
         raise Refusal(
             503,
             "storage unavailable",
@@ -269,6 +274,7 @@ async def ingest(request: web.Request) -> web.Response:
             reason="storage_unavailable",
             retry_after=exc.retry_after or 10,
         ) from None
+    _applied, seen = app[FLEET].apply(batch)
     metrics.reports.inc(len(batch.reports))
     metrics.duplicate_reports.inc(seen)
     metrics.device_windows.inc(windows)

@@ -2,7 +2,8 @@
 
 Per agent it keeps the last `seq` of the current spool `instance` (a report at or below it is a replay
 and leaves the view alone; a new instance starts over), the latest window's devices, and the seconds
-its devices spent in each state since the collector started (per model). An agent silent for more
+its devices spent in each state since the collector started (per model; windows that ended before
+it started are left out). An agent silent for more
 than `stale_windows` of its own windows shows all its devices `unavailable`; one silent for more than
 `forget_after_s` leaves the view (filtered at read time, removed by a sweep that `apply` runs at most
 once a minute), so decommissioned hosts go away and the view's memory stays bounded.
@@ -197,7 +198,9 @@ class FleetView:
             applied += 1
             agent.last_seq = report.seq
             seconds = agent.seconds
-            for d in report.devices:
+            # Since-start totals: a window that ended before this collector started (catch-up from
+            # an agent's spool) is not "since this collector started"; it is in storage.
+            for d in report.devices if report.end >= self.started_at else ():
                 acc = seconds.get(d.model or UNKNOWN_MODEL)
                 if acc is None:
                     acc = seconds[sys.intern(d.model or UNKNOWN_MODEL)] = [0.0, 0.0, 0.0, 0.0]

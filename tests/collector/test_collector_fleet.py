@@ -34,7 +34,11 @@ def writer() -> RecordingWriter:
 
 @pytest.fixture
 async def client(aiohttp_client, clock, writer):
-    return await aiohttp_client(create_app(make_config(), writer=writer, clock=clock))
+    # The collector started an hour before the reports the tests send (since-start totals count them).
+    now, clock.now = clock.now, NOW - 3600
+    app = create_app(make_config(), writer=writer, clock=clock)
+    clock.now = now
+    return await aiohttp_client(app)
 
 
 async def send(client, payload, token=AGENT_TOKEN):
@@ -247,3 +251,68 @@ def test_sweep_runs_at_most_once_per_interval():
     clock.advance(30)
     apply("d", NOW + 630)  # no sweep within the interval even though nothing changed
     assert view.sweeps == 1
+
+
+async def test_since_start_totals_skip_reports_that_ended_before_the_collector_started(
+    aiohttp_client, clock, writer
+):
+    """Catch-up reports from an agent's spool (up to max_past_s old) are stored, shown if newest, but
+    are not seconds "since this collector started"."""
+    client = await aiohttp_client(create_app(make_config(), writer=writer, clock=clock))  # starts NOW + 1
+    old = [report(seq=s, end=NOW - 7200 + 60 * s) for s in range(1, 4)]
+    await send(client, batch([*old, report(seq=4, end=NOW + 60, devices=[device("GPU-0", "busy")])]))
+    fleet = await get(client, "/api/v1/fleet")
+    assert fleet["since"] == NOW + 1
+    assert fleet["totals"]["device_hours"] == {
+        "busy": 0.016667,
+        "allocated_idle": 0,
+        "free": 0,
+        "unavailable": 0,
+    }
+    assert fleet["totals"]["idle_device_hours"] == 0
+    assert len(writer.lines) == 4 * 4  # all stored
+    # A window ending exactly at the start counts.
+    await send(client, batch([report(seq=5, end=NOW + 1)]))
+    assert (await get(client, "/api/v1/fleet"))["totals"]["idle_device_hours"] == pytest.approx(
+        60 / 3600, rel=1e-4
+    )
+
+
+async def test_batch_storage_rejects_as_bad_data_leaves_the_live_view_alone(client, writer):
+    """The agent dead-letters a 400: the live view must not keep what storage never will."""
+    from capmon.collector.storage import StorageRejected
+
+    writer.fail = StorageRejected("field type conflict")
+    resp = await client.post("/api/v1/reports", data=body(batch()), headers={**JSON, **auth(AGENT_TOKEN)})
+    assert resp.status == 400
+    fleet = await get(client, "/api/v1/fleet")
+    assert fleet["agents"]["total"] == 0 and fleet["totals"]["devices"] == 0
+    assert fleet["totals"]["idle_device_hours"] == 0
+    # The same seq, once storage takes it, is applied (not mistaken for a replay).
+    writer.fail = None
+    assert (await send(client, batch()))["duplicates"] == 0
+    assert (await get(client, "/api/v1/fleet"))["totals"]["idle_device_hours"] == pytest.approx(
+        60 / 3600, rel=1e-4
+    )
+
+
+@pytest.mark.parametrize("unavailable", ["storage down", "overloaded"])
+async def test_batch_storage_cannot_take_now_still_updates_the_live_view(client, writer, unavailable):
+    """503/429: the agent keeps the reports and retries; "idle now" must not freeze meanwhile."""
+    from capmon.collector.storage import CollectorOverloaded, StorageUnavailable
+
+    writer.fail = (
+        StorageUnavailable("connection refused", 5)
+        if unavailable == "storage down"
+        else CollectorOverloaded("too many lines waiting", 3)
+    )
+    resp = await client.post("/api/v1/reports", data=body(batch()), headers={**JSON, **auth(AGENT_TOKEN)})
+    assert resp.status in (503, 429)
+    fleet = await get(client, "/api/v1/fleet")
+    assert fleet["totals"]["states"]["free"] == 1
+    assert fleet["totals"]["idle_device_hours"] == pytest.approx(60 / 3600, rel=1e-4)
+    writer.fail = None
+    assert (await send(client, batch()))["duplicates"] == 1  # the retry is not counted twice
+    assert (await get(client, "/api/v1/fleet"))["totals"]["idle_device_hours"] == pytest.approx(
+        60 / 3600, rel=1e-4
+    )
