@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import math
 import os
 import re
 import sys
@@ -221,6 +222,14 @@ def _check_token(tok: TokenConfig, where: str, source: str, env: Mapping[str, st
         )
 
 
+def _check_number(src: str, key: str, value: float, *, zero_ok: bool = False) -> None:
+    """Finite and positive (or at least 0 where 0 means something: no wait, not priced)."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(
+            f"{src}: {key} must be a finite number {'>= 0' if zero_ok else '> 0'}, not {value!r}"
+        )
+
+
 def _require_influxdb_client(src: str) -> None:
     """influxdb_v2 writes through influxdb-client's async API, an optional dependency."""
     try:
@@ -250,10 +259,11 @@ def validate(config: Config, env: Mapping[str, str] | None = None) -> Config:
         "max_device_windows",
         "max_labels",
         "max_label_value_len",
-        "forget_after_s",
     ):
         if getattr(c, name) <= 0:
             raise ConfigError(f"{src}: collector.{name} must be positive")
+    _check_number(src, "collector.stale_windows", c.stale_windows)
+    _check_number(src, "collector.forget_after_s", c.forget_after_s)
     for i, tok in enumerate(config.auth.agent_tokens):
         _check_token(tok, f"auth.agent_tokens[{i}]", src, env)
         if not tok.agents:
@@ -277,6 +287,14 @@ def validate(config: Config, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"{src}: storage.batch_size must be 1..100000")
     if s.write_concurrency < 1:
         raise ConfigError(f"{src}: storage.write_concurrency must be at least 1")
+    _check_number(src, "storage.flush_interval_s", s.flush_interval_s, zero_ok=True)
+    _check_number(src, "storage.timeout_s", s.timeout_s)
+    _check_number(src, "storage.retry_after_s", s.retry_after_s)
+    _check_number(src, "storage.max_pending_lines", s.max_pending_lines)
+    p = config.pricing
+    _check_number(src, "pricing.default", p.default, zero_ok=True)
+    for model, price in p.models.items():
+        _check_number(src, f"pricing.models.{model}", price, zero_ok=True)
     return dataclasses.replace(config, storage=s)
 
 

@@ -119,3 +119,35 @@ def test_influxdb_v2_without_influxdb_client_names_the_extra(monkeypatch):
     assert "pip install 'capmon[collector]'" in str(exc.value)
     # Other kinds never need it.
     assert parse("[storage]\nkind = 'influxdb_v1'\n", "collector.toml", env={}).storage.kind == "influxdb_v1"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[collector]\nstale_windows = 0\n", "collector.stale_windows"),
+        ("[collector]\nstale_windows = nan\n", "collector.stale_windows"),
+        ("[collector]\nforget_after_s = -1\n", "collector.forget_after_s"),
+        ("[collector]\nforget_after_s = nan\n", "collector.forget_after_s"),
+        ("[storage]\nflush_interval_s = -0.1\n", "storage.flush_interval_s"),
+        ("[storage]\ntimeout_s = 0\n", "storage.timeout_s"),
+        ("[storage]\ntimeout_s = inf\n", "storage.timeout_s"),
+        ("[storage]\nretry_after_s = 0\n", "storage.retry_after_s"),
+        ("[storage]\nmax_pending_lines = 0\n", "storage.max_pending_lines"),
+        ("[pricing]\ndefault = -1.0\n", "pricing.default"),
+        ("[pricing.models]\nH100 = -2.5\n", "pricing.models.H100"),
+        ("[pricing.models]\nH100 = nan\n", "pricing.models.H100"),
+    ],
+)
+def test_out_of_range_numbers_name_key_and_file(text, key):
+    with pytest.raises(ConfigError) as exc:
+        parse(text, "collector.toml", env={})
+    assert key in str(exc.value) and "collector.toml" in str(exc.value)
+
+
+def test_zero_flush_interval_and_zero_prices_are_valid():
+    config = parse(
+        "[storage]\nflush_interval_s = 0\n[pricing]\ndefault = 0\n[pricing.models]\nA100 = 0\n",
+        "c.toml",
+        env={},
+    )
+    assert config.storage.flush_interval_s == 0 and config.pricing.models["A100"] == 0
