@@ -20,6 +20,7 @@ from capmon.agent import wire
 from capmon.agent.config import AgentConfig, AgentSection
 from capmon.agent.daemon import Agent, identity_of
 from capmon.agent.probe import Probe
+from capmon.collector.app import FLEET as FLEET_VIEW
 from capmon.collector.app import create_app
 from capmon.collector.config import (
     AuthConfig,
@@ -521,6 +522,9 @@ async def run_pipeline(influx_url: str, db: str) -> dict[str, Any]:
     """Agents → collector (aiohttp test client, influxdb_v1 storage) → influxd; returns /api/v1/fleet."""
     outputs = await asyncio.gather(*(_run_agent(h) for h in FLEET))
     app = create_app(collector_config(influx_url, db), clock=lambda: T0 + DURATION_S + 5)
+    # The collector has been up since before the fleet's first window: its since-start totals
+    # (which count only windows ending after it started) cover the whole script.
+    app[FLEET_VIEW].started_at = T0
     async with TestClient(TestServer(app)) as client:
         for identity, reports in outputs:
             for i in range(0, len(reports), 100):
