@@ -11,7 +11,6 @@ import datetime
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 # The one influxd launcher and loopback helpers, shared with the integration tests.
-from servers import InfluxdServer
+from servers import InfluxdServer, stop_process
 from servers import _http as http
 from servers import free_port as free_port  # re-exported for the benchmark scripts
 
@@ -116,15 +115,8 @@ def wait_http(
 
 
 def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL: every child a benchmark starts goes through here (in a finally)."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """Every child a benchmark starts is stopped through here (in a finally)."""
+    stop_process(proc, timeout)
 
 
 class Influxd(InfluxdServer):
