@@ -176,6 +176,17 @@ class IdleClassifier:
                 return int(table[key] * MIB)
         return None
 
+    def observe_probe(self, probe: str, t: float, devices: Iterable[DeviceSample]) -> None:
+        """Record everything one probe listed at `t`: the unit in which devices appear and vanish.
+
+        A GPU split into MIG instances is capacity only through its instances: it is counted once.
+        """
+        devices = list(devices)
+        parents = {d.parent_id for d in devices if d.parent_id}
+        for d in devices:
+            if d.device_id not in parents:
+                self.observe(t, d)
+
     def observe(self, t: float, sample: DeviceSample) -> Observation:
         """Record one sample taken at `t` (seconds); returns its instant state."""
         track = self._tracks.get(sample.device_id)

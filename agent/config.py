@@ -17,6 +17,8 @@ from typing import Any
 
 from capmon.agent.classifier import ClassifierConfig
 from capmon.agent.probe import config_from_mapping
+from capmon.agent.spool import SpoolConfig
+from capmon.agent.transport import TransportConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,9 +67,9 @@ class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     probes: ProbesSection = field(default_factory=ProbesSection)
-    # `[spool]` and `[transport]` are validated by the delivery module that owns them.
-    spool: Mapping[str, Any] = field(default_factory=dict)
-    transport: Mapping[str, Any] = field(default_factory=dict)
+    # `[spool]` and `[transport]`: their dataclasses live in the modules that use them.
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     source: str = "<defaults>"
 
     @property
@@ -159,18 +161,13 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     if env.get("CAPMON_AGENT_TOKEN"):
         transport["token"] = env["CAPMON_AGENT_TOKEN"]
     spool = dict(data.get("spool", {}))
-    # Checked now, not when first used: a misspelt `url` must not quietly turn delivery off.
-    from capmon.agent.spool import SpoolConfig
-    from capmon.agent.transport import TransportConfig
-
-    section(SpoolConfig, spool, f"{source}: [spool]")
-    section(TransportConfig, transport, f"{source}: [transport]")
+    # Decoded once, here: a misspelt `url` must not quietly turn delivery off.
     return AgentConfig(
         agent=agent,
         classifier=classifier,
         probes=probes,
-        spool=spool,
-        transport=transport,
+        spool=section(SpoolConfig, spool, f"{source}: [spool]"),
+        transport=section(TransportConfig, transport, f"{source}: [transport]"),
         source=source,
     )
 

@@ -113,7 +113,11 @@ class _HostWindow:
 
 def identity_of(config: AgentConfig) -> wire.AgentIdentity:
     return wire.AgentIdentity(
-        id=config.agent_id, host=config.host, version=__version__, labels=dict(config.agent.labels)
+        id=config.agent_id,
+        host=config.host,
+        version=__version__,
+        labels=dict(config.agent.labels),
+        window_s=config.agent.window_s,
     )
 
 
@@ -154,10 +158,10 @@ class StreakFile:
 def make_sink(config: AgentConfig) -> ReportSink:
     """A spooling HTTP sink when a collector url is configured, else JSON lines."""
     identity = identity_of(config)
-    if config.transport.get("url"):
+    if config.transport.url:
         from capmon.agent.delivery import SpoolingSink  # only agents that deliver need aiohttp's client
 
-        return SpoolingSink.from_config(identity, config.spool, config.transport, where=config.source)
+        return SpoolingSink(identity, config.spool, config.transport)
     return JsonLinesSink(identity, config.agent.output)
 
 
@@ -195,17 +199,13 @@ class Agent:
         self._host = _HostWindow()
         self.lost_windows = 0
         self.streaks: StreakFile | None = None
-        if config.transport.get("url"):
-            spool_dir = Path(config.spool.get("path", "/var/lib/capmon/spool"))
+        if config.transport.url:
+            spool_dir = Path(config.spool.path)
             keep_s = max(3 * config.agent.window_s, 600)
             self.streaks = StreakFile(spool_dir / "idle-streaks.json", keep_s, clock)
 
     def _on_samples(self, probe: str, t: float, devices: list[DeviceSample], host: HostSample | None) -> None:
-        # A GPU split into MIG instances is capacity only through its instances: count it once.
-        parents = {d.parent_id for d in devices if d.parent_id}
-        for d in devices:
-            if d.device_id not in parents:
-                self.classifier.observe(t, d)
+        self.classifier.observe_probe(probe, t, devices)
         if host is not None:
             self._host.add(host)
 

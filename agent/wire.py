@@ -18,21 +18,49 @@ STATES: tuple[str, ...] = ("busy", "allocated_idle", "free", "unavailable")
 IDLE_STATES: frozenset[str] = frozenset({"allocated_idle", "free"})
 State = Literal["busy", "allocated_idle", "free", "unavailable"]
 
+# Every bound of the protocol, once. The agent's config checks, the sampler's sanitising and the
+# collector's checks import these; the collector's configurable limits may be tighter, never looser.
+MAX_ID_LEN = 128
+MAX_NAME_LEN = 256
+MAX_VENDOR_LEN = 64
+MAX_KEY_LEN = 64
+MAX_TEXT_LEN = 1024
+MAX_LABELS = 16
+MAX_LABEL_VALUE_LEN = 128
+MAX_EXTRA = 32
+MAX_INFO = 16
+MAX_DEVICES_PER_REPORT = 4096
+MAX_REPORTS_PER_BATCH = 1000
+MAX_PROBES = 64
+MAX_COUNT = 1_000_000
+MAX_WINDOW_S = 86_400
+# State seconds may exceed the window by this much (sample-and-hold rounding, a late tick).
+def window_slack_s(window_s: float) -> float:
+    return max(2.0, 0.1 * window_s)
+
+
+# A key is lower-case letters, digits and `_`, starting with a letter; `\Z`, not `$`, which would
+# also match before a final newline ("zz\n") and let a newline into line protocol.
+KEY_PATTERN = r"^[a-z][a-z0-9_]*\Z"
+
 # Unix seconds between 2001 and 2100: anything else is a broken clock, not data.
 Timestamp = Annotated[int, Meta(ge=1_000_000_000, le=4_102_444_800)]
-Seconds = Annotated[float, Meta(ge=0, le=86_400)]
+Seconds = Annotated[float, Meta(ge=0, le=MAX_WINDOW_S)]
 Percent = Annotated[float, Meta(ge=0, le=100)]
 Bytes = Annotated[int, Meta(ge=0, le=2**53)]
-Count = Annotated[int, Meta(ge=0, le=1_000_000)]
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 Finite = Annotated[float, Meta(ge=-1e15, le=1e15)]
 Watts = Annotated[float, Meta(ge=0, le=100_000)]
 Celsius = Annotated[float, Meta(ge=-100, le=300)]
-Identifier = Annotated[str, Meta(min_length=1, max_length=128)]
-Name = Annotated[str, Meta(min_length=1, max_length=256)]
-FieldName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
-LabelKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
-LabelValue = Annotated[str, Meta(max_length=256)]
-Text = Annotated[str, Meta(max_length=1024)]
+Identifier = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN)]
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LEN)]
+FieldName = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_LEN, pattern=KEY_PATTERN)]
+LabelKey = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_LEN, pattern=KEY_PATTERN)]
+LabelValue = Annotated[str, Meta(max_length=MAX_LABEL_VALUE_LEN)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT_LEN)]
+WindowLength = Annotated[int, Meta(ge=1, le=MAX_WINDOW_S)]
+# The share of a physical GPU a device is (a MIG 1g instance of 7 slices: 1/7); whole devices: 1.
+Fraction = Annotated[float, Meta(gt=0, le=1)]
 
 
 class _Record(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -43,7 +71,7 @@ class DeviceWindow(_Record, kw_only=True):
     """One device over one window: seconds in each state, and statistics of what it did."""
 
     device_id: Identifier
-    vendor: Annotated[str, Meta(min_length=1, max_length=64)]
+    vendor: Annotated[str, Meta(min_length=1, max_length=MAX_VENDOR_LEN)]
     model: Name | None = None
     index: Annotated[int, Meta(ge=0, le=2**31)] | None = None
     parent_id: Identifier | None = None
@@ -55,6 +83,8 @@ class DeviceWindow(_Record, kw_only=True):
     unavailable_s: Seconds = 0.0
     # Busy with no process at all: a broken driver state or a process in another PID namespace.
     ghost_s: Seconds = 0.0
+    # Busy by utilisation but with almost no SM activity (an NCCL hang, a spin loop): "busy doing nothing".
+    spin_s: Seconds = 0.0
     util_mean_pct: Percent | None = None
     util_max_pct: Percent | None = None
     memory_used_bytes: Bytes | None = None
@@ -64,9 +94,18 @@ class DeviceWindow(_Record, kw_only=True):
     processes: Count | None = None
     # Start of the current idle streak (unix seconds), None when the device is not idle.
     idle_since: Timestamp | None = None
+    # Since when the device has been in `state` (unix seconds): a GPU free for days that a job took two
+    # minutes ago is allocated-idle for two minutes. None when not known.
+    state_since: Timestamp | None = None
+    # The share of a physical accelerator this device is: a MIG instance its slices of the parent.
+    # Device-hours and prices are GPU-equivalents: multiplied by this. Absent: a whole device (1).
+    fraction: Fraction | None = None
+    # Why the device is unavailable (unreadable, unhealthy), for people.
     error: Text | None = None
-    extra: Annotated[dict[FieldName, Finite], Meta(max_length=32)] = {}
-    info: Annotated[dict[FieldName, Text], Meta(max_length=16)] = {}
+    # Why it is in its state when that is not obvious ("memory held, no process visible"), for people.
+    reason: Text | None = None
+    extra: Annotated[dict[FieldName, Finite], Meta(max_length=MAX_EXTRA)] = {}
+    info: Annotated[dict[FieldName, Text], Meta(max_length=MAX_INFO)] = {}
 
 
 class HostWindow(_Record, kw_only=True):
@@ -97,12 +136,16 @@ class ProbeStats(_Record, kw_only=True):
 class AgentStats(_Record, kw_only=True):
     """The agent's self-metrics (measurement `capmon_agent`); counters are cumulative."""
 
-    uptime_s: Annotated[float, Meta(ge=0)] = 0.0
+    # A century at most: anything longer is a broken clock.
+    uptime_s: Annotated[float, Meta(ge=0, le=3.2e9)] = 0.0
     spool_reports: Count = 0
     spool_bytes: Bytes = 0
+    # Windows the spool's size/age bound dropped before delivery (durable across restarts).
     dropped_reports: Count = 0
+    # Windows that could not be kept at all (disk full, I/O error), durable across restarts.
+    lost_windows: Count = 0
     dead_letter_reports: Count = 0
-    probes: Annotated[list[ProbeStats], Meta(max_length=64)] = []
+    probes: Annotated[list[ProbeStats], Meta(max_length=MAX_PROBES)] = []
 
 
 class Report(_Record, kw_only=True):
@@ -111,7 +154,7 @@ class Report(_Record, kw_only=True):
     seq: Annotated[int, Meta(ge=1, le=2**53)]
     start: Timestamp
     end: Timestamp
-    devices: Annotated[list[DeviceWindow], Meta(max_length=4096)] = []
+    devices: Annotated[list[DeviceWindow], Meta(max_length=MAX_DEVICES_PER_REPORT)] = []
     host: HostWindow | None = None
     agent: AgentStats | None = None
 
@@ -122,7 +165,10 @@ class AgentIdentity(_Record, kw_only=True):
     # Random id of the spool that numbers `seq`: a new instance (fresh spool) restarts `seq` at 1.
     instance: Identifier | None = None
     version: Annotated[str, Meta(max_length=64)] = ""
-    labels: Annotated[dict[LabelKey, LabelValue], Meta(max_length=16)] = {}
+    labels: Annotated[dict[LabelKey, LabelValue], Meta(max_length=MAX_LABELS)] = {}
+    # The agent's configured window length: staleness is judged by it, never by a short first or
+    # last window's length. Absent from older agents.
+    window_s: WindowLength | None = None
 
 
 class Batch(_Record, kw_only=True):
@@ -130,7 +176,7 @@ class Batch(_Record, kw_only=True):
 
     protocol: Literal[1] = PROTOCOL_VERSION
     agent: AgentIdentity
-    reports: Annotated[list[Report], Meta(min_length=1, max_length=1000)]
+    reports: Annotated[list[Report], Meta(min_length=1, max_length=MAX_REPORTS_PER_BATCH)]
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
@@ -157,6 +203,44 @@ def decode_batch(body: bytes) -> Batch:
 
 def decode_report(data: bytes) -> Report:
     return _report_decoder.decode(data)
+
+
+def check_report(report: Report, where: str = "$") -> tuple[str, str] | None:
+    """What typed decoding cannot check: values that contradict each other or the window.
+
+    Returns `(reason, path)` of the first impossible value, else None. The agent runs this before it
+    spools a window and the collector before it stores one, so both judge a report alike.
+    """
+    if report.end <= report.start:
+        return "end must be after start", f"{where}.end"
+    window = report.end - report.start
+    slack = window_slack_s(window)
+    ids: set[str] = set()
+    for j, d in enumerate(report.devices):
+        dw = f"{where}.devices[{j}]"
+        if d.device_id in ids:
+            return "device_id repeated in one report", f"{dw}.device_id"
+        ids.add(d.device_id)
+        if d.busy_s + d.allocated_idle_s + d.free_s + d.unavailable_s > window + slack:
+            return f"state seconds exceed the {window}s window", f"{dw}.busy_s"
+        # Rounded to the millisecond on the agent: allow that much.
+        if d.ghost_s > d.busy_s + 0.01:
+            return "ghost_s is part of busy_s and cannot exceed it", f"{dw}.ghost_s"
+        if d.spin_s > d.busy_s + 0.01:
+            return "spin_s is part of busy_s and cannot exceed it", f"{dw}.spin_s"
+        if d.util_mean_pct is not None and d.util_max_pct is not None and d.util_max_pct < d.util_mean_pct - 0.01:
+            return "util_max_pct is below util_mean_pct", f"{dw}.util_max_pct"
+        if (
+            d.memory_used_bytes is not None
+            and d.memory_total_bytes is not None
+            and d.memory_used_bytes > d.memory_total_bytes
+        ):
+            return "memory_used_bytes exceeds memory_total_bytes", f"{dw}.memory_used_bytes"
+        if d.idle_since is not None and d.idle_since > report.end + slack:
+            return "idle_since after the window's end", f"{dw}.idle_since"
+        if d.state_since is not None and d.state_since > report.end + slack:
+            return "state_since after the window's end", f"{dw}.state_since"
+    return None
 
 
 def split_error(exc: msgspec.MsgspecError) -> tuple[str, str | None]:

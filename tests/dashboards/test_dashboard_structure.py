@@ -240,5 +240,5 @@ def test_demo_configs_load():
     for path in sorted((DASHBOARDS / "demo").glob("sim-*.toml")):
         agent = load_config(path, env=env)
         assert agent.agent.id == path.stem and "mock" in agent.probes.enable
-        assert agent.transport["url"] == "http://collector:8900/api/v1/reports"
+        assert agent.transport.url == "http://collector:8900/api/v1/reports"
         assert f"/src/dashboards/demo/{path.name}" in compose
