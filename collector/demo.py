@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -23,8 +25,9 @@ import aiohttp
 from aiohttp import web
 
 from capmon.agent.config import AgentConfig, AgentSection
-from capmon.agent.daemon import Agent, identity_of
-from capmon.agent.delivery import SpoolingSink
+from capmon.agent.daemon import Agent
+from capmon.agent.spool import SpoolConfig
+from capmon.agent.transport import TransportConfig
 from capmon.collector.app import create_app
 from capmon.collector.config import (
     AuthConfig,
@@ -111,13 +114,32 @@ def demo_config(args: argparse.Namespace) -> Config:
     )
 
 
+class CannotListen(Exception):
+    """The demo's collector port cannot be bound; the message is the one line a person sees."""
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run_demo(args))
+    except CannotListen as exc:
+        print(f"capmon demo: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> CannotListen:
+    # asyncio rewrites strerror as "error while attempting to bind on address …": say just the cause.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    reason = reason[:1].lower() + reason[1:]
+    hint = ""
+    if exc.errno == errno.EADDRINUSE:
+        hint = " (try --port 0 or another port)"
+    elif exc.errno == errno.EACCES:
+        hint = " (ports below 1024 need privileges; try --port 0 or another port)"
+    return CannotListen(f"cannot listen on {host}:{port}: {reason}{hint}")
 
 
 async def run_demo(args: argparse.Namespace, out=None) -> None:
@@ -127,7 +149,11 @@ async def run_demo(args: argparse.Namespace, out=None) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise _cannot_listen("127.0.0.1", args.port, exc) from None
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     url = f"http://127.0.0.1:{port}"
     spool_root = tempfile.mkdtemp(prefix="capmon-demo-")
@@ -143,28 +169,23 @@ async def run_demo(args: argparse.Namespace, out=None) -> None:
             agent=AgentSection(
                 id=host.host, host=host.host, window_s=args.window, labels=host.labels, shutdown_timeout_s=3.0
             ),
+            spool=SpoolConfig(path=f"{spool_root}/{host.host}"),
+            transport=TransportConfig(
+                url=f"{url}/api/v1/reports", token=AGENT_TOKEN, backoff_min_s=0.5, backoff_max_s=5.0
+            ),
+            source="<demo>",
         )
-
-        sink = SpoolingSink.from_config(
-            identity_of(agent_config),
-            {"path": f"{spool_root}/{host.host}"},
-            {
-                "url": f"{url}/api/v1/reports",
-                "token": AGENT_TOKEN,
-                "backoff_min_s": 0.5,
-                "backoff_max_s": 5.0,
-            },
-            where="<demo>",
-        )
-        agents.append(Agent(agent_config, sink=sink, probes=[MockProbe(host.config)]))
+        agents.append(Agent(agent_config, probes=[MockProbe(host.config)]))
     tasks = [asyncio.create_task(a.run(stop)) for a in agents]
     print(
         f"capmon demo: collector on {url}, {args.hosts} simulated hosts × {args.devices} devices, "
         f"{args.window}s windows. Ctrl-C stops.",
         file=out,
     )
-    print(f"  try: curl -s -H 'Authorization: Bearer {READ_TOKEN}' {url}/api/v1/fleet", file=out)
+    hint = f"  try: curl -s -H 'Authorization: Bearer {READ_TOKEN}' {url}/api/v1/fleet"
+    print(hint, file=out)
     out.flush()
+    clear = out.isatty()
     started = time.monotonic()
     try:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {READ_TOKEN}"}) as http:
@@ -177,7 +198,8 @@ async def run_demo(args: argparse.Namespace, out=None) -> None:
                 devices = await (
                     await http.get(f"{url}/api/v1/devices", params={"state": "idle", "limit": "8"})
                 ).json()
-                print(render(fleet, devices, url, clear=out.isatty()), file=out)
+                # A cleared screen would erase the hint printed above, so each frame carries it.
+                print(render(fleet, devices, url, clear=clear, hint=hint if clear else ""), file=out)
                 out.flush()
                 if args.seconds and time.monotonic() - started >= args.seconds:
                     break
@@ -193,8 +215,15 @@ def _fmt_hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f}"
 
 
-def render(fleet: dict[str, Any], devices: dict[str, Any] | list[Any], url: str, clear: bool = False) -> str:
-    """The demo's screen: capacity by state and model, by site, and the longest-idle devices."""
+def render(
+    fleet: dict[str, Any],
+    devices: dict[str, Any] | list[Any],
+    url: str,
+    clear: bool = False,
+    hint: str = "",
+) -> str:
+    """The demo's screen: capacity by state and model, by site, and the longest-idle devices; `hint`
+    (the curl line) below them."""
     lines = []
     if clear:
         lines.append("\x1b[2J\x1b[H")
@@ -242,6 +271,8 @@ def render(fleet: dict[str, Any], devices: dict[str, Any] | list[Any], url: str,
             )
         )
     lines.extend(_table(rows))
+    if hint:
+        lines.extend(("", hint))
     return "\n".join(lines)
 
 
