@@ -4,12 +4,15 @@ Only the functions below exist; anything else the probe calls raises AttributeEr
 pynvml would. Errors are the real `pynvml.NVMLError_*` classes (importing pynvml needs no driver), so
 the probe's except clauses are exercised against what production raises. Time is simulated:
 `advance(seconds)` runs every GPU at its current load, filling the utilisation sample buffer (one
-sample every 1/6 s, as the driver does) and the GPM counters.
+sample every 1/6 s, as the driver does) and the GPM counters. `calls` counts every NVML function the
+probe calls, by name, so tests and benchmarks/nvml_cost.py can see what one tick costs in calls.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import inspect
 import itertools
 import queue
 import threading
@@ -21,6 +24,18 @@ import pynvml as real
 GIB = 1024**3
 SAMPLE_PERIOD_US = 166_667
 H100_MIG_SLOTS = 7
+# H100 80GB GPU instance profiles as `nvidia-smi mig -lgip` lists them:
+# profile index (NVML_GPU_INSTANCE_PROFILE_*) -> (profile id, name, slices, memory MiB).
+H100_GI_PROFILES = {
+    real.NVML_GPU_INSTANCE_PROFILE_1_SLICE: (19, "1g.10gb", 1, 9856),
+    real.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1: (20, "1g.10gb+me", 1, 9856),
+    real.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2: (15, "1g.20gb", 1, 19968),
+    real.NVML_GPU_INSTANCE_PROFILE_2_SLICE: (14, "2g.20gb", 2, 19968),
+    real.NVML_GPU_INSTANCE_PROFILE_3_SLICE: (9, "3g.40gb", 3, 40192),
+    real.NVML_GPU_INSTANCE_PROFILE_4_SLICE: (5, "4g.40gb", 4, 40192),
+    real.NVML_GPU_INSTANCE_PROFILE_7_SLICE: (0, "7g.80gb", 7, 80896),
+}
+_PROFILE_BY_NAME = {name: (pid, slices) for pid, name, slices, _mib in H100_GI_PROFILES.values()}
 
 
 def _raise(code: int) -> None:
@@ -34,6 +49,7 @@ class FakeMig:
     uuid: str
     gpu_instance_id: int
     name: str = "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+    profile: str = "1g.10gb"  # a name from H100_GI_PROFILES
     memory_total: int = 10 * GIB
     memory_used: int = 0
     pids: list[int] = field(default_factory=list)
@@ -76,6 +92,14 @@ class _Handle:
     mig: FakeMig | None = None
 
 
+@dataclass(frozen=True)
+class _GpuInstance:
+    """What nvmlDeviceGetGpuInstanceById returns (a `c_nvmlGpuInstance_t` in real pynvml)."""
+
+    gpu: FakeGpu
+    mig: FakeMig
+
+
 class FakeNvml(types.SimpleNamespace):
     """Stands in for the `pynvml` module. Build it with GPUs; flip their state between ticks."""
 
@@ -95,6 +119,7 @@ class FakeNvml(types.SimpleNamespace):
         self.driver = driver
         self.initialised = 0
         self.init_calls = 0
+        self.calls: collections.Counter[str] = collections.Counter()
         self.now_us = 1_700_000_000_000_000
         self.gpm_samples: dict[int, tuple[float, float, float] | None] = {}
         self._gpm_buffers: dict[int, ctypes.Array] = {}
@@ -102,11 +127,12 @@ class FakeNvml(types.SimpleNamespace):
         self._event_ids = itertools.count(1)
         # The unversioned process calls of real pynvml wrap _v3 and turn FunctionNotFound into
         # NVMLLibraryMismatchError; wrap ours with the very same decorator.
+        # Bound without the call counter: one unversioned call is one NVML call, not two.
         self.nvmlDeviceGetComputeRunningProcesses = real.throwOnVersionMismatch(
-            self.nvmlDeviceGetComputeRunningProcesses_v3
+            FakeNvml.nvmlDeviceGetComputeRunningProcesses_v3.__get__(self)
         )
         self.nvmlDeviceGetGraphicsRunningProcesses = real.throwOnVersionMismatch(
-            self.nvmlDeviceGetGraphicsRunningProcesses_v3
+            FakeNvml.nvmlDeviceGetGraphicsRunningProcesses_v3.__get__(self)
         )
 
     def __getattr__(self, name: str):
@@ -114,6 +140,18 @@ class FakeNvml(types.SimpleNamespace):
         value = getattr(real, name)
         if isinstance(value, types.FunctionType):
             raise AttributeError(f"fake pynvml has no {name}")
+        return value
+
+    def __getattribute__(self, name: str):
+        value = super().__getattribute__(name)
+        if name.startswith("nvml") and inspect.isroutine(value):
+            calls = super().__getattribute__("calls")
+
+            def counted(*args, **kwargs):
+                calls[name] += 1
+                return value(*args, **kwargs)
+
+            return counted
         return value
 
     # -- simulation ------------------------------------------------------------------------------
@@ -157,6 +195,9 @@ class FakeNvml(types.SimpleNamespace):
             _raise(real.NVML_ERROR_DRIVER_NOT_LOADED)
         if handle.gpu.lost:
             _raise(real.NVML_ERROR_GPU_IS_LOST)
+        if handle.mig is not None and not any(m is handle.mig for m in handle.gpu.mig_slots or []):
+            # The handle of a destroyed MIG instance: NVML no longer knows the device.
+            _raise(real.NVML_ERROR_INVALID_ARGUMENT)
         return handle.gpu
 
     def _function(self, since: str) -> None:
@@ -332,6 +373,34 @@ class FakeNvml(types.SimpleNamespace):
         if handle.mig is None:
             _raise(real.NVML_ERROR_INVALID_ARGUMENT)
         return handle.mig.gpu_instance_id
+
+    def nvmlDeviceGetGpuInstanceProfileInfo(self, handle: _Handle, profile: int, version: int = 2):
+        gpu = self._gpu(handle)
+        if handle.mig is not None or gpu.mig_slots is None or profile not in H100_GI_PROFILES:
+            _raise(real.NVML_ERROR_NOT_SUPPORTED)
+        profile_id, name, slices, mib = H100_GI_PROFILES[profile]
+        if version == 2:
+            info = real.c_nvmlGpuInstanceProfileInfo_v2_t()
+            info.name = f"MIG {name}".encode()
+        else:
+            info = real.c_nvmlGpuInstanceProfileInfo_t()
+        info.id, info.sliceCount, info.memorySizeMB = profile_id, slices, mib
+        info.instanceCount = H100_MIG_SLOTS // slices
+        return info
+
+    def nvmlDeviceGetGpuInstanceById(self, handle: _Handle, gpu_instance_id: int) -> _GpuInstance:
+        gpu = self._gpu(handle)
+        for mig in gpu.mig_slots or []:
+            if mig is not None and mig.gpu_instance_id == gpu_instance_id:
+                return _GpuInstance(gpu, mig)
+        _raise(real.NVML_ERROR_NOT_FOUND)
+
+    def nvmlGpuInstanceGetInfo(self, gpu_instance: _GpuInstance):
+        self._gpu(_Handle(gpu_instance.gpu))
+        info = real.c_nvmlGpuInstanceInfo_t()
+        info.id = gpu_instance.mig.gpu_instance_id
+        info.profileId = _PROFILE_BY_NAME[gpu_instance.mig.profile][0]
+        return info
 
     # -- GPM -------------------------------------------------------------------------------------
 
