@@ -94,6 +94,10 @@ async def _sample_once(
         results[name] = (devices, host, None)
 
     tasks = [ProbeTask(s.probe, collect) for s in statuses if s.probe is not None]
+    # A rate (host CPU %) needs time between setup() and the sample; without it the figure is absent.
+    warmup_s = max((float(getattr(t.probe, "warmup_s", 0.0)) for t in tasks), default=0.0)
+    if warmup_s > 0:
+        await asyncio.sleep(min(warmup_s, 2.0))
     await asyncio.gather(*(t.tick() for t in tasks))
     for t in tasks:
         if t.health.last_error:
