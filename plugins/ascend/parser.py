@@ -26,8 +26,11 @@ _VERSION = re.compile(r"Version:\s*(\S+)")
 # Normalised header word -> attribute of the row being read.
 _DEVICE_COLUMNS = {
     "npu": "npu_id",
+    # Ascend 950 (Atlas 350): one row pair per NPU, headed `NPU ID`, no chip column.
+    "npuid": "npu_id",
     "name": "name",
     "chip": "chip_id",
+    "chipid": "chip_id",
     "device": "logic_id",
     "phyid": "phy_id",
     "health": "health",
@@ -42,12 +45,15 @@ _DEVICE_COLUMNS = {
 }
 _PROCESS_COLUMNS = {
     "npu": "npu_id",
+    "npuid": "npu_id",
     "chip": "chip_id",
+    "chipid": "chip_id",
     "processid": "pid",
     "processname": "name",
     "processmemorymb": "memory_mb",
     "processidincontainer": "container_pid",
 }
+_KNOWN = frozenset(_DEVICE_COLUMNS) | frozenset(_PROCESS_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +79,9 @@ class NpuChip:
     npu_util_pct: float | None = None
     hugepages_used: int | None = None
     hugepages_total: int | None = None
+    # False when the header was not understood and the NPU id is the numbered first cell of its
+    # row pair: the other values are only those whose columns were recognised.
+    understood: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +126,15 @@ def _key(header: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _split_header(cell: str) -> tuple[str, ...]:
-    return tuple(h for h in _HEADER_SPLIT.split(cell.strip()) if h)
+    names: list[str] = []
+    for name in _HEADER_SPLIT.split(cell.strip()):
+        words = name.split()
+        # `NPU Chip` (one space) heads two columns in some process tables; `NPU ID` is one.
+        if len(words) > 1 and _key(name) not in _KNOWN and all(_key(w) in _KNOWN for w in words):
+            names.extend(words)
+        elif name:
+            names.append(name)
+    return tuple(names)
 
 
 def _int(text: str | None) -> int | None:
@@ -174,6 +191,8 @@ class _Reader:
             elif len(values) == 1 < len(names) and _key(names[-1]) == "name" and _int(values[0]) is None:
                 # Only a name: the NPU id is left out (a second chip of one NPU); keep the name a name.
                 values = [""] * (len(names) - 1) + values
+            elif len(values) == 1 and [columns.get(_key(n)) for n in names] == ["npu_id", "chip_id"]:
+                values = [values[0], ""]  # one id under `NPU Chip`: the NPU's, its only chip
             elif len(values) < len(names) and any(v.strip() for v in values):
                 self.warn(
                     f"fewer values than columns in {value_cell.strip()!r} under {header_cell.strip()!r}"
@@ -192,11 +211,24 @@ def _row_cells(line: str) -> list[str]:
     return inner.split("|")
 
 
-def _chip(reader: _Reader, first: dict[str, str | None], second: dict[str, str | None]) -> NpuChip | None:
+def _has_column(rows: list[list[str]], attr: str, columns: dict[str, str]) -> bool:
+    return any(columns.get(_key(n)) == attr for row in rows for cell in row for n in _split_header(cell))
+
+
+def _first_number(cell: str | None) -> int | None:
+    words = (cell or "").split()
+    return int(words[0]) if words and words[0].isdigit() else None
+
+
+def _chip(
+    reader: _Reader,
+    first: dict[str, str | None],
+    second: dict[str, str | None],
+    understood: bool = True,
+) -> NpuChip | None:
     values = {**first, **second}
     npu_id, chip_id = _int(values.get("npu_id")), _int(values.get("chip_id"))
     if npu_id is None or chip_id is None:
-        reader.warn(f"chip rows without an NPU id and chip id skipped: {values}")
         return None
     hbm_used, hbm_total = _pair(values.get("hbm"))
     ddr_used, ddr_total = _pair(values.get("memory"))
@@ -223,6 +255,7 @@ def _chip(reader: _Reader, first: dict[str, str | None], second: dict[str, str |
         npu_util_pct=_float(values.get("npu_util_pct")),
         hugepages_used=huge_used,
         hugepages_total=huge_total,
+        understood=understood,
     )
 
 
@@ -240,6 +273,25 @@ def parse_npu_smi_info(text: str) -> NpuSmiInfo:
     section = "title"  # title -> device_header -> devices -> processes
     block: list[list[str]] = []  # device rows since the last separator
     npu_of_group: int | None = None  # NPU id of the chips since the last `+===`
+    has_chip_column = True
+    process_has_chip = True
+
+    def by_structure(
+        first: list[str], second: list[str], row1: dict[str, str | None], row2: dict[str, str | None]
+    ) -> NpuChip | None:
+        """A row pair whose ids were not understood: the NPU id is its numbered first cell."""
+        npu_id = _first_number(first[0] if first else None)
+        if npu_id is None:
+            reader.warn(f"chip rows without an NPU id and chip id skipped: {'|'.join(first)!r}")
+            return None
+        chip_id = _first_number(second[0] if second else None)
+        if chip_id is None or (npu_id, chip_id) in seen_chips:
+            chip_id = sum(1 for n, _ in seen_chips if n == npu_id)
+        header = (device_header[0][0] if device_header and device_header[0] else "").strip()
+        reader.warn(f"NPU {npu_id} read by the position of its rows: header {header!r} not understood")
+        return _chip(
+            reader, {**row1, "npu_id": str(npu_id)}, {**row2, "chip_id": str(chip_id)}, understood=False
+        )
 
     def flush_block() -> None:
         nonlocal npu_of_group
@@ -252,7 +304,11 @@ def parse_npu_smi_info(text: str) -> NpuSmiInfo:
             row2 = reader.cells(device_header[1], second, _DEVICE_COLUMNS)
             if _int(row1.get("npu_id")) is None and npu_of_group is not None:
                 row1["npu_id"] = str(npu_of_group)  # a second chip of the same NPU may leave the id out
+            if not has_chip_column and _int(row1.get("npu_id")) is not None:
+                row2["chip_id"] = "0"  # one row pair per NPU (Ascend 950): its only chip
             chip = _chip(reader, row1, row2)
+            if chip is None:
+                chip = by_structure(first, second, row1, row2)
             if chip is None:
                 continue
             if (chip.npu_id, chip.chip_id) in seen_chips:
@@ -281,10 +337,11 @@ def parse_npu_smi_info(text: str) -> NpuSmiInfo:
         cells = _row_cells(line)
         first_words = cells[0].split()
         is_process_header = any(_key(c).startswith("process") for c in cells[1:]) and bool(first_words)
-        if is_process_header and first_words[0].upper() == "NPU":
+        if is_process_header and section != "title":
             if section == "devices":
                 flush_block()
             process_header = cells
+            process_has_chip = _has_column([cells], "chip_id", _PROCESS_COLUMNS)
             section = "processes"
             continue
         if section == "title":
@@ -293,12 +350,18 @@ def parse_npu_smi_info(text: str) -> NpuSmiInfo:
                 section = "device_header"
             elif version is None and (match := _VERSION.search(line)):
                 version = match.group(1)
+            elif len(cells) > 1 and any(c.strip() for c in cells):
+                # A table the parser has not seen: its NPUs are still found by their rows' structure.
+                reader.warn(f"device table header {cells[0].strip()!r} not understood")
+                device_header = [cells]
+                section = "device_header"
             else:
                 reader.warn(f"row before the device table not understood: {line!r}")
             continue
         if section == "device_header":
             if len(device_header) == 1:
                 device_header.append(cells)
+                has_chip_column = _has_column(device_header, "chip_id", _DEVICE_COLUMNS)
             else:
                 # No separator after the header: take the row as data anyway.
                 section = "devices"
@@ -314,6 +377,8 @@ def parse_npu_smi_info(text: str) -> NpuSmiInfo:
             continue
         row = reader.cells(process_header or [], cells, _PROCESS_COLUMNS)
         npu_id, chip_id = _int(row.get("npu_id")), _int(row.get("chip_id"))
+        if npu_id is not None and chip_id is None and (not process_has_chip or not row.get("chip_id")):
+            chip_id = 0  # a table without chip ids (Ascend 950) or one id under `NPU Chip`
         if npu_id is None or chip_id is None:
             reader.warn(f"process row not understood: {line!r}")
             continue

@@ -30,10 +30,31 @@ DEFAULT_TABLES = {
     "info_310b4_v23.0.0_alarm_busid_NA_no_process_table.txt": (1, 0, False),
     "info_310p3_1chip_v25.5.2_npu_id_32896_anonymized_bus.txt": (1, 0, True),
     "info_310p3_v25.3.rc1_power_NA_no_processes.txt": (1, 0, True),
+    "info_a5_atlas350_doc_npu_id_header_no_processes.txt": (1, 0, True),
 }
 
 # File -> chips checked field by field (every field of the record).
 EXPECTED_CHIPS = {
+    # Ascend 950: `NPU ID` first, no chip column, NPU Util instead of AICore, DDR 0 / 0 beside HBM.
+    "info_a5_atlas350_doc_npu_id_header_no_processes.txt": [
+        NpuChip(
+            0,
+            0,
+            "xxx",
+            "OK",
+            204.4,
+            56,
+            None,
+            4439,
+            86016,
+            0,
+            0,
+            "0000:91:00.0",
+            npu_util_pct=0,
+            hugepages_used=0,
+            hugepages_total=0,
+        ),
+    ],
     "info_910a_8npu_v24.1.0_name910B.txt": [
         NpuChip(
             0,
@@ -443,6 +464,7 @@ EXPECTED_PROCESS_COUNTS = {
     "info_310_atlas300i_model3000_4chip_v21.0.4.txt": {(6, 0): None, (6, 3): None},
     "info_310p3_1chip_v25.5.2_npu_id_32896_anonymized_bus.txt": {(32896, 0): 0},
     "info_310b4_v23.0.0_alarm_busid_NA_no_process_table.txt": {(0, 0): None},
+    "info_a5_atlas350_doc_npu_id_header_no_processes.txt": {(0, 0): 0},
 }
 
 EXPECTED_PROCESSES = {
@@ -459,6 +481,7 @@ EXPECTED_PROCESSES = {
 }
 
 EXPECTED_VERSIONS = {
+    "info_a5_atlas350_doc_npu_id_header_no_processes.txt": "x.x.x",
     "info_310_atlas300i_model3000_4chip_v21.0.4.txt": "21.0.4.B030",
     "info_910b4_1npu_v26.0.rc1_wide_container_pid_column.txt": "26.0.rc1",
     "info_910a_atlas800_9010_v24.1.RC2_name_xxx_warning_processes.txt": "24.1.RC2",
@@ -662,3 +685,121 @@ def test_second_die_keeps_its_name_without_an_npu_id():
     info = parse_npu_smi_info(DUAL_DIE)
     assert info.warnings == ()
     assert [c.name for c in info.chips] == ["Ascend910", "Ascend910"]
+
+
+def _a5_table(npus: int, processes: str, process_header: str = "NPU ID") -> str:
+    """Synthetic: the Ascend 950 doc layout widened to `npus` cards with a process table."""
+    rows = []
+    for n in range(npus):
+        rows.append(
+            f"| {n:<6} | Ascend950PR      | {'OK' if n != 3 else 'Alarm':<13} "
+            f"| {200.0 + n:<11.1f} {50 + n:<17} {0:<5} / {0:<13} |"
+        )
+        rows.append(
+            f"|        |                  | 0000:{0x91 + n:02X}:00.0  "
+            f"| {10 * n:<11} {0:<4} / {0:<8} {4800 + n:<5} / {98304:<13} |"
+        )
+        rows.append(
+            "+--------+------------------+---------------+-----------------------------------------------------+"
+        )
+    rows[-1] = rows[-1].replace("-", "=")
+    return (
+        "+-------------------------------------------------------------------------------------------------+\n"
+        "| npu-smi 25.5.0                          Version: 25.5.0                                         |\n"
+        "+--------+------------------+---------------+-----------------------------------------------------+\n"
+        "| NPU ID | Name             | Health        | Power(W)    Temp(C)           Hugepages-Usage(page) |\n"
+        "|        |                  | Bus-Id        | NPU Util(%) Memory-Usage(MB)  HBM-Usage(MB)         |\n"
+        "+========+==================+===============+=====================================================+\n"
+        + "\n".join(rows)
+        + "\n+---------------------------+---------------+-----------------------------------------------------+\n"
+        f"| {process_header:<25} | Process id    | Process name             | Process memory(MB)       |\n"
+        "+===========================+===============+=====================================================+\n"
+        + processes
+        + "+===========================+===============+=====================================================+\n"
+    )
+
+
+A5_PROCESSES = (
+    "| 0                         | 52110         | python3                  | 61000                    |\n"
+    "| 0                         | 52111         | python3                  | 1200                     |\n"
+    "+===========================+===============+=====================================================+\n"
+    "| 5                         | 7301          | vllm worker              | 80000                    |\n"
+    "+===========================+===============+=====================================================+\n"
+    + "".join(
+        f"| No running processes found in NPU {n:<63}|\n"
+        "+===========================+===============+=====================================================+\n"
+        for n in (1, 2, 3, 4, 6, 7)
+    )
+)
+
+
+def test_a5_eight_cards_with_processes_headed_npu_id():
+    info = parse_npu_smi_info(_a5_table(8, A5_PROCESSES))
+    assert info.warnings == ()
+    assert [(c.npu_id, c.chip_id) for c in info.chips] == [(n, 0) for n in range(8)]
+    npu5 = info.chips[5]
+    assert (npu5.name, npu5.health, npu5.power_w, npu5.temp_c) == ("Ascend950PR", "OK", 205.0, 55)
+    assert (npu5.npu_util_pct, npu5.hbm_used_mb, npu5.hbm_total_mb, npu5.bus_id) == (
+        50,
+        4805,
+        98304,
+        "0000:96:00.0",
+    )
+    assert info.chips[3].health == "Alarm"
+    assert [info.process_count(n, 0) for n in range(8)] == [2, 0, 0, 0, 0, 1, 0, 0]
+    assert NpuProcess(5, 0, 7301, "vllm worker", 80000) in info.processes
+
+
+@pytest.mark.parametrize(
+    ("header", "cell0", "cell5"),
+    [("NPU Chip", "0 0", "5 0"), ("NPU     Chip", "0       0", "5       0"), ("NPU Chip", "0", "5")],
+)
+def test_a5_process_table_headed_npu_chip(header, cell0, cell5):
+    processes = (
+        f"| {cell0:<25} | 52110         | python3                  | 61000                    |\n"
+        f"| {cell5:<25} | 7301          | worker                   | 80000                    |\n"
+    )
+    info = parse_npu_smi_info(_a5_table(8, processes, process_header=header))
+    assert info.warnings == ()
+    assert [(p.npu_id, p.chip_id, p.pid) for p in info.processes] == [(0, 0, 52110), (5, 0, 7301)]
+    assert info.process_count(5, 0) == 1
+
+
+UNKNOWN_LAYOUT = """\
++------------------------------------------------------------------------------+
+| npu-smi 27.0.0                   Version: 27.0.0                             |
++------------+-----------------+-----------------------------------------------+
+| Card       | Label           | Watts      Celsius                            |
+|            | Slot            | Load(%)    Frame-Buffer(MB)                   |
++============+=================+===============================================+
+| 0          | Ascend960       | 300.1      61                                 |
+|            | 0000:91:00.0    | 35         12000 / 131072                     |
++============+=================+===============================================+
+| 1          | Ascend960       | 290.0      60                                 |
+|            | 0000:92:00.0    | 0          4000 / 131072                      |
++============+=================+===============================================+
+"""
+
+
+def test_unknown_layout_still_lists_each_npu_by_structure():
+    info = parse_npu_smi_info(UNKNOWN_LAYOUT)
+    assert [(c.npu_id, c.chip_id, c.understood) for c in info.chips] == [(0, 0, False), (1, 0, False)]
+    assert all(c.health is None and c.aicore_pct is None for c in info.chips)
+    assert "device table header 'Card' not understood" in info.warnings
+    assert any(
+        "NPU 0 read by the position of its rows: header 'Card' not understood" in w for w in info.warnings
+    )
+
+
+def test_unknown_first_column_keeps_the_values_it_understood():
+    text = FIXTURES.joinpath("info_a5_atlas350_doc_npu_id_header_no_processes.txt").read_text()
+    info = parse_npu_smi_info(text.replace("| NPU ID |", "| Dev ID |"))
+    (chip,) = info.chips
+    assert (chip.npu_id, chip.understood, chip.health, chip.npu_util_pct, chip.hbm_used_mb) == (
+        0,
+        False,
+        "OK",
+        0,
+        4439,
+    )
+    assert "unknown column 'Dev ID' ignored" in info.warnings
