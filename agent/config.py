@@ -1,7 +1,9 @@
 """The agent's configuration: one TOML file mapped onto frozen dataclasses, plus environment overrides.
 
-An unknown key is a startup error that names the key and the file. Secrets (the collector token)
-may come from the environment instead of the file.
+Decoded once, by the loader both roles share (`capmon.agent.configfile`): an unknown key or a wrong
+type is a startup error naming the file, the section and the key. What the collector would refuse
+for every window (the wire protocol's limits, `capmon.agent.wire`) is refused here, at startup.
+Secrets (the collector token) may come from the environment instead of the file.
 """
 
 from __future__ import annotations
@@ -9,25 +11,20 @@ from __future__ import annotations
 import os
 import re
 import socket
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import msgspec
+
+from capmon.agent import wire
 from capmon.agent.classifier import ClassifierConfig
-from capmon.agent.probe import config_from_mapping
+from capmon.agent.configfile import ConfigError, Where, bounds, check_sections, decode, read_toml
 from capmon.agent.spool import SpoolConfig
 from capmon.agent.transport import TransportConfig
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the person who wrote the file."""
+__all__ = ["AgentConfig", "AgentSection", "ConfigError", "ProbesSection", "load_config", "sample_config"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,16 +36,15 @@ class AgentSection:
     # Host name reported with every record. Default: this machine's host name.
     host: str = ""
     # Seconds per report window; windows end on multiples of it (wall clock), so timestamps align.
-    window_s: int = 60
+    window_s: int = field(default=60, metadata=bounds(ge=1, le=wire.MAX_WINDOW_S))
     # Labels attached to every record (bounded-cardinality identities: site, cluster, pool, ...).
     labels: Mapping[str, str] = field(default_factory=dict)
     # Where finished windows go when no collector is configured ([transport] url): "-" is stdout,
     # anything else a file path, one JSON batch per line.
     output: str = "-"
     # Seconds the agent may spend delivering what it holds after SIGTERM before it exits.
-    shutdown_timeout_s: float = 20.0
-    # debug, info, warning or error.
-    log_level: str = "info"
+    shutdown_timeout_s: float = field(default=20.0, metadata=bounds(ge=0))
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +55,7 @@ class ProbesSection:
     enable: tuple[str, ...] = ()
     # Probes never to run, even where their hardware is present. Env: CAPMON_PROBES_DISABLE=a,b
     disable: tuple[str, ...] = ()
+    # `[probes.<name>]` tables, decoded by the probe registry onto each probe's own config class.
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -81,93 +78,96 @@ class AgentConfig:
         return self.agent.host or socket.gethostname()
 
 
-def section(cls: type, table: Any, where: str) -> Any:
-    """Build one frozen dataclass from a TOML table; unknown keys and wrong types are named."""
-    try:
-        return config_from_mapping(cls, table, where)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+_SECTIONS = ("agent", "classifier", "probes", "spool", "transport")
 
 
-_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+def section(cls: type, table: Any, where: Where | str) -> Any:
+    """One section's dataclass from its TOML table (the shared decoder; kept for callers of old)."""
+    return decode(cls, table, where)
 
 
-def _check_identity(agent: AgentSection, source: str) -> None:
-    """What the collector would refuse for every window (wire.AgentIdentity's limits) is refused here,
+_KEY = re.compile(wire.KEY_PATTERN)
+
+
+def _check_agent(agent: AgentSection, where: Where) -> None:
+    """What the collector would refuse for every window (the limits of `wire.AgentIdentity`) is refused
     at startup, naming the key: a bad label must not cost the fleet its data."""
-    where = f"{source}: [agent]"
-    if not isinstance(agent.labels, Mapping):
-        raise ConfigError(f'{where} labels must be a table such as {{ site = "ams1" }}, got {agent.labels!r}')
-    if len(agent.labels) > 16:
-        raise ConfigError(f"{where} labels: at most 16, got {len(agent.labels)}")
+    if len(agent.labels) > wire.MAX_LABELS:
+        raise where.child("labels").error(
+            f"at most {wire.MAX_LABELS} labels (the collector refuses more), got {len(agent.labels)}"
+        )
     for key, value in agent.labels.items():
-        if not _LABEL_KEY.match(key):
-            raise ConfigError(
-                f"{where} labels.{key}: a label key is lower-case letters, digits and _ starting with a letter"
+        spot = where.child("labels").child(key)
+        if not _KEY.match(key) or len(key) > wire.MAX_KEY_LEN:
+            raise spot.error(
+                "a label key is lower-case letters, digits and _ starting with a letter, "
+                f"at most {wire.MAX_KEY_LEN} characters"
             )
-        if not isinstance(value, str) or len(value) > 256:
-            raise ConfigError(
-                f"{where} labels.{key} must be a string of at most 256 characters, got {value!r}"
-            )
-    if len(agent.id) > 128:
-        raise ConfigError(f"{where} id: at most 128 characters")
-    if len(agent.host) > 256:
-        raise ConfigError(f"{where} host: at most 256 characters")
+        if len(value) > wire.MAX_LABEL_VALUE_LEN:
+            raise spot.error(f"at most {wire.MAX_LABEL_VALUE_LEN} characters (the collector refuses longer)")
+    for key, most in (("id", wire.MAX_ID_LEN), ("host", wire.MAX_NAME_LEN)):
+        if len(getattr(agent, key)) > most:
+            raise where.child(key).error(f"at most {most} characters (the collector refuses longer)")
+    # Whatever else the wire's identity type refuses (a bound added there later) is refused here too.
+    identity = {"id": agent.id or "x", "host": agent.host or "x", "labels": dict(agent.labels)}
+    try:
+        msgspec.convert(identity, wire.AgentIdentity)
+    except msgspec.ValidationError as exc:
+        reason, path = wire.split_error(exc)
+        raise where.child((path or "$").removeprefix("$.")).error(
+            f"{reason} (the collector refuses it)"
+        ) from None
+
+
+def _check_classifier(classifier: ClassifierConfig, where: Where) -> None:
+    for name in ("memory_baseline_mib", "memory_baseline_pct"):
+        for key, value in getattr(classifier, name).items():
+            if value < 0:
+                raise where.child(name).child(key).error(f"must be ≥ 0, got {value}")
 
 
 def _names(value: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in value.split(",") if n.strip())
 
 
+def _decode_probes(table: Any, where: Where, env: Mapping[str, str]) -> ProbesSection:
+    if not isinstance(table, Mapping):
+        return decode(ProbesSection, table, where)  # names the wrong type
+    options = {k: v for k, v in table.items() if isinstance(v, Mapping)}
+    own = {k: v for k, v in table.items() if k not in options}
+    for key in own:
+        if key not in ("enable", "disable"):
+            raise where.error(
+                f"unknown key 'probes.{key}' (known: disable, enable, and [probes.<name>] tables)"
+            )
+    probes = decode(ProbesSection, own, where)
+    return ProbesSection(
+        enable=probes.enable + _names(env.get("CAPMON_PROBES_ENABLE", "")),
+        disable=probes.disable + _names(env.get("CAPMON_PROBES_DISABLE", "")),
+        options=options,
+    )
+
+
 def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> AgentConfig:
     """Read the agent's TOML file (or defaults when `path` is None) and apply environment overrides."""
     env = os.environ if env is None else env
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: no such file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    known = {"agent", "classifier", "probes", "spool", "transport"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown section [{unknown[0]}] (known: {', '.join(sorted(known))})")
-    agent = section(AgentSection, data.get("agent", {}), f"{source}: [agent]")
-    if agent.window_s < 1:
-        raise ConfigError(f"{source}: [agent] window_s must be ≥ 1, got {agent.window_s}")
-    _check_identity(agent, source)
-    classifier = section(ClassifierConfig, data.get("classifier", {}), f"{source}: [classifier]")
-    for name in ("memory_baseline_mib", "memory_baseline_pct"):
-        table = getattr(classifier, name)
-        if not isinstance(table, Mapping) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in table.values()
-        ):
-            raise ConfigError(
-                f"{source}: [classifier] {name} must map models or vendors to numbers ≥ 0, got {table!r}"
-            )
-    probes_table = dict(data.get("probes", {}))
-    options = {k: v for k, v in probes_table.items() if isinstance(v, Mapping)}
-    for k in options:
-        del probes_table[k]
-    probes = section(ProbesSection, probes_table, f"{source}: [probes]")
-    enable = probes.enable + _names(env.get("CAPMON_PROBES_ENABLE", ""))
-    disable = probes.disable + _names(env.get("CAPMON_PROBES_DISABLE", ""))
-    probes = ProbesSection(enable=enable, disable=disable, options=options)
-    transport = dict(data.get("transport", {}))
-    if env.get("CAPMON_AGENT_TOKEN"):
-        transport["token"] = env["CAPMON_AGENT_TOKEN"]
-    spool = dict(data.get("spool", {}))
+    source = "<defaults>" if path is None else str(path)
+    data: dict[str, Any] = {} if path is None else read_toml(path)
+    check_sections(data, _SECTIONS, source)
+    agent = decode(AgentSection, data.get("agent", {}), Where(source, "agent"))
+    _check_agent(agent, Where(source, "agent"))
+    classifier = decode(ClassifierConfig, data.get("classifier", {}), Where(source, "classifier"))
+    _check_classifier(classifier, Where(source, "classifier"))
+    transport = data.get("transport", {})
+    if env.get("CAPMON_AGENT_TOKEN") and isinstance(transport, Mapping):
+        transport = {**transport, "token": env["CAPMON_AGENT_TOKEN"]}
     # Decoded once, here: a misspelt `url` must not quietly turn delivery off.
     return AgentConfig(
         agent=agent,
         classifier=classifier,
-        probes=probes,
-        spool=section(SpoolConfig, spool, f"{source}: [spool]"),
-        transport=section(TransportConfig, transport, f"{source}: [transport]"),
+        probes=_decode_probes(data.get("probes", {}), Where(source, "probes"), env),
+        spool=decode(SpoolConfig, data.get("spool", {}), Where(source, "spool")),
+        transport=decode(TransportConfig, transport, Where(source, "transport")),
         source=source,
     )
 
