@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -38,11 +40,45 @@ class NvmlConfig(ProbeConfig):
     xid_events: bool = True
     # Also count graphics (OpenGL/Vulkan) processes, not only CUDA compute ones, like nvidia-smi does.
     graphics_processes: bool = True
+    # A graphics-only process with one of these names (`/proc/<pid>/comm`) does not hold the GPU:
+    # a display server keeps a few MiB on every GPU of a workstation and computes nothing.
+    display_servers: tuple[str, ...] = ("Xorg", "X", "gnome-shell", "Xwayland", "kwin_x11", "kwin_wayland")
     # XIDs after which NVIDIA says the GPU needs a reset (48 double-bit ECC, 79 fallen off the bus,
     # 95 uncontained ECC): the GPU is reported unhealthy (so `unavailable`, never rentable) for
     # `fatal_xid_hold_s` seconds after the last one. Needs `xid_events`.
     fatal_xids: tuple[int, ...] = (48, 79, 95)
     fatal_xid_hold_s: float = 600.0
+    # Seconds between reads of what changes slowly (name, PCI bus id, MIG mode and layout, row-remap
+    # health); each tick reads only utilisation, memory, power, temperature and processes. An XID, or
+    # a MIG instance that stops answering, re-reads them at once.
+    slow_interval_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.slow_interval_s > 0:  # also refuses NaN
+            raise ValueError(f"slow_interval_s must be a positive number of seconds, got {self.slow_interval_s!r}")
+
+
+MIG_WITHOUT_INSTANCES = "MIG enabled, no instances: nothing can run until instances are created"
+
+
+@dataclass
+class _GpmPair:
+    """The previous tick's GPM sample and a spare buffer: two allocations reused for as long as the device lives."""
+
+    previous: Any = None
+    spare: Any = None
+
+
+@dataclass
+class _MigInstance:
+    """One MIG instance as the last layout read found it."""
+
+    uuid: str
+    handle: Any
+    gpu_instance_id: int | None
+    model: str | None
+    profile: str | None  # e.g. "1g.10gb"
+    fraction: float | None  # the profile's slices / the GPU's slices
 
 
 @dataclass
@@ -54,8 +90,16 @@ class _GpuState:
     bus_id: str | None = None
     last_util_ts: int = 0
     gpm_supported: bool | None = None
-    gpm_prev: Any = None
-    mig_gpm_prev: dict[int, Any] = field(default_factory=dict)
+    gpm: _GpmPair = field(default_factory=_GpmPair)
+    mig_gpm: dict[str, _GpmPair] = field(default_factory=dict)  # by MIG UUID: GI ids are reused
+    # Read every `slow_interval_s` (None: not read on this NVML session yet).
+    slow_at: float | None = None
+    xids_seen: int = 0
+    healthy: bool = True
+    error: str | None = None
+    mig_on: bool = False
+    instances: list[_MigInstance] = field(default_factory=list)
+    profiles: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # profile id -> (name, slices)
 
 
 class NvmlProbe(Probe):
@@ -67,15 +111,27 @@ class NvmlProbe(Probe):
     default_interval_s = 1.0
     default_timeout_s = 5.0
 
-    def __init__(self, config: NvmlConfig | None = None, nvml: ModuleType | None = None) -> None:
+    def __init__(
+        self,
+        config: NvmlConfig | None = None,
+        nvml: ModuleType | None = None,
+        proc_root: Path | str = "/proc",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(config)
         self.config: NvmlConfig
         self._nvml: Any = nvml
+        self._proc_root = Path(proc_root)
+        self._clock = clock
+        self._display_servers = frozenset(self.config.display_servers)
         self._initialised = False
         self._needs_reinit = False
         self._reinit_error: str | None = None
         self._gpus: dict[str, _GpuState] = {}
         self._uuid_at_index: dict[int, str] = {}
+        # (handle, uuid) per index, or (None, error) where the handle could not be had.
+        self._handles: list[tuple[Any, str]] = []
+        self._enumerated_at: float | None = None
         self._memory_v2 = True
         self._xid = _XidWatcher(self) if self.config.xid_events else None
 
@@ -118,7 +174,7 @@ class NvmlProbe(Probe):
     def close(self) -> None:
         if self._xid is not None:
             self._xid.stop()
-        self._free_gpm_samples()
+        self._forget_session()
         self._shutdown()
 
     def _shutdown(self) -> None:
@@ -134,7 +190,7 @@ class NvmlProbe(Probe):
         nv = self._nvml
         if self._xid is not None:
             self._xid.stop()
-        self._free_gpm_samples()
+        self._forget_session()
         self._shutdown()
         try:
             nv.nvmlInit()
@@ -150,18 +206,27 @@ class NvmlProbe(Probe):
             self._xid.start()
         return True
 
-    def _free_gpm_samples(self) -> None:
+    def _forget_session(self) -> None:
+        """Drop what belongs to this NVML session: handles, GPM buffers; slow values are read again."""
+        self._handles = []
+        self._enumerated_at = None
         for gpu in self._gpus.values():
-            for sample in [gpu.gpm_prev, *gpu.mig_gpm_prev.values()]:
-                if sample is not None:
-                    try:
-                        self._nvml.nvmlGpmSampleFree(sample)
-                    except Exception as exc:  # freeing after a lost GPU may fail; nothing to recover
-                        log.debug("nvmlGpmSampleFree failed: %s", exc)
-            gpu.gpm_prev = None
-            gpu.mig_gpm_prev.clear()
-            # GPM support and the utilisation cursor are re-learnt after a re-init.
+            for pair in [gpu.gpm, *gpu.mig_gpm.values()]:
+                self._free_pair(pair)
+            gpu.mig_gpm.clear()
             gpu.gpm_supported = None
+            gpu.slow_at = None
+            # The instances are kept (without trusting their handles) so a GPU that cannot be read
+            # still reports them unhealthy instead of letting them vanish.
+
+    def _free_pair(self, pair: _GpmPair) -> None:
+        for sample in (pair.previous, pair.spare):
+            if sample is not None:
+                try:
+                    self._nvml.nvmlGpmSampleFree(sample)
+                except Exception as exc:  # freeing after a lost GPU may fail; nothing to recover
+                    log.debug("nvmlGpmSampleFree failed: %s", exc)
+        pair.previous = pair.spare = None
 
     def _note(self, exc: BaseException) -> None:
         if type(exc).__name__ in _REINIT_ERRORS:
@@ -173,63 +238,106 @@ class NvmlProbe(Probe):
         nv = self._nvml
         if self._needs_reinit or not self._initialised:
             if not self._reinitialise():
-                return [
-                    self._unreadable(uuid, self._reinit_error or "NVML unavailable", index=i)
-                    for i, uuid in sorted(self._uuid_at_index.items())
-                ]
-        try:
-            count = nv.nvmlDeviceGetCount()
-        except nv.NVMLError as exc:
-            self._note(exc)
-            self._needs_reinit = True
-            return [
-                self._unreadable(uuid, f"NVML cannot count GPUs: {exc}", index=i)
-                for i, uuid in sorted(self._uuid_at_index.items())
-            ]
+                return self._all_unreadable(self._reinit_error or "NVML unavailable")
+        now = self._clock()
+        if self._enumerated_at is None or now - self._enumerated_at >= self.config.slow_interval_s:
+            try:
+                self._enumerate(now)
+            except nv.NVMLError as exc:
+                self._note(exc)
+                self._needs_reinit = True
+                return self._all_unreadable(f"NVML cannot count GPUs: {exc}")
         samples: list[DeviceSample] = []
-        for index in range(count):
-            samples.extend(self._sample_gpu(index))
+        for index, (handle, uuid) in enumerate(self._handles):
+            samples.extend(self._sample_gpu(index, handle, uuid, now))
         return samples
 
-    def _unreadable(
-        self, device_id: str, error: str, index: int | None = None, parent_id: str | None = None
-    ) -> DeviceSample:
-        gpu = self._gpus.get(device_id)
+    def _enumerate(self, now: float) -> None:
+        """Handles and UUIDs by index: fixed for an NVML session, so read on the slow cadence only."""
+        nv = self._nvml
+        count = nv.nvmlDeviceGetCount()
+        handles: list[tuple[Any, str]] = []
+        complete = True
+        for index in range(count):
+            try:
+                handle = nv.nvmlDeviceGetHandleByIndex(index)
+                uuid = nv.nvmlDeviceGetUUID(handle)
+            except nv.NVMLError as exc:
+                self._note(exc)
+                complete = False
+                handles.append((None, f"GPU {index}: {exc}"))
+                continue
+            self._uuid_at_index[index] = uuid
+            if uuid not in self._gpus:
+                self._gpus[uuid] = _GpuState(uuid=uuid)
+            handles.append((handle, uuid))
+        self._handles = handles
+        # A GPU whose handle failed is asked again next tick, not in slow_interval_s.
+        self._enumerated_at = now if complete else None
+
+    def _all_unreadable(self, error: str) -> list[DeviceSample]:
+        """Every GPU seen before, and its MIG instances, unhealthy with `error`: nothing silently vanishes."""
+        out = []
+        for index, uuid in sorted(self._uuid_at_index.items()):
+            out.extend(self._unreadable_gpu(uuid, error, index))
+        return out
+
+    def _unreadable_gpu(self, uuid: str, error: str, index: int | None) -> list[DeviceSample]:
+        gpu = self._gpus.get(uuid)
         info = {"bus_id": gpu.bus_id} if gpu is not None and gpu.bus_id else {}
+        model = gpu.model if gpu else None
+        out = [self._unreadable(uuid, error, model=model, index=index, info=info)]
+        for instance in gpu.instances if gpu is not None else []:
+            out.append(self._unreadable(instance.uuid, error, model=instance.model, parent_id=uuid, info=info))
+        return out
+
+    def _unreadable(
+        self,
+        device_id: str,
+        error: str,
+        model: str | None = None,
+        index: int | None = None,
+        parent_id: str | None = None,
+        info: dict[str, str] | None = None,
+    ) -> DeviceSample:
         return DeviceSample(
             device_id=device_id,
             vendor=self.vendor,
-            model=gpu.model if gpu else None,
+            model=model,
             index=index,
             parent_id=parent_id,
             healthy=False,
             error=error,
-            info=info,
+            info=info or {},
         )
 
-    def _sample_gpu(self, index: int) -> list[DeviceSample]:
+    def _sample_gpu(self, index: int, handle: Any, uuid: str, now: float) -> list[DeviceSample]:
         nv = self._nvml
-        try:
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
-            uuid = nv.nvmlDeviceGetUUID(handle)
-        except nv.NVMLError as exc:
-            self._note(exc)
-            # Without a handle there is no UUID to ask for: use the one this index had last tick.
+        if handle is None:
+            # Without a handle there is no UUID to ask for: use the one this index had before.
             # A GPU lost before it was ever read is still reported, so it does not silently vanish.
             device_id = self._uuid_at_index.get(index, f"nvml-index-{index}")
-            return [self._unreadable(device_id, f"GPU {index}: {exc}", index=index)]
-        self._uuid_at_index[index] = uuid
-        gpu = self._gpus.get(uuid)
-        if gpu is None:
-            gpu = self._gpus[uuid] = _GpuState(uuid=uuid)
+            return self._unreadable_gpu(device_id, uuid, index)
+        gpu = self._gpus[uuid]
         try:
-            return self._read_gpu(handle, index, gpu)
+            return self._read_gpu(handle, index, gpu, now)
         except nv.NVMLError as exc:
             self._note(exc)
-            return [self._unreadable(uuid, f"GPU {index}: {exc}", index=index)]
+            gpu.slow_at = None  # once it answers again, read everything afresh
+            return self._unreadable_gpu(uuid, f"GPU {index}: {exc}", index)
 
-    def _read_gpu(self, handle: Any, index: int, gpu: _GpuState) -> list[DeviceSample]:
+    def _slow_due(self, gpu: _GpuState, now: float) -> bool:
+        if gpu.slow_at is None or now - gpu.slow_at >= self.config.slow_interval_s:
+            return True
+        # Any new XID may come with a row remap or a retired page: look at the health now.
+        return self._xid is not None and self._xid.counts(gpu.uuid)[0] != gpu.xids_seen
+
+    def _read_slow(self, handle: Any, gpu: _GpuState, now: float) -> None:
+        """Identity, health and MIG layout: what changes in minutes, not seconds."""
         nv = self._nvml
+        gpu.slow_at = now
+        if self._xid is not None:
+            gpu.xids_seen = self._xid.counts(gpu.uuid)[0]
         if gpu.model is None:
             gpu.model = self._field(lambda: nv.nvmlDeviceGetName(handle))
         if gpu.bus_id is None:
@@ -237,24 +345,35 @@ class NvmlProbe(Probe):
             if pci is not None:
                 bus_id = pci.busId
                 gpu.bus_id = bus_id.decode() if isinstance(bus_id, bytes) else str(bus_id)
-        info = {"bus_id": gpu.bus_id} if gpu.bus_id else {}
-        extra: dict[str, float] = {}
-
+        gpu.healthy, gpu.error = self._health(handle)
         mig_on = False
         if self.config.mig:
             mode = self._field(lambda: nv.nvmlDeviceGetMigMode(handle))
             mig_on = mode is not None and mode[0] == nv.NVML_DEVICE_MIG_ENABLE
+        gpu.mig_on = mig_on
+        if mig_on:
+            self._read_mig_layout(handle, gpu)
+        else:
+            self._set_instances(gpu, [])
 
-        util = None if mig_on else self._utilisation(handle, gpu)
-        if self.config.gpm and not mig_on:
+    def _read_gpu(self, handle: Any, index: int, gpu: _GpuState, now: float) -> list[DeviceSample]:
+        nv = self._nvml
+        if self._slow_due(gpu, now):
+            self._read_slow(handle, gpu, now)
+        info = {"bus_id": gpu.bus_id} if gpu.bus_id else {}
+        extra: dict[str, float] = {}
+
+        util = None if gpu.mig_on else self._utilisation(handle, gpu)
+        if self.config.gpm and not gpu.mig_on:
+            # Kept for whole GPUs too: util 100 % with SM activity 2 % is a spin (an NCCL hang), not work.
             extra.update(self._gpm_metrics(handle, gpu))
         used, total, reserved = self._memory(handle)
         if reserved is not None:
             extra["memory_reserved_bytes"] = float(reserved)
         power_mw = self._field(lambda: nv.nvmlDeviceGetPowerUsage(handle))
         temp = self._field(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
-        processes = self._processes(handle)
-        healthy, error = self._health(handle)
+        processes = self._processes(handle, graphics=True)
+        healthy, error = gpu.healthy, gpu.error
         if self._xid is not None:
             xids, last_xid = self._xid.counts(gpu.uuid)
             extra["xid_errors"] = float(xids)
@@ -266,9 +385,12 @@ class NvmlProbe(Probe):
                 healthy, error = False, f"XID {xid} {ago:.0f}s ago: the GPU needs a reset (nvidia-smi -r)"
 
         children: list[DeviceSample] = []
-        if mig_on:
+        if gpu.mig_on:
             info["mig"] = "enabled"
-            children = self._read_mig(handle, gpu)
+            if not gpu.instances and healthy:
+                healthy, error = False, MIG_WITHOUT_INSTANCES
+            # An instance of an unhealthy GPU is as unusable as the GPU: it inherits the verdict.
+            children = self._read_mig(handle, gpu, None if healthy else error)
             extra["mig_instances"] = float(len(children))
         parent = DeviceSample(
             device_id=gpu.uuid,
@@ -328,8 +450,11 @@ class NvmlProbe(Probe):
         rates = self._field(lambda: nv.nvmlDeviceGetUtilizationRates(handle))
         return float(rates.gpu) if rates is not None else None
 
-    def _memory(self, handle: Any) -> tuple[int | None, int | None, int | None]:
-        """(used, total, reserved) bytes; v2 `used` leaves out the driver's own reservation, v1 includes it."""
+    def _memory(self, handle: Any, required: bool = False) -> tuple[int | None, int | None, int | None]:
+        """(used, total, reserved) bytes; v2 `used` leaves out the driver's own reservation, v1 includes it.
+
+        `required`: an error of the v1 call propagates (a MIG handle that no longer answers it is stale).
+        """
         nv = self._nvml
         version = getattr(nv, "nvmlMemory_v2", None)
         if self._memory_v2 and version is not None:
@@ -343,22 +468,42 @@ class NvmlProbe(Probe):
                 if type(exc).__name__ in _REINIT_ERRORS:
                     raise
                 # Some handles (older MIG drivers) refuse v2 only; v1 below may still answer.
-        mem = self._field(lambda: nv.nvmlDeviceGetMemoryInfo(handle))
+        if required:
+            mem = nv.nvmlDeviceGetMemoryInfo(handle)
+        else:
+            mem = self._field(lambda: nv.nvmlDeviceGetMemoryInfo(handle))
         if mem is None:
             return None, None, None
         return int(mem.used), int(mem.total), None
 
-    def _processes(self, handle: Any) -> int | None:
-        """Distinct PIDs holding the device (compute, plus graphics if configured); None when unknown."""
+    def _processes(self, handle: Any, graphics: bool) -> int | None:
+        """Distinct PIDs holding the device (compute, plus graphics if configured); None when unknown.
+
+        A graphics-only process named in `display_servers` is not a holder.
+        """
         compute = self._process_list(handle, "nvmlDeviceGetComputeRunningProcesses")
         if compute is None:
             return None
         pids = {p.pid for p in compute}
-        if self.config.graphics_processes:
-            graphics = self._process_list(handle, "nvmlDeviceGetGraphicsRunningProcesses")
-            if graphics is not None:
-                pids.update(p.pid for p in graphics)
+        if graphics and self.config.graphics_processes:
+            for p in self._process_list(handle, "nvmlDeviceGetGraphicsRunningProcesses") or []:
+                if p.pid not in pids and not self._is_display_server(p.pid):
+                    pids.add(p.pid)
         return len(pids)
+
+    def _is_display_server(self, pid: int) -> bool:
+        """Whether `pid` is named in `display_servers`: one read of /proc/<pid>/comm, no NVML call.
+
+        An unreadable name (another PID namespace, the process just exited) counts as a holder:
+        never hide a process by guessing.
+        """
+        if not self._display_servers:
+            return False
+        try:
+            name = (self._proc_root / str(pid) / "comm").read_text(errors="replace").strip()
+        except OSError:
+            return False
+        return name in self._display_servers
 
     def _process_list(self, handle: Any, function: str) -> list[Any] | None:
         nv = self._nvml
@@ -401,35 +546,33 @@ class NvmlProbe(Probe):
         return gpu.gpm_supported
 
     def _gpm_metrics(self, handle: Any, gpu: _GpuState) -> dict[str, float]:
-        """SM activity between the previous tick's GPM sample and this one's: two samples per interval."""
+        """SM activity between the previous tick's GPM sample and this one's."""
         if not self._gpm_supported(handle, gpu):
             return {}
         nv = self._nvml
-        current = self._gpm_take(lambda sample: nv.nvmlGpmSampleGet(handle, sample))
-        previous, gpu.gpm_prev = gpu.gpm_prev, current
-        return self._gpm_compare(previous, current)
+        return self._gpm_tick(gpu.gpm, lambda sample: nv.nvmlGpmSampleGet(handle, sample))
 
-    def _gpm_take(self, read: Any) -> Any:
-        """A freshly allocated GPM sample filled by `read`, or None (and nothing leaked) when that fails."""
+    def _gpm_tick(self, pair: _GpmPair, read: Any) -> dict[str, float]:
+        """Fill a buffer with `read`, compare it with the previous one; {} without a previous one (first tick)."""
         nv = self._nvml
-        sample = self._field(nv.nvmlGpmSampleAlloc)
-        if sample is None:
-            return None
+        current, pair.spare = pair.spare, None
+        if current is None:
+            current = self._field(nv.nvmlGpmSampleAlloc)
+            if current is None:
+                return {}
         try:
-            read(sample)
+            read(current)
         except nv.NVMLError as exc:
-            self._field(lambda: nv.nvmlGpmSampleFree(sample))
+            pair.spare = current
             if type(exc).__name__ in _REINIT_ERRORS:
                 raise
-            return None
-        return sample
+            return {}
+        previous, pair.previous = pair.previous, current
+        pair.spare = previous
+        return self._gpm_compare(previous, current) if previous is not None else {}
 
     def _gpm_compare(self, previous: Any, current: Any) -> dict[str, float]:
         nv = self._nvml
-        if previous is None or current is None:
-            if previous is not None:
-                self._field(lambda: nv.nvmlGpmSampleFree(previous))
-            return {}
         wanted = {
             "sm_active_pct": nv.NVML_GPM_METRIC_SM_UTIL,
             "gpm_util_pct": nv.NVML_GPM_METRIC_GRAPHICS_UTIL,
@@ -441,10 +584,7 @@ class NvmlProbe(Probe):
         request.sample2 = current
         for i, metric_id in enumerate(wanted.values()):
             request.metrics[i].metricId = metric_id
-        try:
-            result = self._field(lambda: nv.nvmlGpmMetricsGet(request))
-        finally:
-            self._field(lambda: nv.nvmlGpmSampleFree(previous))
+        result = self._field(lambda: nv.nvmlGpmMetricsGet(request))
         if result is None:
             return {}
         out = {}
@@ -456,13 +596,14 @@ class NvmlProbe(Probe):
 
     # -- MIG -------------------------------------------------------------------------------------
 
-    def _read_mig(self, parent_handle: Any, gpu: _GpuState) -> list[DeviceSample]:
-        """Every MIG instance on this GPU, enumerated afresh each tick (instances come and go)."""
+    def _read_mig_layout(self, parent_handle: Any, gpu: _GpuState) -> None:
+        """Every MIG instance on this GPU, over every slot up to the maximum (a destroyed one leaves a hole)."""
         nv = self._nvml
         slots = self._field(lambda: nv.nvmlDeviceGetMaxMigDeviceCount(parent_handle)) or 0
-        gpm = self.config.gpm and self._gpm_supported(parent_handle, gpu)
-        seen_gi: set[int] = set()
-        children = []
+        if not gpu.profiles:
+            gpu.profiles = self._gpu_instance_profiles(parent_handle)
+        total_slices = max((slices for _name, slices in gpu.profiles.values()), default=0)
+        instances = []
         for slot in range(slots):
             try:
                 handle = nv.nvmlDeviceGetMigDeviceHandleByIndex(parent_handle, slot)
@@ -471,56 +612,110 @@ class NvmlProbe(Probe):
                     raise
                 if type(exc).__name__ not in _EMPTY_SLOT_ERRORS:
                     log.info("GPU %s MIG slot %d: %s", gpu.uuid, slot, exc)
-                # Instances need not be contiguous: a destroyed one leaves a hole, later slots may hold more.
                 continue
             uuid = self._field(lambda h=handle: nv.nvmlDeviceGetUUID(h))
             if uuid is None:
                 continue
+            model = self._field(lambda h=handle: nv.nvmlDeviceGetName(h))
+            gi = self._field(lambda h=handle: nv.nvmlDeviceGetGpuInstanceId(h))
+            profile, slices = None, None
+            if gi is not None:
+                gi_handle = self._field(lambda g=gi: nv.nvmlDeviceGetGpuInstanceById(parent_handle, g))
+                gi_info = self._field(lambda g=gi_handle: nv.nvmlGpuInstanceGetInfo(g)) if gi_handle else None
+                if gi_info is not None:
+                    profile, slices = gpu.profiles.get(gi_info.profileId, (None, None))
+            if profile is None and model and " MIG " in model:
+                profile = model.rsplit(" MIG ", 1)[1]  # "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+            fraction = slices / total_slices if slices and total_slices else None
+            instances.append(_MigInstance(uuid, handle, gi, model, profile, fraction))
+        self._set_instances(gpu, instances)
+
+    def _gpu_instance_profiles(self, parent_handle: Any) -> dict[int, tuple[str | None, int]]:
+        """The GPU's instance profiles by profile id: (name, slices). Fixed per GPU model, so read once."""
+        nv = self._nvml
+        profiles: dict[int, tuple[str | None, int]] = {}
+        for index in range(nv.NVML_GPU_INSTANCE_PROFILE_COUNT):
+            info = self._field(lambda i=index: nv.nvmlDeviceGetGpuInstanceProfileInfo(parent_handle, i))
+            if info is None or not info.sliceCount:
+                continue
+            raw = getattr(info, "name", b"")  # v2 has a name ("MIG 1g.10gb"); v1 does not
+            name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            profiles[int(info.id)] = (name.removeprefix("MIG ") or None, int(info.sliceCount))
+        return profiles
+
+    def _set_instances(self, gpu: _GpuState, instances: list[_MigInstance]) -> None:
+        gpu.instances = instances
+        # Forget GPM buffers of instances that were destroyed.
+        for uuid in set(gpu.mig_gpm) - {i.uuid for i in instances}:
+            self._free_pair(gpu.mig_gpm.pop(uuid))
+
+    def _read_mig(self, parent_handle: Any, gpu: _GpuState, parent_error: str | None) -> list[DeviceSample]:
+        """Every known instance; one that no longer answers means the layout changed: read it again now."""
+        nv = self._nvml
+        gpm = self.config.gpm and self._gpm_supported(parent_handle, gpu)
+        children = []
+        for instance in gpu.instances:
             try:
-                children.append(self._read_mig_instance(parent_handle, handle, uuid, gpu, gpm, seen_gi))
+                children.append(self._read_mig_instance(parent_handle, instance, gpu, gpm, parent_error))
             except nv.NVMLError as exc:
                 if type(exc).__name__ in _REINIT_ERRORS:
                     raise
-                children.append(self._unreadable(uuid, f"MIG {uuid}: {exc}", parent_id=gpu.uuid))
-        # Forget GPM samples of instances that were destroyed since the last tick.
-        for gi in set(gpu.mig_gpm_prev) - seen_gi:
-            stale = gpu.mig_gpm_prev.pop(gi)
-            self._field(lambda s=stale: nv.nvmlGpmSampleFree(s))
+                break
+        else:
+            return children
+        self._read_mig_layout(parent_handle, gpu)
+        children = []
+        for instance in gpu.instances:
+            try:
+                children.append(self._read_mig_instance(parent_handle, instance, gpu, gpm, parent_error))
+            except nv.NVMLError as exc:
+                if type(exc).__name__ in _REINIT_ERRORS:
+                    raise
+                info = {"bus_id": gpu.bus_id} if gpu.bus_id else {}
+                children.append(
+                    self._unreadable(
+                        instance.uuid, f"MIG {instance.uuid}: {exc}", instance.model, None, gpu.uuid, info
+                    )
+                )
         return children
 
     def _read_mig_instance(
-        self, parent_handle: Any, handle: Any, uuid: str, gpu: _GpuState, gpm: bool, seen_gi: set[int]
+        self, parent_handle: Any, instance: _MigInstance, gpu: _GpuState, gpm: bool, parent_error: str | None
     ) -> DeviceSample:
         nv = self._nvml
-        model = self._field(lambda: nv.nvmlDeviceGetName(handle))
-        used, total, reserved = self._memory(handle)
+        used, total, reserved = self._memory(instance.handle, required=True)
         extra: dict[str, float] = {}
         if reserved is not None:
             extra["memory_reserved_bytes"] = float(reserved)
+        if instance.fraction is not None:
+            extra["gpu_fraction"] = instance.fraction
         # NVML has no utilisation counter for a MIG instance; GPM per GPU instance is the only source.
+        # Its first tick has no previous sample: utilisation unknown (None), never a guess.
         util = None
-        gi = self._field(lambda: nv.nvmlDeviceGetGpuInstanceId(handle))
+        gi = instance.gpu_instance_id
         if gpm and gi is not None:
-            seen_gi.add(gi)
-            current = self._gpm_take(lambda sample: nv.nvmlGpmMigSampleGet(parent_handle, gi, sample))
-            previous = gpu.mig_gpm_prev.pop(gi, None)
-            if current is not None:
-                gpu.mig_gpm_prev[gi] = current
-            metrics = self._gpm_compare(previous, current)
-            extra.update({k: v for k, v in metrics.items() if k == "sm_active_pct"})
+            pair = gpu.mig_gpm.setdefault(instance.uuid, _GpmPair())
+            metrics = self._gpm_tick(pair, lambda sample: nv.nvmlGpmMigSampleGet(parent_handle, gi, sample))
+            if "sm_active_pct" in metrics:
+                extra["sm_active_pct"] = metrics["sm_active_pct"]
             util = metrics.get("gpm_util_pct")
         info = {"bus_id": gpu.bus_id} if gpu.bus_id else {}
         if gi is not None:
             info["gpu_instance_id"] = str(gi)
+        if instance.profile:
+            info["mig_profile"] = instance.profile
         return DeviceSample(
-            device_id=uuid,
+            device_id=instance.uuid,
             vendor=self.vendor,
-            model=model,
+            model=instance.model,
             parent_id=gpu.uuid,
             util_pct=util,
             memory_used_bytes=used,
             memory_total_bytes=total,
-            processes=self._processes(handle),
+            # MIG has no graphics: only compute processes can hold an instance.
+            processes=self._processes(instance.handle, graphics=False),
+            healthy=parent_error is None,
+            error=parent_error,
             extra=extra,
             info=info,
         )

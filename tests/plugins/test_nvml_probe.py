@@ -176,7 +176,7 @@ def test_driver_unloaded_mid_run_marks_every_known_gpu_unavailable_until_it_retu
 
 
 def mig_gpu() -> FakeGpu:
-    gpu = h100s(1)[0]
+    gpu = h100s(8)[7]  # its own UUID beside h100s(n < 8) in one fake
     gpu.mig_slots = [
         FakeMig(uuid=f"MIG-1c0e0b5a-0f3e-5b6e-8a1d-00000000000{i}", gpu_instance_id=7 + i) for i in range(7)
     ]
@@ -345,12 +345,13 @@ def test_gpm_samples_are_freed_not_leaked(probes):
     for _ in range(5):
         nvml.advance(1)
         probe.sample()
-    # One held per GPU and per MIG instance, to compare with at the next tick.
-    assert len(nvml.gpm_samples) == 2 + 7
+    # Two reused per GPU and per MIG instance (the previous tick's and a spare), not two per tick.
+    assert len(nvml.gpm_samples) == 2 * (2 + 7)
+    assert nvml.calls["nvmlGpmSampleAlloc"] == 2 * (2 + 7)
     gpu.mig_slots[6] = None
     nvml.advance(1)
     probe.sample()
-    assert len(nvml.gpm_samples) == 2 + 6
+    assert len(nvml.gpm_samples) == 2 * (2 + 6)
     probe.close()
     assert nvml.gpm_samples == {}
 
