@@ -1,12 +1,25 @@
 """The live fleet view: the latest window of every device this collector has heard from, in memory.
 
-Per agent it keeps the last `seq` of the current spool `instance` (a report at or below it is a replay
-and leaves the view alone; a new instance starts over), the latest window's devices, and the seconds
-its devices spent in each state since the collector started (per model; windows that ended before
-it started are left out). An agent silent for more
-than `stale_windows` of its own windows shows all its devices `unavailable`; one silent for more than
-`forget_after_s` leaves the view (filtered at read time, removed by a sweep that `apply` runs at most
-once a minute), so decommissioned hosts go away and the view's memory stays bounded.
+Per agent it keeps the end of the latest window applied: a report whose window ends at or before it is
+a replay (or late) and leaves the view and the totals alone, whatever its `seq` or spool `instance`, so
+each (agent, device, window end) counts once and a device's view only moves forward in time. It keeps
+the latest window's devices, and the seconds its devices spent in each state since the collector
+started (per model, at most `MAX_MODELS_PER_AGENT` models, the rest folded into "(other)"; windows that
+ended before it started are left out). An agent silent for more than `stale_windows` of its configured
+windows (`AgentIdentity.window_s`; from older agents the longest window seen) shows all its devices
+`unavailable`; one silent for more than `forget_after_s` leaves the view (filtered at read time, removed
+by a sweep that runs at most once a minute), so decommissioned hosts go away and memory stays bounded.
+
+A device its agent stops listing is `unavailable` ("no longer reported") until it is known to be gone:
+its parent GPU is listed with a different MIG layout (other instances, or the parent as a whole device),
+a whole GPU is now split into instances, or it has been missing longer than `forget_after_s`.
+
+MIG instances count as their fraction of the GPU (`DeviceWindow.fraction`): `gpu_equivalents`,
+`gpu_hours` and the idle value are GPU-equivalents; `states`, `devices` and `device_hours` count every
+device as one.
+
+Refusals (reports the collector answered 4xx/5xx) are recorded per agent, even for an agent that never
+delivered a valid report, so an agent whose clock is off is visible in `GET /api/v1/agents`.
 
 Memory matters at 100,000 devices: per-device state is a `__slots__` object whose repeated strings
 (vendor, model, host, labels) are interned, so thousands of devices share one copy.
@@ -17,10 +30,21 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from capmon.agent.wire import IDLE_STATES, STATES, Batch
+from capmon.agent.wire import (
+    IDLE_STATES,
+    MAX_DEVICES_PER_REPORT,
+    MAX_ID_LEN,
+    MAX_KEY_LEN,
+    MAX_TEXT_LEN,
+    STATES,
+    Batch,
+    DeviceWindow,
+    Report,
+)
 
 from .config import PricingConfig
 
@@ -29,8 +53,24 @@ _UNAVAILABLE = _STATE_INDEX["unavailable"]
 _IDLE_INDEXES = frozenset(_STATE_INDEX[s] for s in IDLE_STATES)
 UNKNOWN_MODEL = "unknown"
 NO_LABEL = "(none)"
+# Where what is beyond a bound goes: breakdown keys, per-agent models, refusal reasons.
+OTHER = "(other)"
+NO_LONGER_REPORTED = "no longer reported"
+AGENT_SILENT = "agent silent"
 # Seconds between sweeps of forgotten agents (fewer when forget_after_s is shorter).
 SWEEP_INTERVAL_S = 60.0
+# The agent's default window: the length assumed for an older agent (no `window_s` in its identity)
+# until it has sent a second window, since its first may be a short partial one.
+DEFAULT_WINDOW_S = 60.0
+# Bounds on what agents' strings can grow (issue 11 item 12): since-start totals by model per agent,
+# keys of each breakdown in `summary()`, refusal reasons per agent, agents known only by refusals,
+# devices an agent stopped listing.
+MAX_MODELS_PER_AGENT = 64
+MAX_BREAKDOWN_KEYS = 100
+MAX_REFUSAL_REASONS = 16
+MAX_REFUSED_ONLY_AGENTS = 1000
+MAX_MISSING_DEVICES = MAX_DEVICES_PER_REPORT
+MAX_PRICE_CACHE = 4096
 
 log = logging.getLogger("capmon.collector.fleet")
 
@@ -40,7 +80,11 @@ def _intern(value: str | None) -> str | None:
 
 
 class Pricing:
-    """Value of one device-hour by model: exact key, else the longest key contained in the model name."""
+    """Value of one device-hour by model: exact key, else the longest key contained in the model name.
+
+    A MIG instance is worth its fraction of its model's price, unless a price is set for its profile
+    (`"1g.10gb"`, or `"H100 1g.10gb"` for one model only).
+    """
 
     def __init__(self, cfg: PricingConfig) -> None:
         self.currency = cfg.currency
@@ -48,6 +92,7 @@ class Pricing:
         self._models = dict(cfg.models)
         self._lower = sorted(((k.lower(), v) for k, v in self._models.items()), key=lambda kv: -len(kv[0]))
         self._cache: dict[str | None, float] = {}
+        self._profile_cache: dict[tuple[str | None, str], float | None] = {}
 
     def price(self, model: str | None) -> float:
         cached = self._cache.get(model)
@@ -63,58 +108,109 @@ class Pricing:
                     if key in low:
                         value = price
                         break
-        if len(self._cache) < 100_000:
+        # Bounded: a hostile agent's unique model names are priced, not remembered.
+        if len(self._cache) < MAX_PRICE_CACHE:
             self._cache[model] = value
         return value
+
+    def profile_price(self, model: str | None, profile: str) -> float | None:
+        """The price set for a MIG profile: `"<profile>"`, or `"<model part> <profile>"` matching the model."""
+        key = (model, profile)
+        if key in self._profile_cache:
+            return self._profile_cache[key]
+        found: float | None = None
+        want = profile.lower()
+        low_model = (model or "").lower()
+        for k, price in self._lower:  # longest first
+            if not k.endswith(want):
+                continue
+            prefix = k[: -len(want)]
+            if prefix == "" or (prefix.endswith(" ") and prefix.strip() and prefix.strip() in low_model):
+                found = price
+                break
+        if len(self._profile_cache) < MAX_PRICE_CACHE:
+            self._profile_cache[key] = found
+        return found
+
+    def for_device(self, d: DeviceWindow) -> float:
+        """Value of one device-hour of this device: its MIG profile's price, else model price × fraction."""
+        profile = d.info.get("mig_profile") if d.info else None
+        if profile:
+            price = self.profile_price(d.model, profile)
+            if price is not None:
+                return price
+        return self.price(d.model) * (d.fraction or 1.0)
 
 
 class DeviceState:
     __slots__ = (
         "device_id",
         "end",
+        "error",
+        "fraction",
         "idle_since",
         "memory_total_bytes",
         "memory_used_bytes",
+        "missing",
         "model",
         "parent_id",
         "power_mean_w",
+        "reason",
         "state",
+        "state_since",
         "temp_max_c",
         "util_max_pct",
         "util_mean_pct",
+        "value_per_hour",
         "vendor",
     )
 
-    def __init__(self, d: Any, end: int) -> None:
+    def __init__(self, d: DeviceWindow, end: int, value_per_hour: float = 0.0) -> None:
         self.device_id: str = d.device_id
-        self.update(d, end)
+        self.update(d, end, value_per_hour)
 
-    def update(self, d: Any, end: int) -> None:
+    def update(self, d: DeviceWindow, end: int, value_per_hour: float = 0.0) -> None:
         self.vendor: str = sys.intern(d.vendor)
         self.model: str | None = _intern(d.model)
         self.parent_id: str | None = d.parent_id
         self.state: int = _STATE_INDEX[d.state]
         self.idle_since: int | None = d.idle_since
+        self.state_since: int | None = d.state_since
         self.util_mean_pct: float | None = d.util_mean_pct
         self.util_max_pct: float | None = d.util_max_pct
         self.memory_used_bytes: int | None = d.memory_used_bytes
         self.memory_total_bytes: int | None = d.memory_total_bytes
         self.power_mean_w: float | None = d.power_mean_w
         self.temp_max_c: float | None = d.temp_max_c
+        self.fraction: float | None = d.fraction
+        self.value_per_hour: float = value_per_hour
+        # Repeated across a fleet ("simulated XID 79: fallen off the bus"): one copy.
+        self.error: str | None = _intern(d.error)
+        self.reason: str | None = _intern(d.reason)
+        self.missing: bool = False
         self.end: int = end
+
+    @property
+    def share(self) -> float:
+        return self.fraction or 1.0
 
 
 class AgentState:
     __slots__ = (
         "devices",
+        "folded_models",
         "host",
         "id",
         "instance",
         "labels",
         "last_end",
+        "last_refused_at",
         "last_seen",
-        "last_seq",
+        "longest_window",
+        "refusals",
+        "reports",
         "seconds",
+        "version",
         "window_s",
     )
 
@@ -122,35 +218,104 @@ class AgentState:
         self.id = sys.intern(agent_id)
         self.host = ""
         self.instance: str | None = None
+        self.version = ""
         self.labels: tuple[str | None, ...] = ()
-        self.last_seq = 0
         self.last_end = 0
         self.last_seen = 0.0
-        self.window_s = 60.0
+        self.last_refused_at = 0.0
+        self.reports = 0
+        self.longest_window = 0
+        self.window_s = DEFAULT_WINDOW_S
         self.devices: dict[str, DeviceState] = {}
-        # model → seconds in each state (STATES order) since the collector started.
+        # model → seconds in each state (STATES order), then the same in GPU-equivalents, since the
+        # collector started.
         self.seconds: dict[str, list[float]] = {}
+        self.folded_models = 0
+        self.refusals: dict[str, list[Any]] | None = None
+
+
+def _record_refusal(refusals: dict[str, list[Any]], reason: str, detail: str, now: float) -> None:
+    reason = reason[:MAX_KEY_LEN]
+    rec = refusals.get(reason)
+    if rec is None:
+        if len(refusals) >= MAX_REFUSAL_REASONS - 1 and reason != OTHER:
+            reason = OTHER
+            rec = refusals.get(reason)
+        if rec is None:
+            rec = refusals[sys.intern(reason)] = [0, "", 0.0]
+    rec[0] += 1
+    rec[1] = detail[:MAX_TEXT_LEN]
+    rec[2] = now
+
+
+def _refusals_dict(refusals: dict[str, list[Any]] | None) -> dict[str, dict[str, Any]]:
+    if not refusals:
+        return {}
+    return {
+        reason: {"count": count, "last_detail": detail, "last_at": at}
+        for reason, (count, detail, at) in sorted(refusals.items())
+    }
 
 
 class _Tally:
-    __slots__ = ("devices", "idle_value_per_hour", "seconds", "states")
+    __slots__ = ("devices", "gpu", "gpu_seconds", "idle_value_per_hour", "seconds", "states")
 
     def __init__(self) -> None:
         self.devices = 0
         self.states = [0, 0, 0, 0]
+        self.gpu = [0.0, 0.0, 0.0, 0.0]
         self.idle_value_per_hour = 0.0
         self.seconds = [0.0, 0.0, 0.0, 0.0]
+        self.gpu_seconds = [0.0, 0.0, 0.0, 0.0]
+
+    def add(self, other: _Tally) -> None:
+        self.devices += other.devices
+        self.idle_value_per_hour += other.idle_value_per_hour
+        for i in range(4):
+            self.states[i] += other.states[i]
+            self.gpu[i] += other.gpu[i]
+            self.seconds[i] += other.seconds[i]
+            self.gpu_seconds[i] += other.gpu_seconds[i]
+
+    def weight(self) -> tuple[int, float]:
+        return self.devices, sum(self.seconds)
 
     def as_dict(self) -> dict[str, Any]:
         idle_s = sum(self.seconds[i] for i in _IDLE_INDEXES)
+        idle_gpu_s = sum(self.gpu_seconds[i] for i in _IDLE_INDEXES)
         return {
             "devices": self.devices,
             "states": dict(zip(STATES, self.states, strict=True)),
             "idle": sum(self.states[i] for i in _IDLE_INDEXES),
+            "gpu_equivalents": {s: round(v, 6) for s, v in zip(STATES, self.gpu, strict=True)},
+            "idle_gpu_equivalents": round(sum(self.gpu[i] for i in _IDLE_INDEXES), 6),
             "idle_value_per_hour": round(self.idle_value_per_hour, 6),
             "idle_device_hours": round(idle_s / 3600, 6),
             "device_hours": {s: round(v / 3600, 6) for s, v in zip(STATES, self.seconds, strict=True)},
+            "idle_gpu_hours": round(idle_gpu_s / 3600, 6),
+            "gpu_hours": {s: round(v / 3600, 6) for s, v in zip(STATES, self.gpu_seconds, strict=True)},
         }
+
+
+def _capped(tallies: dict[str, _Tally]) -> tuple[dict[str, dict[str, Any]], int]:
+    """At most MAX_BREAKDOWN_KEYS keys, the largest; the rest folded into "(other)". Returns (dict, folded)."""
+    if len(tallies) <= MAX_BREAKDOWN_KEYS:
+        return {k: t.as_dict() for k, t in sorted(tallies.items())}, 0
+    ranked = sorted(tallies.items(), key=lambda kv: (-kv[1].devices, -sum(kv[1].seconds), kv[0]))
+    kept = dict(ranked[: MAX_BREAKDOWN_KEYS - 1])
+    other = kept.pop(OTHER, None) or _Tally()
+    folded = 0
+    for key, t in ranked[MAX_BREAKDOWN_KEYS - 1 :]:
+        other.add(t)
+        folded += key != OTHER
+    kept[OTHER] = other
+    return {k: t.as_dict() for k, t in sorted(kept.items())}, folded
+
+
+UNITS = (
+    "devices, states, idle and device_hours count every device as one; gpu_equivalents, gpu_hours and "
+    "idle_value_per_hour count a MIG instance as its fraction of its GPU"
+)
 
 
 class FleetView:
@@ -168,7 +333,11 @@ class FleetView:
         self.stale_windows = stale_windows
         self.clock = clock
         self.started_at = clock()
-        self.agents: dict[str, AgentState] = {}
+        self.by_id: dict[str, AgentState] = {}
+        # Agents known only by their refusals (never a valid report yet), least recently refused first.
+        self.refused_only: OrderedDict[str, AgentState] = OrderedDict()
+        self.refused_only_evicted = 0
+        self.missing_dropped = 0
         self.forget_after_s = forget_after_s
         self.on_forget = on_forget
         self._sweep_interval = min(SWEEP_INTERVAL_S, forget_after_s)
@@ -178,59 +347,125 @@ class FleetView:
     def apply(self, batch: Batch) -> tuple[int, int]:
         """Fold a validated batch into the view; returns (reports applied, reports already seen)."""
         ident = batch.agent
-        agent = self.agents.get(ident.id)
+        agent = self.by_id.get(ident.id)
         if agent is None:
-            agent = self.agents[ident.id] = AgentState(ident.id)
+            agent = self.refused_only.pop(ident.id, None) or AgentState(ident.id)
+            self.by_id[agent.id] = agent
         if ident.instance != agent.instance:
             agent.instance = _intern(ident.instance)
-            agent.last_seq = 0
         if agent.host != ident.host:
             agent.host = sys.intern(ident.host)
+        if agent.version != ident.version:
+            agent.version = sys.intern(ident.version)
         labels = tuple(_intern(ident.labels.get(k) or None) for k in self.label_keys)
         if labels != agent.labels:
             agent.labels = labels
         now = agent.last_seen = self.clock()
         applied = seen = 0
-        for report in sorted(batch.reports, key=lambda r: r.seq):
-            if report.seq <= agent.last_seq:
+        # By window end, not seq: a replay under another seq or instance, or a seq of 2^53, must
+        # neither count twice nor turn later genuine windows into "replays" (issue 11 item 16).
+        for report in sorted(batch.reports, key=lambda r: r.end):
+            if report.end <= agent.last_end:
                 seen += 1
                 continue
             applied += 1
-            agent.last_seq = report.seq
-            seconds = agent.seconds
             # Since-start totals: a window that ended before this collector started (catch-up from
             # an agent's spool) is not "since this collector started"; it is in storage.
-            for d in report.devices if report.end >= self.started_at else ():
-                acc = seconds.get(d.model or UNKNOWN_MODEL)
-                if acc is None:
-                    acc = seconds[sys.intern(d.model or UNKNOWN_MODEL)] = [0.0, 0.0, 0.0, 0.0]
-                acc[0] += d.busy_s
-                acc[1] += d.allocated_idle_s
-                acc[2] += d.free_s
-                acc[3] += d.unavailable_s
-            if report.end >= agent.last_end:
-                agent.last_end = report.end
-                agent.window_s = float(max(1, report.end - report.start))
-                old = agent.devices
-                agent.devices = {}
-                for d in report.devices:
-                    dev = old.get(d.device_id)
-                    if dev is None:
-                        dev = DeviceState(d, report.end)
-                    else:
-                        dev.update(d, report.end)
-                    agent.devices[dev.device_id] = dev
+            if report.end >= self.started_at:
+                self._count(agent, report)
+            self._replace_devices(agent, report)
+            agent.last_end = report.end
+            agent.reports += 1
+            agent.longest_window = max(agent.longest_window, report.end - report.start)
+        if ident.window_s is not None:
+            agent.window_s = float(ident.window_s)
+        elif agent.reports:
+            # An older agent: the longest window seen, and while only one has been seen (it may be a
+            # short partial first window) at least the agent's default window.
+            longest = float(max(1, agent.longest_window))
+            agent.window_s = longest if agent.reports > 1 else max(longest, DEFAULT_WINDOW_S)
         if now >= self._next_sweep:  # after last_seen moved: the sender itself is never swept
             self._sweep(now)
         return applied, seen
+
+    def _count(self, agent: AgentState, report: Report) -> None:
+        seconds = agent.seconds
+        for d in report.devices:
+            model = d.model or UNKNOWN_MODEL
+            acc = seconds.get(model)
+            if acc is None:
+                if len(seconds) >= MAX_MODELS_PER_AGENT - 1 and model != OTHER:
+                    agent.folded_models += 1
+                    model = OTHER
+                    acc = seconds.get(model)
+                if acc is None:
+                    acc = seconds[sys.intern(model)] = [0.0] * 8
+            share = d.fraction or 1.0
+            for i, s in enumerate((d.busy_s, d.allocated_idle_s, d.free_s, d.unavailable_s)):
+                acc[i] += s
+                acc[4 + i] += s * share
+
+    def _replace_devices(self, agent: AgentState, report: Report) -> None:
+        old = agent.devices
+        new: dict[str, DeviceState] = {}
+        # Whose layout this report states: a MIG parent's instances, or a whole device itself.
+        stated: set[str] = set()
+        for d in report.devices:
+            stated.add(d.parent_id if d.parent_id is not None else d.device_id)
+            value = self.pricing.for_device(d)
+            dev = old.pop(d.device_id, None)
+            if dev is None:
+                dev = DeviceState(d, report.end, value)
+            else:
+                dev.update(d, report.end, value)
+            new[dev.device_id] = dev
+        missing = []
+        for dev in old.values():
+            if dev.parent_id is not None and dev.parent_id in stated:
+                continue  # its GPU now has another MIG layout (or none): the instance is gone
+            if dev.device_id in stated:
+                continue  # a whole GPU now split into instances
+            if report.end - dev.end > self.forget_after_s:
+                continue
+            dev.missing = True
+            missing.append(dev)
+        if len(missing) > MAX_MISSING_DEVICES:
+            missing.sort(key=lambda m: -m.end)
+            self.missing_dropped += len(missing) - MAX_MISSING_DEVICES
+            del missing[MAX_MISSING_DEVICES:]
+        for dev in missing:
+            new[dev.device_id] = dev
+        agent.devices = new
+
+    def record_refusal(self, agent_id: str, reason: str, detail: str, now: float) -> None:
+        """Count a refused report for this agent: reason → count, last detail, last time."""
+        agent_id = agent_id[:MAX_ID_LEN]
+        agent = self.by_id.get(agent_id)
+        if agent is None:
+            agent = self.refused_only.get(agent_id)
+            if agent is None:
+                if len(self.refused_only) >= MAX_REFUSED_ONLY_AGENTS:
+                    self.refused_only.popitem(last=False)
+                    self.refused_only_evicted += 1
+                agent = self.refused_only[agent_id] = AgentState(agent_id)
+            else:
+                self.refused_only.move_to_end(agent_id)
+        if agent.refusals is None:
+            agent.refusals = {}
+        _record_refusal(agent.refusals, reason, detail, now)
+        agent.last_refused_at = now
+        if now >= self._next_sweep:
+            self._sweep(now)
 
     def _sweep(self, now: float) -> None:
         """Drop agents silent for more than `forget_after_s` (the read paths already hide them)."""
         self._next_sweep = now + self._sweep_interval
         self.sweeps += 1
-        gone = [a.id for a in self.agents.values() if self.is_forgotten(a, now)]
+        gone = [a.id for a in self.by_id.values() if self.is_forgotten(a, now)]
         for agent_id in gone:
-            del self.agents[agent_id]
+            del self.by_id[agent_id]
+        for agent_id in [a.id for a in self.refused_only.values() if self.is_forgotten(a, now)]:
+            del self.refused_only[agent_id]
         if gone:
             log.info(
                 "forgot %d agent(s) silent for more than %gs: %s%s",
@@ -246,12 +481,13 @@ class FleetView:
         return now - agent.last_seen > self.stale_windows * agent.window_s
 
     def is_forgotten(self, agent: AgentState, now: float) -> bool:
-        return now - agent.last_seen > self.forget_after_s
+        # An agent still sending, even if every report is refused, stays listed.
+        return now - max(agent.last_seen, agent.last_refused_at) > self.forget_after_s
 
     def live_agents(self, now: float | None = None) -> list[AgentState]:
         """Agents in the view: those not yet forgotten (a sweep may not have run yet)."""
         now = self.clock() if now is None else now
-        return [a for a in self.agents.values() if not self.is_forgotten(a, now)]
+        return [a for a in self.by_id.values() if not self.is_forgotten(a, now)]
 
     @property
     def agent_count(self) -> int:
@@ -264,6 +500,50 @@ class FleetView:
     def stale_agents(self) -> int:
         now = self.clock()
         return sum(1 for a in self.live_agents(now) if self.is_stale(a, now))
+
+    def agents(self, now: float | None = None) -> list[dict[str, Any]]:
+        """`GET /api/v1/agents`: every agent with its last report and its refusals, by id.
+
+        Includes agents that never delivered a valid report (every window refused: a clock far off).
+        """
+        now = self.clock() if now is None else now
+        out = []
+        for agent in self.live_agents(now):
+            out.append(
+                {
+                    "id": agent.id,
+                    "host": agent.host,
+                    "instance": agent.instance,
+                    "version": agent.version,
+                    "window_s": agent.window_s,
+                    "last_report_end": agent.last_end or None,
+                    "last_seen": agent.last_seen,
+                    "stale": self.is_stale(agent, now),
+                    "devices": len(agent.devices),
+                    "models_folded": agent.folded_models,
+                    "refusals": _refusals_dict(agent.refusals),
+                }
+            )
+        for agent in self.refused_only.values():
+            if self.is_forgotten(agent, now):
+                continue
+            out.append(
+                {
+                    "id": agent.id,
+                    "host": None,
+                    "instance": None,
+                    "version": None,
+                    "window_s": None,
+                    "last_report_end": None,
+                    "last_seen": None,
+                    "stale": True,
+                    "devices": 0,
+                    "models_folded": 0,
+                    "refusals": _refusals_dict(agent.refusals),
+                }
+            )
+        out.sort(key=lambda a: a["id"])
+        return out
 
     def summary(self) -> dict[str, Any]:
         """`GET /api/v1/fleet`: device counts by state, idle value per hour, idle device-hours; by model and label."""
@@ -283,15 +563,17 @@ class FleetView:
                 )
             ]
             for dev in agent.devices.values():
-                state = _UNAVAILABLE if is_stale else dev.state
+                state = _UNAVAILABLE if is_stale or dev.missing else dev.state
                 model = dev.model or UNKNOWN_MODEL
-                value = self.pricing.price(dev.model) if state in _IDLE_INDEXES else 0.0
+                value = dev.value_per_hour if state in _IDLE_INDEXES else 0.0
+                share = dev.share
                 model_tally = by_model.get(model)
                 if model_tally is None:
                     model_tally = by_model[model] = _Tally()
                 for t in (total, model_tally, *label_tallies):
                     t.devices += 1
                     t.states[state] += 1
+                    t.gpu[state] += share
                     t.idle_value_per_hour += value
             for model, secs in agent.seconds.items():
                 model_tally = by_model.get(model)
@@ -300,17 +582,23 @@ class FleetView:
                 for t in (total, model_tally, *label_tallies):
                     for i in range(4):
                         t.seconds[i] += secs[i]
+                        t.gpu_seconds[i] += secs[4 + i]
+        models, folded_models = _capped(by_model)
+        labels = {}
+        folded_labels = {}
+        for key, per_key in zip(self.label_keys, by_label, strict=True):
+            labels[key], folded_labels[key] = _capped(per_key)
         return {
             "generated_at": now,
             "since": self.started_at,
             "currency": self.pricing.currency,
+            "units": UNITS,
             "agents": {"total": len(agents), "stale": stale},
             "totals": total.as_dict(),
-            "by_model": {m: t.as_dict() for m, t in sorted(by_model.items())},
-            "by_label": {
-                key: {v: t.as_dict() for v, t in sorted(per_key.items())}
-                for key, per_key in zip(self.label_keys, by_label, strict=True)
-            },
+            "by_model": models,
+            "by_label": labels,
+            # Keys beyond MAX_BREAKDOWN_KEYS per breakdown, folded into "(other)".
+            "folded": {"by_model": folded_models, "by_label": folded_labels},
         }
 
     def devices(
@@ -320,7 +608,12 @@ class FleetView:
         filters: Mapping[str, str] | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
-        """`GET /api/v1/devices`: matching devices, longest idle first."""
+        """`GET /api/v1/devices`: matching devices, longest idle first.
+
+        For a single state (`free`, `allocated_idle` — the reclaim list — …) `min_idle` and the order
+        go by the time in that state (`state_since`, from older agents `idle_since`); for several
+        states (`idle`, `all`) by the idle streak (`idle_since`).
+        """
         now = self.clock()
         filters = dict(filters or {})
         want_model = filters.pop("model", None)
@@ -329,15 +622,16 @@ class FleetView:
         want_agent = filters.pop("agent", None)
         label_filters = [(self.label_keys.index(k), v) for k, v in filters.items()]
         state_idx = None if states is None else frozenset(_STATE_INDEX[s] for s in states)
-        found: list[tuple[float, AgentState, DeviceState, int]] = []
-        for agent in self._agents(want_agent, now):
+        by_state = state_idx is not None and len(state_idx) == 1
+        found: list[tuple[float, AgentState, DeviceState, int, float, float, bool]] = []
+        for agent in self._select_agents(want_agent, now):
             if want_host is not None and agent.host != want_host:
                 continue
             if any((agent.labels[i] if agent.labels else None) != v for i, v in label_filters):
                 continue
             is_stale = self.is_stale(agent, now)
             for dev in agent.devices.values():
-                state = _UNAVAILABLE if is_stale else dev.state
+                state = _UNAVAILABLE if is_stale or dev.missing else dev.state
                 if state_idx is not None and state not in state_idx:
                     continue
                 if want_model is not None and dev.model != want_model:
@@ -349,23 +643,36 @@ class FleetView:
                     if state in _IDLE_INDEXES and dev.idle_since is not None
                     else -1.0
                 )
-                if min_idle_s > 0 and idle_for < min_idle_s:
+                since = _state_since(dev, state)
+                in_state_for = max(0.0, now - since) if since is not None else -1.0
+                rank = in_state_for if by_state else idle_for
+                if min_idle_s > 0 and rank < min_idle_s:
                     continue
-                found.append((idle_for, agent, dev, state))
+                found.append((rank, agent, dev, state, idle_for, in_state_for, is_stale))
         found.sort(key=lambda f: (-f[0], f[1].id, f[2].device_id))
-        return [
-            self._device_dict(agent, dev, state, idle_for) for idle_for, agent, dev, state in found[:limit]
-        ]
+        return [self._device_dict(*f[1:]) for f in found[:limit]]
 
-    def _agents(self, agent_id: str | None, now: float) -> Iterable[AgentState]:
+    def _select_agents(self, agent_id: str | None, now: float) -> Iterable[AgentState]:
         if agent_id is None:
             return self.live_agents(now)
-        agent = self.agents.get(agent_id)
+        agent = self.by_id.get(agent_id)
         return [agent] if agent is not None and not self.is_forgotten(agent, now) else []
 
     def _device_dict(
-        self, agent: AgentState, dev: DeviceState, state: int, idle_for: float
+        self,
+        agent: AgentState,
+        dev: DeviceState,
+        state: int,
+        idle_for: float,
+        in_state_for: float,
+        is_stale: bool,
     ) -> dict[str, Any]:
+        if dev.missing:
+            reason: str | None = NO_LONGER_REPORTED
+        elif is_stale:
+            reason = AGENT_SILENT
+        else:
+            reason = dev.reason
         return {
             "host": agent.host,
             "agent": agent.id,
@@ -373,10 +680,15 @@ class FleetView:
             "vendor": dev.vendor,
             "model": dev.model,
             "parent_id": dev.parent_id,
+            "fraction": dev.share,
             "state": STATES[state],
             "reported_state": STATES[dev.state],
+            "reason": reason,
+            "error": dev.error,
             "idle_since": dev.idle_since if state in _IDLE_INDEXES else None,
             "idle_for_s": round(idle_for, 3) if idle_for >= 0 else None,
+            "state_since": _state_since(dev, state),
+            "in_state_for_s": round(in_state_for, 3) if in_state_for >= 0 else None,
             "labels": {k: v for k, v in zip(self.label_keys, agent.labels, strict=False) if v is not None},
             "util_mean_pct": dev.util_mean_pct,
             "util_max_pct": dev.util_max_pct,
@@ -384,7 +696,17 @@ class FleetView:
             "memory_total_bytes": dev.memory_total_bytes,
             "power_mean_w": dev.power_mean_w,
             "temp_max_c": dev.temp_max_c,
-            "value_per_hour": self.pricing.price(dev.model),
+            "value_per_hour": round(dev.value_per_hour, 6),
             "window_end": dev.end,
-            "stale": self.is_stale(agent, now=self.clock()),
+            "stale": is_stale,
         }
+
+
+def _state_since(dev: DeviceState, state: int) -> int | None:
+    """Since when the device has been in `state` as the view shows it."""
+    if state == dev.state:
+        if dev.state_since is not None:
+            return dev.state_since
+        return dev.idle_since if state in _IDLE_INDEXES else None
+    # Shown unavailable because its agent went silent or stopped listing it: since its last window.
+    return dev.end

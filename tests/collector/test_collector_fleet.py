@@ -182,11 +182,19 @@ async def test_fleet_summary_breakdowns(client):
     assert fleet["totals"]["idle_device_hours"] == pytest.approx(5 * 60 / 3600, rel=1e-4)
 
 
-async def test_device_gone_from_report_leaves_view(client, aiohttp_client):
+async def test_device_gone_from_report_is_unavailable_not_capacity(client):
+    """Issue 19 item 3: a device its agent stops listing is never shown as capacity."""
     await send(client, batch([report(devices=[device("GPU-0"), device("GPU-1")])]))
     await send(client, batch([report(seq=2, end=NOW + 60, devices=[device("GPU-1")])]))
     fleet = client.server.app[FLEET]
-    assert [d["device_id"] for d in fleet.devices(None)] == ["GPU-1"]
+    gone = fleet.devices(frozenset({"unavailable"}))
+    assert [(d["device_id"], d["reason"], d["reported_state"]) for d in gone] == [
+        ("GPU-0", "no longer reported", "free")
+    ]
+    assert [d["device_id"] for d in fleet.devices()] == ["GPU-1"]
+    summary = fleet.summary()["totals"]
+    assert summary["states"]["free"] == 1 and summary["states"]["unavailable"] == 1
+    assert summary["idle_value_per_hour"] == pytest.approx(2.5)
 
 
 def test_device_state_is_compact():
@@ -222,7 +230,7 @@ async def test_agents_silent_longer_than_forget_after_s_leave_the_view(aiohttp_c
         batch([report(end=int(clock.now) - 1)], agent_id="rack2-n1", host="h2"),
         token=RACK_TOKEN,
     )
-    assert list(app[FLEET].agents) == ["rack2-n1"]
+    assert list(app[FLEET].by_id) == ["rack2-n1"]
     text = await (await client.get("/metrics", headers=auth(READ_TOKEN))).text()
     assert "capmon_collector_forgotten_agents_total 1" in text
     # It comes back: a fresh entry.
@@ -246,7 +254,7 @@ def test_sweep_runs_at_most_once_per_interval():
     apply("a", NOW)
     clock.advance(601)
     apply("b", NOW + 600)  # swept: "a" is gone
-    assert list(view.agents) == ["b"]
+    assert list(view.by_id) == ["b"]
     apply("c", NOW + 600)
     clock.advance(30)
     apply("d", NOW + 630)  # no sweep within the interval even though nothing changed
@@ -260,7 +268,8 @@ async def test_since_start_totals_skip_reports_that_ended_before_the_collector_s
     are not seconds "since this collector started"."""
     client = await aiohttp_client(create_app(make_config(), writer=writer, clock=clock))  # starts NOW + 1
     old = [report(seq=s, end=NOW - 7200 + 60 * s) for s in range(1, 4)]
-    await send(client, batch([*old, report(seq=4, end=NOW + 60, devices=[device("GPU-0", "busy")])]))
+    # A window ending exactly at the start counts.
+    await send(client, batch([*old, report(seq=4, end=NOW + 1, devices=[device("GPU-0", "busy")])]))
     fleet = await get(client, "/api/v1/fleet")
     assert fleet["since"] == NOW + 1
     assert fleet["totals"]["device_hours"] == {
@@ -271,8 +280,7 @@ async def test_since_start_totals_skip_reports_that_ended_before_the_collector_s
     }
     assert fleet["totals"]["idle_device_hours"] == 0
     assert len(writer.lines) == 4 * 4  # all stored
-    # A window ending exactly at the start counts.
-    await send(client, batch([report(seq=5, end=NOW + 1)]))
+    await send(client, batch([report(seq=5, end=NOW + 61)]))
     assert (await get(client, "/api/v1/fleet"))["totals"]["idle_device_hours"] == pytest.approx(
         60 / 3600, rel=1e-4
     )
