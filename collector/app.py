@@ -8,32 +8,24 @@ in-flight requests finish, flushes queued writes and only then closes the storag
 from __future__ import annotations
 
 import logging
-import math
 import re
+import sys
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from capmon.agent.wire import IDLE_STATES, STATES, Batch, ErrorBody, decode_batch, split_error
+from capmon.agent.wire import IDLE_STATES, STATES
 
-from .auth import Principal, TokenStore
+from .auth import AuthFailureLog, Principal, TokenStore, credentials_kind
 from .config import Config
 from .fleet import FleetView, Pricing
-from .lineproto import batch_lines
+from .ingest import ClientDisconnected, IngestLimits, IngestService, Refusal
 from .metrics import Metrics
-from .storage import (
-    CollectorOverloaded,
-    GroupCommitWriter,
-    RequestTooLarge,
-    StorageError,
-    StorageRejected,
-    StorageWriter,
-    make_writer,
-)
+from .storage import GroupCommitWriter, StorageWriter, make_writer
 
 log = logging.getLogger("capmon.collector")
 
@@ -43,162 +35,49 @@ FLEET = web.AppKey("capmon_fleet", FleetView)
 METRICS = web.AppKey("capmon_metrics", Metrics)
 STORAGE = web.AppKey("capmon_storage", GroupCommitWriter)
 CLOCK = web.AppKey("capmon_clock", Callable[[], float])
+INGEST = web.AppKey("capmon_ingest", IngestService)
+AUTH_LOG = web.AppKey("capmon_auth_log", AuthFailureLog)
 
 _json = msgspec.json.Encoder()
 
+__all__ = ["CONFIG", "FLEET", "INGEST", "METRICS", "STORAGE", "Refusal", "create_app", "run"]
 
-class Refusal(Exception):
-    """An ingest or API request refused with an `ErrorBody`."""
 
-    def __init__(
-        self,
-        status: int,
-        error: str,
-        detail: str = "",
-        path: str | None = None,
-        reason: str = "",
-        retry_after: int | None = None,
-    ) -> None:
-        super().__init__(error)
-        self.status, self.body = status, ErrorBody(error=error, detail=detail, path=path)
-        self.reason = reason or error.replace(" ", "_")
-        self.retry_after = retry_after
-
-    def response(self) -> web.Response:
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
-        if self.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="capmon"'
-        return web.Response(
-            status=self.status, body=_json.encode(self.body), content_type="application/json", headers=headers
-        )
+def refusal_response(refusal: Refusal) -> web.Response:
+    headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after is not None else {}
+    if refusal.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="capmon"'
+    response = web.Response(
+        status=refusal.status, body=refusal.encode(), content_type="application/json", headers=headers
+    )
+    if refusal.close:
+        response.force_close()
+    return response
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=_json.encode(data), content_type="application/json")
 
 
-# -- request body ----------------------------------------------------------------------------------
-
-
-async def read_body(request: web.Request, max_body: int, max_decoded: int) -> bytes:
-    """The request body, gunzipped if it says so; both sizes capped while streaming (zip bombs)."""
-    if request.content_length is not None and request.content_length > max_body:
-        raise Refusal(413, "body too large", f"at most {max_body} bytes", reason="too_large")
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip", ""):
-        raise Refusal(
-            415, "unsupported content encoding", f"{encoding[:40]!r}; use gzip or none", reason="encoding"
-        )
-    gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
-    out: list[bytes] = []
-    received = decoded = 0
-    async for chunk in request.content.iter_chunked(256 * 1024):
-        received += len(chunk)
-        if received > max_body:
-            raise Refusal(413, "body too large", f"at most {max_body} bytes", reason="too_large")
-        if gunzip is None:
-            out.append(chunk)
-            continue
-        try:
-            data = gunzip.decompress(chunk, max_decoded - decoded + 1)
-        except zlib.error as exc:
-            raise Refusal(400, "invalid gzip body", str(exc), reason="bad_gzip") from None
-        decoded += len(data)
-        if decoded > max_decoded or gunzip.unconsumed_tail:
-            raise Refusal(
-                413, "body too large", f"at most {max_decoded} bytes after gzip decoding", reason="too_large"
-            )
-        out.append(data)
-    if gunzip is not None and (not gunzip.eof or gunzip.unused_data):
-        raise Refusal(400, "invalid gzip body", "truncated or trailing data", reason="bad_gzip")
-    return b"".join(out)
-
-
-# -- checks msgspec cannot express -----------------------------------------------------------------
-
-
-def check_batch(batch: Batch, config: Config, now: float) -> Refusal | None:
-    c = config.collector
-    labels = batch.agent.labels
-    if len(labels) > c.max_labels:
-        return Refusal(400, "invalid report", f"at most {c.max_labels} labels", "$.agent.labels", "invalid")
-    for key, value in labels.items():
-        if len(value) > c.max_label_value_len:
-            return Refusal(
-                400,
-                "invalid report",
-                f"label value longer than {c.max_label_value_len} characters",
-                f"$.agent.labels.{key}",
-                "invalid",
-            )
-    seqs: set[int] = set()
-    for i, r in enumerate(batch.reports):
-        where = f"$.reports[{i}]"
-        if r.seq in seqs:
-            return Refusal(400, "invalid report", "seq repeated within the batch", f"{where}.seq", "invalid")
-        seqs.add(r.seq)
-        if r.end <= r.start:
-            return Refusal(400, "invalid report", "end must be after start", f"{where}.end", "invalid")
-        if r.end - r.start > c.max_window_s:
-            return Refusal(
-                400, "invalid report", f"window longer than {c.max_window_s:g}s", f"{where}.start", "invalid"
-            )
-        if r.end > now + c.max_future_s:
-            return Refusal(
-                400,
-                "invalid report",
-                f"end is {r.end - now:.0f}s in the future (at most {c.max_future_s:g}s): check the agent's clock",
-                f"{where}.end",
-                "clock",
-            )
-        if r.end < now - c.max_past_s:
-            return Refusal(
-                400,
-                "invalid report",
-                f"end is {now - r.end:.0f}s in the past (at most {c.max_past_s:g}s)",
-                f"{where}.end",
-                "too_old",
-            )
-        if r.agent is not None and not math.isfinite(r.agent.uptime_s):
-            return Refusal(400, "invalid report", "not a finite number", f"{where}.agent.uptime_s", "invalid")
-        window = r.end - r.start
-        slack = max(2.0, 0.1 * window)
-        ids: set[str] = set()
-        for j, d in enumerate(r.devices):
-            dwhere = f"{where}.devices[{j}]"
-            if d.device_id in ids:
-                return Refusal(
-                    400,
-                    "invalid report",
-                    "device_id repeated in one report",
-                    f"{dwhere}.device_id",
-                    "invalid",
-                )
-            ids.add(d.device_id)
-            if d.busy_s + d.allocated_idle_s + d.free_s + d.unavailable_s > window + slack:
-                return Refusal(
-                    400, "invalid report", "state seconds exceed the window", f"{dwhere}.busy_s", "invalid"
-                )
-            if d.idle_since is not None and d.idle_since > r.end + slack:
-                return Refusal(
-                    400,
-                    "invalid report",
-                    "idle_since after the window's end",
-                    f"{dwhere}.idle_since",
-                    "invalid",
-                )
-    return None
-
-
 # -- auth ------------------------------------------------------------------------------------------
 
 
 def authenticate(request: web.Request, role: str) -> Principal:
-    principal = request.app[TOKENS].authenticate(request.headers.get("Authorization"))
+    header = request.headers.get("Authorization")
+    principal = request.app[TOKENS].authenticate(header)
     if principal is None:
+        request.app[AUTH_LOG].note(
+            401, credentials_kind(header), request.remote, f"unauthorized {request.path}"
+        )
         raise Refusal(401, "unauthorized", "missing or unknown bearer token", reason="unauthorized")
     if principal.role != role:
         what = "write reports" if role == "agent" else "read the fleet"
+        request.app[AUTH_LOG].note(
+            403,
+            f"token {principal.name!r}",
+            request.remote,
+            f"forbidden {request.path} ({principal.role} token)",
+        )
         raise Refusal(403, "forbidden", f"a {principal.role} token cannot {what}", reason="forbidden")
     return principal
 
@@ -208,8 +87,6 @@ def authenticate(request: web.Request, role: str) -> Principal:
 
 async def ingest(request: web.Request) -> web.Response:
     """`POST /api/v1/reports`: 200 only once storage holds every point of the batch."""
-    app = request.app
-    config, metrics = app[CONFIG], app[METRICS]
     principal = authenticate(request, "agent")
     if request.content_type != "application/json":
         raise Refusal(
@@ -218,67 +95,13 @@ async def ingest(request: web.Request) -> web.Response:
             f"{request.content_type[:60]!r}; use application/json",
             reason="type",
         )
-    body = await read_body(request, config.collector.max_body_bytes, config.collector.max_decoded_bytes)
-    try:
-        batch = decode_batch(body)
-    except msgspec.MsgspecError as exc:
-        reason, path = split_error(exc)
-        raise Refusal(400, "invalid report", reason, path, reason="invalid") from None
-    except UnicodeDecodeError:
-        raise Refusal(400, "invalid report", "body is not valid UTF-8", reason="invalid") from None
-    except RecursionError:  # msgspec skips unknown fields recursively: `{"x":{"x":{…`
-        raise Refusal(400, "invalid report", "JSON nested too deeply", reason="invalid") from None
-    # Before any per-window work: everything after this is linear in the device windows.
-    windows = sum(len(r.devices) for r in batch.reports)
-    if windows > config.collector.max_device_windows:
-        raise Refusal(
-            413,
-            "too many device windows",
-            f"{windows} device windows (devices summed over reports) in one request; at most "
-            f"{config.collector.max_device_windows} (collector.max_device_windows): send fewer reports per request",
-            reason="too_large",
-        )
-    if not principal.may_write_as(batch.agent.id):
-        log.info("token %s may not write as agent %r", principal.name, batch.agent.id)
-        raise Refusal(
-            403, "forbidden", "this token may not write as this agent id", "$.agent.id", reason="wrong_agent"
-        )
-    refusal = check_batch(batch, config, app[CLOCK]())
-    if refusal is not None:
-        raise refusal
-    dropped = sum(1 for k in batch.agent.labels if k not in config.collector.label_keys)
-    if dropped:
-        metrics.labels_dropped.inc(dropped)
-    lines = batch_lines(batch, config.collector.label_keys, app[FLEET].pricing.price)
-    # The live view takes the batch once storage has answered: not when storage refuses the data
-    # itself (400: the agent dead-letters it) or the request is too large (413: the agent splits it),
-    # but still when storage merely cannot take it now (429/503: the agent retries, and "idle now"
-    # must not freeze during an outage; the retry is then a replay and is not counted twice).
-    try:
-        await app[STORAGE].submit(lines)
-    except StorageRejected as exc:
-        raise Refusal(400, "storage rejected the data", exc.detail, reason="storage_rejected") from None
-    except RequestTooLarge as exc:
-        raise Refusal(413, "too many points", exc.detail, reason="too_large") from None
-    except CollectorOverloaded as exc:
-        app[FLEET].apply(batch)
-        raise Refusal(
-            429, "overloaded", exc.detail, reason="overloaded", retry_after=exc.retry_after
-        ) from None
-    except StorageError as exc:
-        app[FLEET].apply(batch)
-        raise Refusal(
-            503,
-            "storage unavailable",
-            exc.detail,
-            reason="storage_unavailable",
-            retry_after=exc.retry_after or 10,
-        ) from None
-    _applied, seen = app[FLEET].apply(batch)
-    metrics.reports.inc(len(batch.reports))
-    metrics.duplicate_reports.inc(seen)
-    metrics.device_windows.inc(windows)
-    return json_response({"accepted": len(batch.reports), "points": len(lines), "duplicates": seen})
+    answer = await request.app[INGEST].ingest(
+        principal,
+        request.content.iter_chunked(256 * 1024),
+        request.headers.get("Content-Encoding", "identity"),
+        request.content_length,
+    )
+    return json_response(answer)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -350,8 +173,74 @@ async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
+async def agents(request: web.Request) -> web.Response:
+    """`GET /api/v1/agents`: each agent's last report and its refusals (a clock far off shows here)."""
+    authenticate(request, "read")
+    listed = request.app[INGEST].agents()
+    return json_response({"agents": listed, "count": len(listed)})
+
+
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok", "storage": request.app[CONFIG].storage.kind})
+    """Always 200 while the process serves; `degraded` while storage is not ready (or failing)."""
+    storage = request.app[STORAGE]
+    return json_response(
+        {
+            "status": "ok" if storage.ready else "degraded",
+            "storage": {
+                "kind": request.app[CONFIG].storage.kind,
+                "ready": storage.ready,
+                "last_error": storage.last_error,
+            },
+        }
+    )
+
+
+class HttpErrorLog:
+    """Stands in for aiohttp's server logger: its parser errors carry the raw request line or header
+    (`Authorization: Bearer tok\\x01`), so no exception text or traceback from it is logged; a
+    malformed request is one warning naming the peer and the kind of error."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.log = logging.getLogger("capmon.collector.http")
+
+    @staticmethod
+    def _exc(kw: dict[str, Any]) -> BaseException | None:
+        exc = kw.get("exc_info")
+        if isinstance(exc, BaseException):
+            return exc
+        return sys.exc_info()[1] if exc else None
+
+    def _line(self, level: int, msg: str, args: tuple[Any, ...], exc: BaseException | None) -> None:
+        # aiohttp's own messages take only the peer address as an argument.
+        text = msg % args if args else msg
+        if exc is not None:
+            code = getattr(exc, "code", None)
+            text += f": {type(exc).__name__}" + (f" ({code})" if code else "")
+        self.log.log(level, "%s", text)
+
+    def exception(self, msg: str, *args: Any, **kw: Any) -> None:
+        exc = self._exc(kw)
+        if isinstance(exc, HttpProcessingError):
+            self.metrics.malformed_requests.inc()
+            self._line(logging.WARNING, "malformed request: " + msg, args, exc)
+        elif isinstance(exc, ConnectionError):
+            self._line(logging.INFO, msg, args, exc)
+        else:
+            self._line(logging.ERROR, msg, args, exc)
+
+    def error(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._line(logging.ERROR, msg, args, self._exc(kw))
+
+    def warning(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._line(logging.WARNING, msg, args, self._exc(kw))
+
+    def info(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._line(logging.INFO, msg, args, self._exc(kw))
+
+    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
+        if self.log.isEnabledFor(logging.DEBUG):
+            self._line(logging.DEBUG, msg, args, self._exc(kw))
 
 
 # -- wiring ----------------------------------------------------------------------------------------
@@ -369,12 +258,16 @@ async def errors_and_counts(
     except Refusal as refusal:
         if request.path == "/api/v1/reports":
             metrics.rejects.inc(reason=refusal.reason)
-        response = refusal.response()
+        if isinstance(refusal, ClientDisconnected):
+            log.info("client %s disconnected during %s %s", request.remote, request.method, route)
+        elif refusal.reason == "body_timeout":
+            log.info("client %s: %s", request.remote, refusal.detail)
+        response = refusal_response(refusal)
     except web.HTTPException as exc:
-        response = Refusal(exc.status, exc.reason.lower(), reason=f"http_{exc.status}").response()
+        response = refusal_response(Refusal(exc.status, exc.reason.lower(), reason=f"http_{exc.status}"))
     except Exception:
         log.exception("unexpected error in %s %s", request.method, route)
-        response = Refusal(500, "internal error", reason="internal").response()
+        response = refusal_response(Refusal(500, "internal error", reason="internal"))
     metrics.requests.inc(route=route, status=str(response.status))
     return response
 
@@ -389,12 +282,17 @@ def create_app(
     """The collector. `writer` replaces the configured storage (unit tests); `clock` is unix seconds."""
     import os
 
-    # auto_decompress off: `read_body` gunzips itself, with a cap.
-    app = web.Application(middlewares=[errors_and_counts], handler_args={"auto_decompress": False})
+    metrics = Metrics()
+    # auto_decompress off: ingest gunzips itself, with caps; the logger keeps header values out of logs.
+    app = web.Application(
+        middlewares=[errors_and_counts],
+        handler_args={"auto_decompress": False, "logger": HttpErrorLog(metrics)},
+    )
     app[CONFIG] = config
     app[CLOCK] = clock
     app[TOKENS] = TokenStore(config.auth, os.environ if env is None else env)
-    app[METRICS] = metrics = Metrics()
+    app[AUTH_LOG] = AuthFailureLog()
+    app[METRICS] = metrics
     app[FLEET] = fleet = FleetView(
         config.collector.label_keys,
         Pricing(config.pricing),
@@ -404,24 +302,46 @@ def create_app(
         on_forget=metrics.forgotten_agents.inc,
     )
     app[STORAGE] = storage = GroupCommitWriter(writer or make_writer(config.storage), config.storage, metrics)
+    pricing = fleet.pricing
+    price = getattr(pricing, "for_device", None) or (lambda d: pricing.price(d.model))
+    app[INGEST] = service = IngestService(
+        IngestLimits.from_config(config),
+        fleet,
+        storage,
+        metrics,
+        clock,
+        price,
+        forget_after_s=config.collector.forget_after_s,
+    )
     metrics.gauge("live_devices", "Devices in the live view.", lambda: fleet.device_count)
     metrics.gauge("agents", "Agents in the live view.", lambda: fleet.agent_count)
     metrics.gauge("stale_agents", "Agents silent for more than stale_windows windows.", fleet.stale_agents)
     metrics.gauge(
         "pending_lines", "Lines waiting for or being written to storage.", lambda: storage.pending_lines
     )
+    metrics.gauge(
+        "inflight_decoded_bytes",
+        "Request bytes (decoded bodies and objects) held by requests in flight.",
+        lambda: service.budget.used,
+    )
+    metrics.gauge("storage_ready", "1 when storage answered its last check or write.", lambda: storage.ready)
 
     async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Quick: storage readiness (ping, CREATE DATABASE) runs in the background, see /healthz.
         await storage.start()
+        service.start()
         if not len(app[TOKENS]):
             log.warning("no tokens configured in %s: every request except /healthz is refused", config.source)
         yield
+        await service.close()
         await storage.close(config.collector.drain_timeout_s)
+        log.info("capmon collector stopped")
 
     app.cleanup_ctx.append(storage_ctx)
     app.router.add_post("/api/v1/reports", ingest)
     app.router.add_get("/api/v1/fleet", fleet_summary)
     app.router.add_get("/api/v1/devices", devices)
+    app.router.add_get("/api/v1/agents", agents)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/healthz", healthz)
     return app

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
 
 from .config import AuthConfig, TokenConfig
+
+log = logging.getLogger("capmon.collector.auth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +65,46 @@ class TokenStore:
             if hmac.compare_digest(known, digest) and found is None:
                 found = principal
         return found
+
+
+def credentials_kind(authorization: str | None) -> str:
+    """What a refused `Authorization` header was, for a log line: never any part of its value."""
+    if not authorization:
+        return "no token"
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return "not a bearer token"
+    return "unknown token"
+
+
+class AuthFailureLog:
+    """One log line per (token name, peer) per `interval_s` for refused requests, with how many
+    were refused since that pair's last line; it names the token's configured name or "unknown
+    token", never the token."""
+
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[tuple[str, str], list[float]] = {}
+
+    def note(self, status: int, who: str, peer: str | None, what: str) -> bool:
+        """Log (or count toward the next line); True when a line was written."""
+        now = self.clock()
+        key = (who, peer or "?")
+        entry = self._last.get(key)
+        if entry is not None and now - entry[0] < self.interval_s:
+            entry[1] += 1
+            return False
+        more = int(entry[1]) if entry is not None else 0
+        if entry is None and len(self._last) >= 10_000:
+            self._last.clear()
+        self._last[key] = [now, 0]
+        log.warning(
+            "%d %s from %s: %s%s",
+            status,
+            what,
+            key[1],
+            who,
+            f" ({more} more since the last line)" if more else "",
+        )
+        return True

@@ -7,9 +7,10 @@ report's `end` in seconds, so a resent report rewrites identical points.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
-from capmon.agent.wire import STATES, AgentIdentity, Batch, Report
+from capmon.agent.wire import STATES, AgentIdentity, Batch, DeviceWindow, Report
 
 STATE_CODE: dict[str, float] = {state: float(i) for i, state in enumerate(STATES)}
 
@@ -40,6 +41,27 @@ def _tag(value: str) -> str:
     return escaped
 
 
+_SAFE_KEY = re.compile(r"[a-z][a-z0-9_]*")
+_UNSAFE_KEY_CHARS = re.compile(r"[^a-z0-9_]")
+_key_cache: dict[str, str] = {}
+
+
+def field_key(key: str) -> str:
+    """A key safe as a line-protocol field or tag key whatever it contains: the wire's key pattern
+    as is, anything else with every other character replaced by `_` (a newline, space, comma, `=`
+    or quote in a key would split or corrupt the line; the validator is not trusted for that)."""
+    safe = _key_cache.get(key)
+    if safe is None:
+        if _SAFE_KEY.fullmatch(key):
+            safe = key
+        else:
+            safe = _UNSAFE_KEY_CHARS.sub("_", key.lower()) or "_"
+        if len(_key_cache) > 10_000:
+            _key_cache.clear()
+        _key_cache[key] = safe
+    return safe
+
+
 def string_field(value: str) -> str:
     return '"' + value.translate(_STR_ESCAPES) + '"'
 
@@ -51,7 +73,7 @@ def identity_tags(agent: AgentIdentity, label_keys: tuple[str, ...]) -> str:
     for key in label_keys:
         value = labels.get(key)
         if value:
-            parts += (",", key, "=", escape_tag(value))
+            parts += (",", field_key(key), "=", escape_tag(value))
     return "".join(parts)
 
 
@@ -59,13 +81,13 @@ def report_lines(
     report: Report,
     tags: str,
     out: list[str],
-    price: Callable[[str | None], float] | None = None,
+    price: Callable[[DeviceWindow], float] | None = None,
     agent_fields: str = "",
 ) -> None:
     """Append the lines of one report to `out`.
 
-    `price`: value of one device-hour by model (the collector's `Pricing.price`, cached per model);
-    a device it prices above 0 gets `idle_value`. `agent_fields`: `version="…"` or empty, added to the
+    `price`: value of one device-hour of a device (the collector's `Pricing.for_device`: by model,
+    a MIG instance its fraction); a device it prices above 0 gets `idle_value`. `agent_fields`: `version="…"` or empty, added to the
     report's `capmon_agent` point.
     """
     ts = report.end
@@ -91,7 +113,7 @@ def report_lines(
             f",idle_s={float(idle_s)!r},ghost_s={float(d.ghost_s)!r}"
         )
         if price is not None:
-            value_per_hour = price(d.model)
+            value_per_hour = price(d)
             if value_per_hour > 0:
                 line.append(f",idle_value={idle_s / 3600 * value_per_hour!r}")
         if d.util_mean_pct is not None:
@@ -118,10 +140,10 @@ def report_lines(
             line += (",error=", string_field(d.error))
         if d.extra:
             for key, value in d.extra.items():
-                line.append(f",extra_{key}={float(value)!r}")
+                line.append(f",extra_{field_key(key)}={float(value)!r}")
         if d.info:
             for key, text in d.info.items():
-                line += (",info_", key, "=", string_field(text))
+                line += (",info_", field_key(key), "=", string_field(text))
         line.append(f" {ts}")
         out.append("".join(line))
 
@@ -168,9 +190,9 @@ def report_lines(
 
 
 def batch_lines(
-    batch: Batch, label_keys: tuple[str, ...], price: Callable[[str | None], float] | None = None
+    batch: Batch, label_keys: tuple[str, ...], price: Callable[[DeviceWindow], float] | None = None
 ) -> list[str]:
-    """All lines of a batch, in report order. `price` (e.g. `Pricing.price`) adds `idle_value`."""
+    """All lines of a batch, in report order. `price` (e.g. `Pricing.for_device`) adds `idle_value`."""
     tags = identity_tags(batch.agent, label_keys)
     version = batch.agent.version
     agent_fields = "version=" + string_field(version) if version else ""

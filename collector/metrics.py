@@ -94,6 +94,14 @@ class Metrics:
             "Agent labels ignored because their key is not in collector.label_keys.",
         )
         self.lines_written = Counter(p + "lines_written_total", "Line-protocol lines storage accepted.")
+        self.limits_hit = Counter(
+            p + "limits_hit_total",
+            "Ingest requests refused for a per-agent bound (devices, values), by limit.",
+            ("limit",),
+        )
+        self.malformed_requests = Counter(
+            p + "malformed_requests_total", "Requests the HTTP parser refused (bad header, URL, framing)."
+        )
         self.forgotten_agents = Counter(
             p + "forgotten_agents_total", "Agents dropped from the live view after forget_after_s of silence."
         )
@@ -120,6 +128,8 @@ class Metrics:
             self.device_windows,
             self.duplicate_reports,
             self.labels_dropped,
+            self.limits_hit,
+            self.malformed_requests,
             self.forgotten_agents,
             self.lines_written,
             self.storage_errors,

@@ -29,6 +29,12 @@ from .metrics import Metrics
 log = logging.getLogger("capmon.collector.storage")
 
 
+def describe(exc: BaseException) -> str:
+    """An exception as text that always says something (`TimeoutError()` has an empty `str`)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class StorageError(Exception):
     def __init__(self, detail: str, retry_after: int | None = None) -> None:
         super().__init__(detail)
@@ -73,7 +79,11 @@ class StorageWriter(Protocol):
 
     name: str
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Open clients only: quick, never waits for the storage (the collector listens at once)."""
+
+    async def ready(self) -> None:
+        """Check the storage answers (and create the database if configured); raises `StorageError`."""
 
     async def write(self, lines: Sequence[str]) -> None: ...
 
@@ -89,9 +99,14 @@ class NullWriter:
     """kind = "none": the collector serves the live view alone."""
 
     name = "none"
+    # Nothing is written anywhere: no lines count as written.
+    stores = False
 
     async def start(self) -> None:
         log.info("no storage configured: serving the live fleet view only; reports are not stored")
+
+    async def ready(self) -> None:
+        return None
 
     async def write(self, lines: Sequence[str]) -> None:
         return None
@@ -119,6 +134,7 @@ class InfluxV1Writer:
         base = cfg.url.rstrip("/")
         self._write_url = base + "/write"
         self._query_url = base + "/query"
+        self._ping_url = base + "/ping"
 
     async def start(self) -> None:
         auth = aiohttp.BasicAuth(self.cfg.user, self.cfg.password) if self.cfg.user else None
@@ -126,19 +142,35 @@ class InfluxV1Writer:
             auth=auth,
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
         )
+
+    async def ready(self) -> None:
+        assert self.session is not None
         if self.cfg.create_database:
             await self._create_database()
+            return
+        try:
+            async with self.session.get(self._ping_url) as resp:
+                if resp.status < 300:
+                    return
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise StorageUnavailable(f"influxdb_v1 {self._ping_url} unreachable: {describe(exc)}") from None
+        raise StorageUnavailable(f"influxdb_v1 {self._ping_url} answered {status}")
 
     async def _create_database(self) -> None:
+        """CREATE DATABASE; raises `StorageUnavailable` naming the reason when it does not succeed."""
         assert self.session is not None
         self._last_create = time.monotonic()
         name = self.cfg.db.replace("\\", "\\\\").replace('"', '\\"')
         try:
             async with self.session.post(self._query_url, data={"q": f'CREATE DATABASE "{name}"'}) as resp:
-                if resp.status >= 300:
-                    log.warning("CREATE DATABASE %s answered %s", self.cfg.db, resp.status)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            log.warning("CREATE DATABASE %s failed: %s", self.cfg.db, exc)
+                if resp.status < 300:
+                    return
+                text = _error_message((await resp.text(errors="replace"))[:2000])
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise StorageUnavailable(f"CREATE DATABASE {self.cfg.db} failed: {describe(exc)}") from None
+        raise StorageUnavailable(f"CREATE DATABASE {self.cfg.db} answered {status}: {text}")
 
     async def write(self, lines: Sequence[str]) -> None:
         assert self.session is not None
@@ -159,11 +191,14 @@ class InfluxV1Writer:
                 text = (await resp.text(errors="replace"))[:2000]
                 status, retry_after = resp.status, resp.headers.get("Retry-After")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise StorageUnavailable(f"influxdb_v1 unreachable: {exc!r}", self.cfg.retry_after_s) from None
+            raise StorageUnavailable(
+                f"influxdb_v1 unreachable: {describe(exc)}", self.cfg.retry_after_s
+            ) from None
         detail = _error_message(text)
         if status == 404 and "database not found" in detail and self.cfg.create_database:
             if time.monotonic() - self._last_create > 10:
-                await self._create_database()
+                with contextlib.suppress(StorageError):
+                    await self._create_database()
         raise classify(status, detail, retry_after, self.cfg.retry_after_s)
 
     async def close(self) -> None:
@@ -193,6 +228,15 @@ class InfluxV2Writer:
         )
         self.api = self.client.write_api()
 
+    async def ready(self) -> None:
+        assert self.client is not None
+        try:
+            ok = await self.client.ping()
+        except Exception as exc:  # the client raises what its HTTP stack raises
+            raise StorageUnavailable(f"influxdb_v2 {self.cfg.url} unreachable: {describe(exc)}") from None
+        if not ok:
+            raise StorageUnavailable(f"influxdb_v2 {self.cfg.url} did not answer /ping")
+
     async def write(self, lines: Sequence[str]) -> None:
         from influxdb_client import WritePrecision
         from influxdb_client.rest import ApiException
@@ -215,7 +259,9 @@ class InfluxV2Writer:
                 self.cfg.retry_after_s,
             ) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise StorageUnavailable(f"influxdb_v2 unreachable: {exc!r}", self.cfg.retry_after_s) from None
+            raise StorageUnavailable(
+                f"influxdb_v2 unreachable: {describe(exc)}", self.cfg.retry_after_s
+            ) from None
 
     async def close(self) -> None:
         if self.client is not None:
@@ -281,6 +327,12 @@ class GroupCommitWriter:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._inflight = 0
+        # Storage readiness, for /healthz: checked in the background so that the collector listens
+        # at once even while the storage hangs; a write's outcome updates it too.
+        self.ready = False
+        self.last_error: str | None = None
+        self._ready_task: asyncio.Task[None] | None = None
+        self._stores = getattr(writer, "stores", True)
 
     @property
     def pending_lines(self) -> int:
@@ -292,6 +344,27 @@ class GroupCommitWriter:
             asyncio.create_task(self._flusher(), name=f"capmon-flush-{i}")
             for i in range(self.cfg.write_concurrency)
         ]
+        self._ready_task = asyncio.create_task(self._become_ready(), name="capmon-storage-ready")
+
+    async def _become_ready(self) -> None:
+        """Ping (or CREATE DATABASE) until the storage answers; each new error is logged once."""
+        check = getattr(self.writer, "ready", None)
+        delay = 1.0
+        while not self.ready and not self._closing:
+            try:
+                if check is not None:
+                    await check()
+            except Exception as exc:
+                error = exc.detail if isinstance(exc, StorageError) else describe(exc)
+                if error != self.last_error:
+                    log.warning("storage %s not ready: %s (retrying)", self.writer.name, error)
+                self.last_error = error
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            if not self.ready:
+                self.ready, self.last_error = True, None
+                log.info("storage %s ready", self.writer.name)
 
     async def submit(self, lines: Sequence[str]) -> None:
         """Returns once all `lines` are stored; raises a `StorageError` otherwise."""
@@ -402,18 +475,24 @@ class GroupCommitWriter:
         except StorageRejected:
             self.metrics.storage_errors.inc(kind="rejected")
             raise
-        except StorageError:
+        except StorageError as exc:
             self.metrics.storage_errors.inc(kind="unavailable")
+            self.ready, self.last_error = False, exc.detail
             raise
         finally:
             self.metrics.write_seconds.observe(self.clock() - started)
-        self.metrics.batch_lines.observe(len(lines))
-        self.metrics.lines_written.inc(len(lines))
+        self.ready, self.last_error = True, None
+        if self._stores:
+            self.metrics.batch_lines.observe(len(lines))
+            self.metrics.lines_written.inc(len(lines))
 
     async def close(self, timeout: float = 30.0) -> None:
         """Stop accepting, write what is queued (within `timeout`), then close the writer."""
         self._closing = True
         self._wakeup.set()
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+            await asyncio.gather(self._ready_task, return_exceptions=True)
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=timeout)
             for task in pending:

@@ -125,6 +125,11 @@ class RecordingWriter:
     def lines(self) -> list[str]:
         return [line for w in self.writes for line in w]
 
+    @property
+    def report_lines(self) -> list[str]:
+        """The lines of reports: without the collector's own `capmon_refusal` records."""
+        return [line for line in self.lines if not line.startswith("capmon_refusal")]
+
     async def start(self) -> None:
         self.started = True
 

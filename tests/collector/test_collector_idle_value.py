@@ -31,7 +31,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 
 def device_fields(data: dict, pricing: PricingConfig | None) -> dict[str, dict[str, str]]:
     """device id → fields of its `capmon_device` line (no string field here contains `,` or `=`)."""
-    price = Pricing(pricing).price if pricing is not None else None
+    price = Pricing(pricing).for_device if pricing is not None else None
     out = {}
     for line in batch_lines(msgspec.convert(data, Batch), LABEL_KEYS, price):
         if line.startswith("capmon_device"):
@@ -92,7 +92,7 @@ def test_no_pricing_writes_no_idle_value():
 def test_same_lines_as_without_pricing_apart_from_idle_value():
     data = mixed_batch()
     plain = batch_lines(msgspec.convert(data, Batch), LABEL_KEYS)
-    priced = batch_lines(msgspec.convert(data, Batch), LABEL_KEYS, Pricing(PricingConfig(default=1.0)).price)
+    priced = batch_lines(msgspec.convert(data, Batch), LABEL_KEYS, Pricing(PricingConfig(default=1.0)).for_device)
     assert [re.sub(r",idle_value=[^, ]+", "", line) for line in priced] == plain
 
 

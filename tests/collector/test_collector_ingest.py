@@ -68,7 +68,7 @@ async def test_validation_error_names_the_field(client, writer):
     err = await resp.json()
     assert err["path"] == "$.reports[0].devices[2].util_mean_pct"
     assert err["error"] == "invalid report" and "<= 100" in err["detail"]
-    assert writer.lines == []
+    assert writer.report_lines == []
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ async def test_checks_msgspec_cannot_express(client, writer, rep, path, words):
     assert resp.status == 400
     err = await resp.json()
     assert err["path"] == path and words in err["detail"]
-    assert writer.lines == []
+    assert writer.report_lines == []
 
 
 async def test_repeated_seq_in_one_batch_is_refused(client):
@@ -118,7 +118,7 @@ async def test_body_too_large_before_and_after_gzip(aiohttp_client, writer):
     )
     assert resp.status == 413
     assert "after gzip decoding" in (await resp.json())["detail"]
-    assert writer.lines == []
+    assert writer.report_lines == []
 
 
 async def test_bad_gzip_is_400(client, writer):
@@ -245,7 +245,7 @@ async def test_hostile_payloads_never_5xx_and_write_nothing(aiohttp_client, payl
     text = await resp.text()
     assert resp.status < 500, text
     if resp.status != 200:
-        assert writer.lines == []
+        assert writer.report_lines == []
         err = json.loads(text)
         assert err["error"]
     await client.close()
@@ -268,8 +268,8 @@ async def test_too_many_device_windows_is_413_naming_the_limit(aiohttp_client, w
     err = await resp.json()
     assert err["error"] == "too many device windows" and "max_device_windows" in err["detail"]
     assert "10" in err["detail"] and "11" in err["detail"]
-    assert writer.lines == []
-    assert client.server.app[FLEET].agents == {}
+    assert writer.report_lines == []
+    assert client.server.app[FLEET].live_agents() == []
     # At the limit it is accepted.
     at_limit = batch([report(seq=1, end=NOW - 60, devices=devs), report(seq=2, devices=devs)])
     assert (await post(client, at_limit)).status == 200
@@ -283,5 +283,5 @@ async def test_one_request_with_more_lines_than_max_pending_lines_is_413(aiohttp
     assert resp.status == 413
     err = await resp.json()
     assert err["error"] == "too many points" and "max_pending_lines" in err["detail"]
-    assert writer.lines == []
+    assert writer.report_lines == []
     assert (await post(client, batch([report(devices=[device("GPU-0")])]))).status == 200  # 4 lines

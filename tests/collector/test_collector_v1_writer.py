@@ -30,6 +30,7 @@ async def test_v1_writer_keeps_the_urls_path_prefix(aiohttp_raw_server, prefix):
     writer = InfluxV1Writer(StorageConfig(kind="influxdb_v1", url=url, db="fleet", create_database=True))
     await writer.start()
     try:
+        await writer.ready()  # CREATE DATABASE, which the collector runs in the background
         await writer.write(["m v=1.0 1"])
     finally:
         await writer.close()
@@ -72,6 +73,7 @@ async def test_v1_writer_works_with_aiohttp_3_9s_client_session(aiohttp_raw_serv
     writer = InfluxV1Writer(StorageConfig(kind="influxdb_v1", url=url, db="fleet", create_database=True))
     await writer.start()
     try:
+        await writer.ready()  # CREATE DATABASE, which the collector runs in the background
         await writer.write(["m v=1.0 1"])
     finally:
         await writer.close()
