@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -21,8 +22,8 @@ def test_sample_parses_with_documented_defaults():
 @pytest.mark.parametrize(
     ("entry", "where", "plain"),
     [
-        ('{ name = "example-rack"', "auth.agent_tokens[0]", "example-agent-token"),
-        ('{ name = "grafana"', "auth.read_tokens[0]", "example-read-token"),
+        ('{ name = "example-rack"', "[auth] agent_tokens[0]", "example-agent-token"),
+        ('{ name = "grafana"', "[auth] read_tokens[0]", "example-read-token"),
     ],
 )
 def test_the_samples_example_tokens_are_refused_when_uncommented(entry, where, plain):
@@ -37,38 +38,71 @@ def test_the_samples_example_tokens_are_refused_when_uncommented(entry, where, p
 
 
 def test_example_token_refused_from_the_environment_too():
-    with pytest.raises(ConfigError, match=r"auth\.read_tokens\[0\].*example-read-token"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\[auth\] read_tokens\[0\]\.env: \(\$RT\) is the sample's example token 'example-read-token'",
+    ):
         parse("[auth]\nread_tokens = [{env = 'RT'}]\n", "c.toml", env={"RT": "example-read-token"})
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[collector]\nprot = 1\n", "unknown key 'collector.prot'"),
-        ("[colector]\n", "unknown key 'colector'"),
-        ("[storage]\nkind = 'influx'\n", "storage.kind must be one of"),
-        ("[collector]\nport = 'x'\n", "collector.port must be an integer"),
-        ("[collector]\nlabel_keys = ['host']\n", "'host' is a tag the collector writes itself"),
-        ("[auth]\nagent_tokens = [{sha256 = 'abc', agents = ['a']}]\n", "64 lowercase hex"),
-        ("[auth]\nagent_tokens = [{env = 'NOPE_UNSET', agents = ['a']}]\n", "$NOPE_UNSET, which is not set"),
-        ("[auth]\nagent_tokens = [{env = 'T', agents = []}]\n", "must name the agent ids"),
+        (
+            "[collector]\nprot = 1\n",
+            "collector.toml: [collector]: unknown key 'collector.prot' (known: body_read_timeout_s, drain_timeout_s,",
+        ),
+        (
+            "[colector]\n",
+            "collector.toml: unknown section [colector] (known: auth, collector, pricing, storage)",
+        ),
+        (
+            "[storage]\nkind = 'influx'\n",
+            "collector.toml: [storage] kind: must be one of 'none', 'influxdb_v2', 'influxdb_v1', got 'influx'",
+        ),
+        ("[collector]\nport = 'x'\n", "collector.toml: [collector] port: must be an integer, got 'x'"),
+        ("[collector]\nport = 65536\n", "collector.toml: [collector] port: must be 0..65535, got 65536"),
+        (
+            "[collector]\nlabel_keys = ['host']\n",
+            "[collector] label_keys[0]: 'host' is a tag the collector writes itself",
+        ),
+        # `$` would match before a final newline: the wire's KEY_PATTERN ends in \Z.
+        ('[collector]\nlabel_keys = ["zz\\n"]\n', "[collector] label_keys[0]: 'zz\\n' is not a label key"),
+        (
+            "[auth]\nagent_tokens = [{sha256 = 'abc', agents = ['a']}]\n",
+            "[auth] agent_tokens[0].sha256: must be 64 lowercase hex",
+        ),
+        (
+            "[auth]\nagent_tokens = [{env = 'NOPE_UNSET', agents = ['a']}]\n",
+            "[auth] agent_tokens[0].env: names $NOPE_UNSET, which is not set",
+        ),
+        (
+            "[auth]\nagent_tokens = [{env = 'T', agents = []}]\n",
+            "[auth] agent_tokens[0].agents: must name the agent ids",
+        ),
         (
             "[auth]\nagent_tokens = [{env = 'T', agents = ['a'], colour = 1}]\n",
-            "unknown key 'auth.agent_tokens[0].colour'",
+            "[auth] agent_tokens[0]: unknown key 'auth.agent_tokens[0].colour' (known: agents, env, name, sha256)",
         ),
-        ("[storage]\nkind = 'influxdb_v2'\n", "needs storage.org"),
+        (
+            "[storage]\nkind = 'influxdb_v2'\n",
+            "[storage]: storage.kind influxdb_v2 needs storage.org and a token",
+        ),
         ("not toml = = 1", "collector.toml"),
     ],
 )
 def test_bad_config_names_key_and_file(text, message):
     with pytest.raises(ConfigError) as exc:
         parse(text, "collector.toml", env={"T": "tok"})
-    assert message in str(exc.value) and "collector.toml" in str(exc.value)
+    assert message in str(exc.value) and str(exc.value).startswith("collector.toml: ")
 
 
 def test_secrets_from_env_and_kept_out_of_repr(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[storage]\nkind = 'influxdb_v2'\norg = 'o'\n[auth]\nread_tokens = [{env = 'RT'}]\n")
+    assert (
+        load(path, env={"CAPMON_INFLUX_TOKEN": "influx-secret", "RT": "r"}).storage.token == "influx-secret"
+    )
     config = load(path, env={"CAPMON_INFLUX_TOKEN": "influx-secret", "RT": "read-secret"})
     assert config.storage.token == "influx-secret"
     assert "influx-secret" not in repr(config)
@@ -114,8 +148,10 @@ def test_influxdb_v2_without_influxdb_client_names_the_extra(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "influxdb_client", None)  # `import influxdb_client` now fails
     with pytest.raises(ConfigError) as exc:
-        parse("[storage]\nkind = 'influxdb_v2'\norg = 'o'\n", "collector.toml", env={})
-    assert "collector.toml" in str(exc.value) and "storage.kind" in str(exc.value)
+        parse("[storage]\nkind = 'influxdb_v2'\norg = 'o'\ntoken = 't'\n", "collector.toml", env={})
+    assert str(exc.value).startswith(
+        "collector.toml: [storage]: storage.kind influxdb_v2 needs the influxdb-client"
+    )
     assert "pip install 'capmon[collector]'" in str(exc.value)
     # Other kinds never need it.
     assert parse("[storage]\nkind = 'influxdb_v1'\n", "collector.toml", env={}).storage.kind == "influxdb_v1"
@@ -124,24 +160,27 @@ def test_influxdb_v2_without_influxdb_client_names_the_extra(monkeypatch):
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ("[collector]\nstale_windows = 0\n", "collector.stale_windows"),
-        ("[collector]\nstale_windows = nan\n", "collector.stale_windows"),
-        ("[collector]\nforget_after_s = -1\n", "collector.forget_after_s"),
-        ("[collector]\nforget_after_s = nan\n", "collector.forget_after_s"),
-        ("[storage]\nflush_interval_s = -0.1\n", "storage.flush_interval_s"),
-        ("[storage]\ntimeout_s = 0\n", "storage.timeout_s"),
-        ("[storage]\ntimeout_s = inf\n", "storage.timeout_s"),
-        ("[storage]\nretry_after_s = 0\n", "storage.retry_after_s"),
-        ("[storage]\nmax_pending_lines = 0\n", "storage.max_pending_lines"),
-        ("[pricing]\ndefault = -1.0\n", "pricing.default"),
-        ("[pricing.models]\nH100 = -2.5\n", "pricing.models.H100"),
-        ("[pricing.models]\nH100 = nan\n", "pricing.models.H100"),
+        ("[collector]\nstale_windows = 0\n", "[collector] stale_windows: must be > 0, got 0"),
+        ("[collector]\nstale_windows = nan\n", "[collector] stale_windows: must be a finite number, got nan"),
+        ("[collector]\nforget_after_s = -1\n", "[collector] forget_after_s: must be > 0, got -1"),
+        ("[collector]\nforget_after_s = nan\n", "[collector] forget_after_s: must be a finite number"),
+        ("[collector]\nmax_future_s = 0\n", "[collector] max_future_s: must be > 0, got 0"),
+        ("[collector]\ndrain_timeout_s = -1\n", "[collector] drain_timeout_s: must be ≥ 0, got -1"),
+        ("[storage]\nflush_interval_s = -0.1\n", "[storage] flush_interval_s: must be ≥ 0, got -0.1"),
+        ("[storage]\ntimeout_s = 0\n", "[storage] timeout_s: must be > 0, got 0"),
+        ("[storage]\ntimeout_s = inf\n", "[storage] timeout_s: must be a finite number, got inf"),
+        ("[storage]\nretry_after_s = 0\n", "[storage] retry_after_s: must be > 0, got 0"),
+        ("[storage]\nmax_pending_lines = 0\n", "[storage] max_pending_lines: must be > 0, got 0"),
+        ("[storage]\nbatch_size = 100001\n", "[storage] batch_size: must be 1..100000, got 100001"),
+        ("[pricing]\ndefault = -1.0\n", "[pricing] default: must be ≥ 0, got -1"),
+        ("[pricing.models]\nH100 = -2.5\n", "[pricing] models.H100: must be ≥ 0, got -2.5"),
+        ("[pricing.models]\nH100 = nan\n", "[pricing] models.H100: must be a finite number, got nan"),
     ],
 )
 def test_out_of_range_numbers_name_key_and_file(text, key):
     with pytest.raises(ConfigError) as exc:
         parse(text, "collector.toml", env={})
-    assert key in str(exc.value) and "collector.toml" in str(exc.value)
+    assert str(exc.value).startswith(f"collector.toml: {key}")
 
 
 def test_zero_flush_interval_and_zero_prices_are_valid():
@@ -151,3 +190,130 @@ def test_zero_flush_interval_and_zero_prices_are_valid():
         env={},
     )
     assert config.storage.flush_interval_s == 0 and config.pricing.models["A100"] == 0
+
+
+# -- issue 11 item 7: limits the wire also sets are the wire's, or tighter -------------------------
+
+
+def test_wire_limits_default_to_the_wires_own():
+    from capmon.agent import wire
+
+    c = parse("", "c.toml", env={}).collector
+    assert (c.max_labels, c.max_label_value_len, c.max_window_s) == (
+        wire.MAX_LABELS,
+        wire.MAX_LABEL_VALUE_LEN,
+        wire.MAX_WINDOW_S,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "looser", "tighter", "range_"),
+    [
+        ("max_labels", 17, 8, "1..16"),
+        ("max_label_value_len", 256, 64, "1..128"),
+        ("max_window_s", 172800, 3600, "at most 86400"),
+    ],
+)
+def test_a_wire_limit_may_be_tighter_never_looser(key, looser, tighter, range_):
+    assert getattr(parse(f"[collector]\n{key} = {tighter}\n", "c.toml", env={}).collector, key) == tighter
+    with pytest.raises(ConfigError) as exc:
+        parse(f"[collector]\n{key} = {looser}\n", "collector.toml", env={})
+    assert str(exc.value) == (
+        f"collector.toml: [collector] {key}: must be {range_} (the wire protocol's limit: tighter is fine, "
+        f"looser cannot be honoured), got {looser}"
+    )
+
+
+# -- issue 11 item 22: one loader, one error style, exactly what is missing -------------------------
+
+
+def test_influxdb_v2_names_exactly_what_is_missing():
+    v2 = "[storage]\nkind = 'influxdb_v2'\n"
+    with pytest.raises(ConfigError) as exc:
+        parse(v2, "collector.toml", env={"CAPMON_INFLUX_TOKEN": "t"})
+    assert str(exc.value) == "collector.toml: [storage]: storage.kind influxdb_v2 needs storage.org"
+    with pytest.raises(ConfigError) as exc:
+        parse(v2 + "org = 'o'\nbucket = ''\n", "collector.toml", env={"CAPMON_INFLUX_TOKEN": "t"})
+    assert str(exc.value) == "collector.toml: [storage]: storage.kind influxdb_v2 needs storage.bucket"
+
+
+def test_influxdb_v2_without_any_token_is_a_startup_error_naming_both_places():
+    v2 = "[storage]\nkind = 'influxdb_v2'\norg = 'o'\n"
+    with pytest.raises(ConfigError) as exc:
+        parse(v2, "collector.toml", env={})
+    assert str(exc.value) == (
+        "collector.toml: [storage]: storage.kind influxdb_v2 needs a token (storage.token or $CAPMON_INFLUX_TOKEN)"
+    )
+    assert parse(v2 + "token = 'in-file'\n", "c.toml", env={}).storage.token == "in-file"
+    assert parse(v2, "c.toml", env={"CAPMON_INFLUX_TOKEN": "from-env"}).storage.token == "from-env"
+
+
+def test_the_ingest_limits_have_their_documented_defaults_and_are_checked():
+    c = parse("", "c.toml", env={}).collector
+    assert c.max_inflight_decoded_bytes == 256 * 1024 * 1024
+    assert c.body_read_timeout_s == 30.0
+    assert c.max_devices_per_agent == 10_000 and c.max_values_per_agent == 1_000
+    assert c.refusal_log_interval_s == 60.0
+    for key in (
+        "max_inflight_decoded_bytes",
+        "body_read_timeout_s",
+        "max_devices_per_agent",
+        "max_values_per_agent",
+        "refusal_log_interval_s",
+    ):
+        with pytest.raises(ConfigError, match=rf"^c\.toml: \[collector\] {key}: must be > 0, got 0$"):
+            parse(f"[collector]\n{key} = 0\n", "c.toml", env={})
+    with pytest.raises(
+        ConfigError, match=r"\[collector\] max_inflight_decoded_bytes: must be at least max_decoded_bytes"
+    ):
+        parse("[collector]\nmax_decoded_bytes = 1000\nmax_inflight_decoded_bytes = 999\n", "c.toml", env={})
+
+
+def test_the_sample_shows_every_option_at_its_default():
+    """The sample is the documentation of every option: none missing, none restated differently."""
+    import dataclasses
+
+    from capmon.agent.configfile import parse_toml
+    from capmon.collector.config import Config
+
+    shown = parse_toml(sample_config(), "sample.toml")
+    defaults = Config()
+    for section in ("collector", "storage", "pricing"):
+        options = {f.name for f in dataclasses.fields(getattr(defaults, section))}
+        assert set(shown[section]) == options, section
+        for key, value in shown[section].items():
+            want = getattr(getattr(defaults, section), key)
+            assert (tuple(value) if isinstance(value, list) else value) == want, f"{section}.{key}"
+    assert "))" not in sample_config()
+
+
+def test_both_roles_word_their_errors_alike(tmp_path):
+    """One ConfigError, one form: `<file>: [section] key: reason`, unknown keys with the known ones."""
+    from capmon.agent import config as agent_config
+    from capmon.collector import config as collector_config
+
+    assert collector_config.ConfigError is agent_config.ConfigError
+    agent_file, collector_file = tmp_path / "agent.toml", tmp_path / "collector.toml"
+    messages = {}
+    for role, path, load_role, section, int_key in (
+        ("agent", agent_file, lambda p: agent_config.load_config(p, env={}), "agent", "window_s"),
+        ("collector", collector_file, lambda p: load(p, env={}), "collector", "port"),
+    ):
+        path.write_text(f"[{section}]\nbogus = 1\n")
+        with pytest.raises(ConfigError) as unknown:
+            load_role(path)
+        path.write_text(f"[{section}]\n{int_key} = 'x'\n")
+        with pytest.raises(ConfigError) as wrong:
+            load_role(path)
+        path.write_text(f"[{section}x]\n")
+        with pytest.raises(ConfigError) as section_error:
+            load_role(path)
+        messages[role] = (str(unknown.value), str(wrong.value), str(section_error.value))
+        assert re.fullmatch(
+            rf"{re.escape(str(path))}: \[{section}\]: unknown key '{section}\.bogus' \(known: [a-z_, ]+\)",
+            messages[role][0],
+        )
+        assert messages[role][1] == f"{path}: [{section}] {int_key}: must be an integer, got 'x'"
+        assert re.fullmatch(
+            rf"{re.escape(str(path))}: unknown section \[{section}x\] \(known: [a-z, ]+\)", messages[role][2]
+        )
