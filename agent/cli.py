@@ -8,7 +8,9 @@ import asyncio
 import importlib.metadata
 import json
 import logging
+import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -203,30 +205,84 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_probe_statuses(statuses: Sequence[ProbeStatus], enabled: Sequence[str]) -> None:
+    # A probe whose hardware is absent is normal (a collector host has no GPU): INFO. WARNING only for
+    # a broken probe, or a missing one the configuration asked for by name.
+    for s in statuses:
+        warn = s.status == "failed" or (s.status == "skipped" and s.name in enabled)
+        log.log(
+            logging.WARNING if warn else logging.INFO,
+            "probe %s: %s%s",
+            s.name,
+            s.status,
+            f": {s.reason}" if s.reason else "",
+        )
+
+
+def _startup_error(exc: BaseException) -> str | None:
+    """One line for a spool (or output file) the agent cannot open, or None for any other error."""
+    from capmon.agent import spool
+
+    spool_errors = tuple(
+        c for c in (getattr(spool, "SpoolUnavailable", None), spool.SpoolLocked) if isinstance(c, type)
+    )
+    if isinstance(exc, spool_errors):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else ""
+        cause = exc.strerror or str(exc)
+        return f"{where}: {cause}" if where else cause
+    if isinstance(exc, sqlite3.Error):
+        return f"spool database: {exc}"
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from capmon.agent.daemon import Agent
 
     config = _load(args)
     setup_logging(args.log_level or config.agent.log_level)
     agent = Agent(config)
-    for s in agent.statuses:
-        level = logging.INFO if s.status in ("active", "disabled") else logging.WARNING
-        log.log(level, "probe %s: %s%s", s.name, s.status, f" ({s.reason})" if s.reason else "")
+    _log_probe_statuses(agent.statuses, config.probes.enable)
     if not agent.probes:
         log.warning("no probe is active: the agent reports nothing but its own health")
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        received: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            name = signal.Signals(signum).name
+            if len(received) == 1:
+                log.info("%s: stopping (%s again exits at once; spooled windows are kept)", name, name)
+                request_stop = getattr(agent, "request_stop", None)
+                if callable(request_stop):
+                    request_stop()
+                stop.set()
+                return
+            # The spool is durable (fsynced SQLite): exiting now loses nothing that was kept.
+            logging.shutdown()
+            os.write(2, f"capmon agent: second {name}: exiting now; unsent windows stay in the spool\n".encode())
+            os._exit(128 + signum)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         log.info(
             "capmon agent %s running as %s (window %ss)", __version__, config.agent_id, config.agent.window_s
         )
         await agent.run(stop)
         log.info("capmon agent stopped")
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except Exception as exc:
+        line = _startup_error(exc)
+        if line is None:
+            raise
+        print(f"capmon agent: cannot run: {line}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -271,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
             ep.load()(sub)
         except Exception as exc:  # e.g. the collector's extras are not installed
             msg = f"`capmon {ep.name}` is unavailable: {type(exc).__name__}: {exc}"
-            broken = sub.add_parser(ep.name, help=f"(unavailable: {exc})")
+            broken = sub.add_parser(ep.name, help=f"unavailable: {exc}")
             broken.set_defaults(func=lambda args, msg=msg: (print(msg, file=sys.stderr), 1)[1])
     return parser
 

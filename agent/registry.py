@@ -132,7 +132,7 @@ class ProbeRegistry:
             # table alone, as in `capmon agent config`'s output, must never put fake devices in a fleet.
             if not cls.auto and name not in enable:
                 statuses.append(
-                    ProbeStatus(name, "disabled", "runs only when enabled (probes.enable)", source)
+                    ProbeStatus(name, "disabled", "runs only when named in probes.enable", source)
                 )
                 continue
             config = configs[name]
