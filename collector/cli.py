@@ -76,7 +76,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     from .app import run
 
-    run(config)
+    try:
+        run(config)
+    except OSError as exc:  # the listening socket: port in use, no permission, unknown address
+        reason = exc.strerror.lower() if exc.strerror else (str(exc) or type(exc).__name__)
+        host, port = config.collector.host, config.collector.port
+        print(f"capmon collector: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -285,3 +285,42 @@ async def test_one_request_with_more_lines_than_max_pending_lines_is_413(aiohttp
     assert err["error"] == "too many points" and "max_pending_lines" in err["detail"]
     assert writer.report_lines == []
     assert (await post(client, batch([report(devices=[device("GPU-0")])]))).status == 200  # 4 lines
+
+
+# Issue 11 item 17: physically impossible values are refused with the field's path (wire.check_report).
+@pytest.mark.parametrize(
+    ("rep", "path", "words"),
+    [
+        (
+            report(devices=[device(state="busy", ghost_s=86400.0)]),
+            "$.reports[0].devices[0].ghost_s",
+            "ghost_s",
+        ),
+        (
+            report(devices=[device(state="allocated_idle", allocated_idle_s=30.0, busy_s=30.0, ghost_s=45.0)]),
+            "$.reports[0].devices[0].ghost_s",
+            "cannot exceed",
+        ),
+        (
+            report(devices=[device(state="busy", util_mean_pct=80.0, util_max_pct=50.0)]),
+            "$.reports[0].devices[0].util_max_pct",
+            "below util_mean_pct",
+        ),
+        (
+            report(devices=[device(memory_used_bytes=2**31, memory_total_bytes=2**30)]),
+            "$.reports[0].devices[0].memory_used_bytes",
+            "exceeds memory_total_bytes",
+        ),
+        (
+            report(agent={"uptime_s": 1e308}),
+            "$.reports[0].agent.uptime_s",
+            "<=",
+        ),
+    ],
+)
+async def test_physically_impossible_values_are_refused_with_the_path(client, writer, rep, path, words):
+    resp = await post(client, batch([rep]))
+    assert resp.status == 400, await resp.text()
+    err = await resp.json()
+    assert err["path"] == path and words in err["detail"], err
+    assert writer.report_lines == []

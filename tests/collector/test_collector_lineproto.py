@@ -84,3 +84,55 @@ def test_hostile_text_never_breaks_a_line(site, device_id, error):
 def test_escapes():
     assert escape_tag('a b,c=d"e\\f\ng') == 'a\\ b\\,c\\=d"e/f\\ g'
     assert string_field('say "hi"\\\nbye') == '"say \\"hi\\"\\\\ bye"'
+
+
+# Issue 11 item 11: keys the validator should have refused still cannot break a line.
+HOSTILE_KEYS = ["zz\n", "a b", "a,b", "a=b", 'a"b', "A\\", "\r", "", "ü", "x\x00y"]
+
+
+def hostile_report():
+    from capmon.agent.wire import DeviceWindow, Report
+
+    # Built directly, so no validation runs: this is what a validator bug would let through.
+    d = DeviceWindow(
+        device_id="GPU-0",
+        vendor="nvidia",
+        state="free",
+        free_s=60.0,
+        extra={k: 1.0 for k in HOSTILE_KEYS},
+        info={k: "x" for k in HOSTILE_KEYS},
+    )
+    return Report(seq=1, start=1_760_000_000 - 60, end=1_760_000_000, devices=[d])
+
+
+def test_hostile_field_keys_straight_into_report_lines_keep_one_line_per_point():
+    from capmon.collector.lineproto import report_lines
+
+    out: list[str] = []
+    report_lines(hostile_report(), ",agent=a,host=h", out)
+    device_line = next(line for line in out if line.startswith("capmon_device"))
+    assert all("\n" not in line and "\r" not in line for line in out)
+    fields = re.match(r"^(?:[^ \\]|\\.)+ (.+) \d+$", device_line).group(1)
+    keys = [kv.split("=", 1)[0] for kv in re.findall(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+', fields)]
+    assert all(re.fullmatch(r"[a-z0-9_]+", k) for k in keys), keys
+    assert sum(k.startswith("extra_") for k in keys) == len(HOSTILE_KEYS)
+
+
+@given(st.text(max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_any_key_becomes_a_safe_field_key(key):
+    from capmon.collector.lineproto import field_key
+
+    assert re.fullmatch(r"[a-z0-9_]+", field_key(key))
+
+
+def test_influxd_accepts_every_point_with_hostile_keys(influxd):
+    from capmon.collector.lineproto import report_lines
+
+    influxd.create_database("capmon_keys")
+    out: list[str] = []
+    report_lines(hostile_report(), ",agent=a,host=h", out)
+    status, text = influxd.write("capmon_keys", "\n".join(out))
+    assert status == 204, text
+    rows = influxd.rows("SELECT * FROM capmon_device", "capmon_keys")
+    assert len(rows) == 1 and rows[0]["free_s"] == 60.0
