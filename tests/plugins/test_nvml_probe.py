@@ -448,3 +448,59 @@ def test_a_fatal_xid_makes_the_gpu_unavailable_for_the_hold_then_it_recovers():
         assert probe.sample()[1].healthy, "the hold expired"
     finally:
         probe.close()
+
+
+def _proc(tmp_path: Path, names: dict[int, str]) -> Path:
+    for pid, name in names.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "comm").write_text(name + "\n")
+    return tmp_path
+
+
+def test_display_servers_alone_do_not_hold_a_gpu(tmp_path):
+    gpus = h100s(3)
+    gpus[0].graphics_pids = [1500, 1620]  # a workstation's display: Xorg and gnome-shell, a few MiB
+    gpus[1].graphics_pids, gpus[1].compute_pids = [1500, 2100], [2100]  # Xorg beside a CUDA+GL app
+    gpus[2].graphics_pids = [1500, 2200, 2300]  # Xorg, a GL application, a process already gone
+    proc = _proc(tmp_path, {1500: "Xorg", 1620: "gnome-shell", 2100: "blender", 2200: "glxgears"})
+    nvml = FakeNvml(gpus)
+    probe = NvmlProbe(NvmlConfig(xid_events=False), nvml=nvml, proc_root=proc)
+    everyone = NvmlProbe(NvmlConfig(xid_events=False, display_servers=()), nvml=nvml, proc_root=proc)
+    probe.setup()
+    everyone.setup()
+    try:
+        # A name that cannot be read counts as a holder: never hide a process by guessing.
+        assert [s.processes for s in probe.sample()] == [0, 1, 2]
+        assert [s.processes for s in everyone.sample()] == [2, 2, 3]
+    finally:
+        probe.close()
+        everyone.close()
+
+
+def test_display_server_names_are_read_only_for_graphics_only_processes(tmp_path, monkeypatch):
+    gpus = h100s(1)
+    gpus[0].compute_pids = [10, 11]
+    gpus[0].graphics_pids = [11]
+    nvml = FakeNvml(gpus)
+    probe = NvmlProbe(NvmlConfig(xid_events=False), nvml=nvml, proc_root=_proc(tmp_path, {11: "Xorg"}))
+    probe.setup()
+    read = []
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: read.append(self) or "")
+    try:
+        assert probe.sample()[0].processes == 2  # a compute process is a holder whatever its name
+        assert read == []
+    finally:
+        probe.close()
+
+
+def test_a_spinning_gpu_reports_full_utilisation_beside_its_low_sm_activity(probes):
+    gpus = h100s(1)
+    gpus[0].load_pct, gpus[0].sm_active_ratio = 100, 0.02  # an NCCL hang: kernels resident, SMs idle
+    nvml = FakeNvml(gpus)
+    probe = probes(nvml)
+    probe.setup()
+    for _ in range(2):
+        nvml.advance(1)
+        s = probe.sample()[0]
+    assert s.util_pct == pytest.approx(100)
+    assert s.extra["sm_active_pct"] == pytest.approx(2)
