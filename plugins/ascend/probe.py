@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from capmon.agent import CommandRunner, DeviceSample, Probe, ProbeConfig, ProbeUnavailable, run_command
+from capmon.plugins.ascend.fields import NpuSmiFields, board, health, parse_npu_smi_fields, usages
 from capmon.plugins.ascend.parser import NpuChip, NpuSmiInfo, parse_npu_smi_info
 
 log = logging.getLogger(__name__)
@@ -24,6 +28,12 @@ _HINTS = {
     "-8020": "the NPUs are held by another container",
 }
 PLACEHOLDER_DEVICE_ID = "npu-smi"
+# A vector unit or HBM bandwidth this busy, with AI Core idle, is a working chip (vector-only or
+# memory-bound kernels). Idle chips show a few % of HBM bandwidth from the driver (3 % in the
+# Ascend 950 doc); DDR bandwidth is not used: an idle 310P shows 51 %.
+ACTIVE_PCT = 10.0
+# An extra call (`-t usages`/`-t health`/`-t board`) is not started with less time than this left.
+_MIN_EXTRA_CALL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +45,16 @@ class AscendConfig(ProbeConfig):
     # npu-smi Health `Warning` is a minor alarm and the chip still computes, so by default it stays
     # available (the health shows in `info`); set true to report Warning chips unavailable.
     warning_is_unhealthy: bool = False
+    # Each NPU's `npu-smi info -t usages -i N` (AI Core, vector, AI CPU, control CPU, HBM/DDR
+    # bandwidth rates) is read again within this many seconds, one NPU per tick, so the extra cost
+    # is at most one short call per tick whatever the NPU count; 0 turns these reads off.
+    usages_interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.usages_interval_s, (int, float)) and 0 <= self.usages_interval_s < math.inf):
+            raise ValueError(
+                f"usages_interval_s must be 0 (off) or a number of seconds, got {self.usages_interval_s!r}"
+            )
 
 
 class AscendProbe(Probe):
@@ -47,9 +67,22 @@ class AscendProbe(Probe):
     default_timeout_s: ClassVar[float] = 10.0
     config: AscendConfig
 
-    def __init__(self, config: AscendConfig | None = None, run: CommandRunner | None = None) -> None:
+    def __init__(
+        self,
+        config: AscendConfig | None = None,
+        run: CommandRunner | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(config)
         self._run: CommandRunner = run if run is not None else run_command
+        self._clock = clock
+        # Per NPU: `-t board` read once (None when it failed), `-t usages` (read time, fields) and
+        # the last attempt, `-t health` keyed by the table's health values it explains.
+        self._identity: dict[int, NpuSmiFields | None] = {}
+        self._usages: dict[int, tuple[float, NpuSmiFields]] = {}
+        self._usages_tried: dict[int, float] = {}
+        self._health: dict[int, tuple[tuple[str | None, ...], NpuSmiFields | None]] = {}
+        self._extra_paused_until = -math.inf
         self._check_path = run is None
         self._npu_smi = self.config.npu_smi
         # Chips of the last good parse: reported unavailable when npu-smi fails.
@@ -73,6 +106,7 @@ class AscendProbe(Probe):
         """Run `npu-smi info` once and turn each chip into a sample; failures become unavailable devices."""
         timeout = self.timeout_s * _COMMAND_SHARE_OF_TIMEOUT
         try:
+            started = self._clock()
             code, out, err = self._run([self._npu_smi, "info"], timeout)
         except subprocess.TimeoutExpired:
             return self._unavailable(f"npu-smi info did not answer within {timeout:g} s")
@@ -103,28 +137,112 @@ class AscendProbe(Probe):
             log.warning("ascend: npu-smi info readable again")
             self._failure = None
         self._known = list(info.chips)
-        return [self._device(chip, info) for chip in info.chips]
+        self._extra_call(info.chips, started)
+        now = self._clock()
+        return [self._device(chip, info, now) for chip in info.chips]
 
-    def _device(self, chip: NpuChip, info: NpuSmiInfo) -> DeviceSample:
-        healthy, error = self._health(chip.health)
+    def _extra_call(self, chips: tuple[NpuChip, ...], started: float) -> None:
+        """At most one per-NPU call per tick: a changed non-OK health first, then identity, then usages."""
+        now = self._clock()
+        left = self.timeout_s * _COMMAND_SHARE_OF_TIMEOUT - (now - started)
+        if now < self._extra_paused_until or left < _MIN_EXTRA_CALL_S:
+            return
+        npus: dict[int, list[NpuChip]] = {}
+        for chip in chips:
+            npus.setdefault(chip.npu_id, []).append(chip)
+        for npu, own in npus.items():
+            key = tuple(c.health for c in own)
+            if (
+                any(h is not None and h.upper() != "OK" for h in key)
+                and self._health.get(npu, ((),))[0] != key
+            ):
+                self._health[npu] = (key, self._read(["-t", "health", "-i", str(npu)], left))
+                return
+        for npu in npus:
+            if npu not in self._identity:
+                self._identity[npu] = self._read(["-t", "board", "-i", str(npu)], left)
+                return
+        interval = self.config.usages_interval_s
+        if not interval:
+            return
+        if len(npus) * self.interval_s > interval:
+            self._log_once(
+                f"ascend: {len(npus)} NPUs at one `-t usages` call per {self.interval_s:g} s tick are each"
+                f" read every {len(npus) * self.interval_s:g} s, more than usages_interval_s = {interval:g}"
+            )
+        # Due when waiting one more tick would overrun the interval; the longest-waiting NPU first.
+        due = [
+            n
+            for n in npus
+            if n not in self._usages_tried or now - self._usages_tried[n] + self.interval_s > interval
+        ]
+        if due:
+            npu = min(due, key=lambda n: self._usages_tried.get(n, -math.inf))
+            self._usages_tried[npu] = now
+            fields = self._read(["-t", "usages", "-i", str(npu)], left)
+            if fields is not None:
+                self._usages[npu] = (now, fields)
+
+    def _read(self, args: list[str], timeout: float) -> NpuSmiFields | None:
+        """One `npu-smi info -t …` call; a failure is logged once and never touches the chips' state."""
+        what = f"npu-smi info {' '.join(args)}"
+        try:
+            code, out, err = self._run([self._npu_smi, "info", *args], timeout)
+        except subprocess.TimeoutExpired:
+            # A hanging npu-smi must not eat every tick's budget: the extra calls rest a while.
+            self._extra_paused_until = self._clock() + (self.config.usages_interval_s or 60.0)
+            self._log_once(f"ascend: {what} did not answer within {timeout:g} s; extra reads paused")
+            return None
+        except OSError as exc:
+            self._log_once(f"ascend: {what} could not run: {exc}")
+            return None
+        fields = parse_npu_smi_fields(out) if code == 0 else None
+        if fields is None or not (fields.npu or fields.chips):
+            self._log_once(f"ascend: {what} gave nothing readable: {_failure_message(code, out, err)[:300]}")
+            return None
+        return fields
+
+    def _device(self, chip: NpuChip, info: NpuSmiInfo, now: float) -> DeviceSample:
+        healthy, error = self._health_of(chip.health)
         if chip.hbm_total_mb:
             used, total = chip.hbm_used_mb, chip.hbm_total_mb
         elif chip.memory_total_mb:
             used, total = chip.memory_used_mb, chip.memory_total_mb
         else:
             used, total = None, None
-        details = {
+        details: dict[str, str | None] = {
             "bus_id": chip.bus_id,
             "health": chip.health,
             "npu_smi_version": info.version,
             "logic_id": None if chip.logic_id is None else str(chip.logic_id),
         }
+        identity = self._identity.get(chip.npu_id)
+        if identity is not None:
+            details.update(board(identity, chip.chip_id))
+        read = self._health.get(chip.npu_id)
+        if read is not None and read[1] is not None and chip.health and chip.health.upper() != "OK":
+            reason = health(read[1], chip.chip_id).reason()
+            if reason and error:
+                error = f"{error} ({reason})"
+            elif reason:
+                details["health_error"] = reason[:256]
+        util = chip.aicore_pct if chip.aicore_pct is not None else chip.npu_util_pct
+        extra: dict[str, float] = {}
+        if chip.npu_id in self._usages:
+            read_at, fields = self._usages[chip.npu_id]
+            extra = usages(fields, chip.chip_id)
+            age = max(0.0, now - read_at)
+            extra["usages_age_s"] = round(age, 3)
+            util = _working_util(util, extra, age, self._usages_period(len({c.npu_id for c in info.chips})))
+        if not chip.understood and (chip.health is None or util is None):
+            healthy = False
+            error = "npu-smi info layout not understood: " + "; ".join(info.warnings)[:400]
         return DeviceSample(
             device_id=_device_id(chip.npu_id, chip.chip_id),
             vendor=self.vendor,
             model=chip.name,
             index=chip.npu_id,
-            util_pct=chip.aicore_pct if chip.aicore_pct is not None else chip.npu_util_pct,
+            util_pct=util,
             memory_used_bytes=None if used is None else used * _MIB,
             memory_total_bytes=None if total is None else total * _MIB,
             power_w=chip.power_w,
@@ -132,10 +250,15 @@ class AscendProbe(Probe):
             processes=info.process_count(chip.npu_id, chip.chip_id),
             healthy=healthy,
             error=error,
+            extra=extra,
             info={k: v for k, v in details.items() if v is not None},
         )
 
-    def _health(self, health: str | None) -> tuple[bool, str | None]:
+    def _usages_period(self, npus: int) -> float:
+        """How long one round of `-t usages` reads takes: the interval, or longer with many NPUs."""
+        return max(self.config.usages_interval_s, npus * self.interval_s)
+
+    def _health_of(self, health: str | None) -> tuple[bool, str | None]:
         if health is None:
             return False, "npu-smi reports no health for this chip"
         if health.upper() == "OK":
@@ -168,6 +291,18 @@ class AscendProbe(Probe):
         if message not in self._logged:
             self._logged.add(message)
             log.warning("%s", message)
+
+
+def _working_util(util: float | None, extra: dict[str, float], age_s: float, period_s: float) -> float | None:
+    """AI Core reads idle but the last `-t usages` of this NPU saw vector or HBM traffic: it is working.
+
+    Applies only while that reading is at most one round of reads old, and only when the reading's
+    own AI Core was idle too (a cube workload that has since stopped is idle, not vector work).
+    """
+    if util is None or util >= ACTIVE_PCT or age_s > period_s or extra.get("aicore_pct", 0.0) >= ACTIVE_PCT:
+        return util
+    activity = max(extra.get("aivector_pct", 0.0), extra.get("hbm_bw_pct", 0.0))
+    return activity if activity >= ACTIVE_PCT else util
 
 
 def _device_id(npu_id: int, chip_id: int) -> str:

@@ -30,25 +30,44 @@ def fixture(name: str) -> str:
     return (FIXTURES / name).read_text()
 
 
-class FakeRunner:
-    """Answers each call with the next (exit code, stdout) or raises what it was given."""
+# Answers of the per-NPU `npu-smi info -t <type> -i N` calls, from recorded outputs.
+T_FIXTURES = {
+    "board": "info_t_board_910b_v25.5.1_telegraf.txt",
+    "usages": "info_t_usages_910b_v25.5.1_telegraf.txt",
+    "health": "info_t_health_a5_atlas350_doc.txt",
+}
 
-    def __init__(self, *answers):
+
+class FakeRunner:
+    """Answers each `npu-smi info` with the next (exit code, stdout) or raises what it was given;
+    `npu-smi info -t <type> -i N` from `t_answers[type]` (text, or a function of N), else a fixture."""
+
+    def __init__(self, *answers, t_answers=None):
         self.answers = list(answers)
+        self.t_answers = {k: fixture(v) for k, v in T_FIXTURES.items()} | (t_answers or {})
         self.calls: list[tuple[list[str], float]] = []
 
     def __call__(self, argv, timeout_s):
         self.calls.append((list(argv), timeout_s))
+        if len(argv) > 2:
+            answer = self.t_answers[argv[3]]
+            answer = answer(int(argv[5])) if callable(answer) else answer
+            if isinstance(answer, BaseException):
+                raise answer
+            return (answer if isinstance(answer, tuple) else (0, answer)) + ("",)
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, BaseException):
             raise answer
         code, out = answer
         return code, out, ""
 
+    def info_calls(self):
+        return [argv for argv, _ in self.calls if argv[1:] == ["info"]]
 
-def probe_with(*answers, **config):
-    runner = FakeRunner(*answers)
-    probe = AscendProbe(AscendConfig(**config), run=runner)
+
+def probe_with(*answers, t_answers=None, clock=None, **config):
+    runner = FakeRunner(*answers, t_answers=t_answers)
+    probe = AscendProbe(AscendConfig(**config), run=runner, **({"clock": clock} if clock else {}))
     probe.setup()
     return probe, runner
 
@@ -61,7 +80,8 @@ def test_one_npu_smi_info_call_per_tick_for_all_npus():
     probe, runner = probe_with((0, fixture("info_910prob_8npu_v24.1.0_no_processes.txt")))
     assert len(probe.sample()) == 8
     assert len(probe.sample()) == 8
-    assert [argv for argv, _ in runner.calls] == [["npu-smi", "info"], ["npu-smi", "info"]]
+    assert runner.info_calls() == [["npu-smi", "info"], ["npu-smi", "info"]]
+    assert len(runner.calls) <= 4  # and at most one per-NPU call per tick
     # npu-smi is killed before the agent's own timeout, so the probe reports it.
     assert all(0 < timeout < probe.timeout_s for _, timeout in runner.calls)
 
@@ -208,19 +228,27 @@ def test_sample_toml_lists_every_option_at_its_default():
     )
     table = tomllib.loads(uncommented)["probes"]["ascend"]
     config = config_from_mapping(AscendProbe.Config, table, "sample.toml")
-    assert set(table) == {"interval_s", "timeout_s", "npu_smi", "warning_is_unhealthy"}
+    assert set(table) == {"interval_s", "timeout_s", "npu_smi", "warning_is_unhealthy", "usages_interval_s"}
     probe = AscendProbe(config)
     default = AscendProbe()
     assert (probe.interval_s, probe.timeout_s) == (default.interval_s, default.timeout_s)
-    assert (config.npu_smi, config.warning_is_unhealthy) == (
+    assert (config.npu_smi, config.warning_is_unhealthy, config.usages_interval_s) == (
         default.config.npu_smi,
         default.config.warning_is_unhealthy,
+        default.config.usages_interval_s,
     )
 
 
 def test_readme_names_every_option():
     readme = (PLUGIN_DIR / "README.md").read_text()
-    for option in ("interval_s", "timeout_s", "npu_smi", "warning_is_unhealthy", "HwHiAiUser"):
+    for option in (
+        "interval_s",
+        "timeout_s",
+        "npu_smi",
+        "warning_is_unhealthy",
+        "usages_interval_s",
+        "HwHiAiUser",
+    ):
         assert option in readme
 
 
