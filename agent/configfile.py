@@ -254,13 +254,16 @@ def _check_bounds(value: Any, limits: tuple[Any, ...] | None, where: Where) -> N
         return
     gt, ge, le, why = limits
     why = f" ({why})" if why else ""
+    if ge is not None and le is not None:
+        if not ge <= value <= le:
+            raise where.error(f"must be {_num(ge)}..{_num(le)}{why}, got {_num(value)}")
+        return
     if gt is not None and not value > gt:
         raise where.error(f"must be > {_num(gt)}{why}, got {_num(value)}")
     if ge is not None and not value >= ge:
         raise where.error(f"must be ≥ {_num(ge)}{why}, got {_num(value)}")
     if le is not None and not value <= le:
-        low = f"{_num(ge)}.." if ge is not None else "at most "
-        raise where.error(f"must be {low}{_num(le)}{why}, got {_num(value)}")
+        raise where.error(f"must be at most {_num(le)}{why}, got {_num(value)}")
 
 
 def _num(x: float) -> str:

@@ -215,7 +215,7 @@ def test_a_misspelt_probe_name_is_a_startup_error():
             "[classifier]\nmemory_baseline_pct = { ascend = -1 }\n",
             r"\[classifier\] memory_baseline_pct.ascend: must be ≥ 0",
         ),
-        ("[agent]\nwindow_s = 0\n", r"\[agent\] window_s: must be ≥ 1, got 0"),
+        ("[agent]\nwindow_s = 0\n", r"\[agent\] window_s: must be 1..86400, got 0"),
         ("[agent]\nwindow_s = 86401\n", r"\[agent\] window_s: must be 1..86400, got 86401"),
         ('[agent]\nlog_level = "loud"\n', r"\[agent\] log_level: must be one of 'debug', 'info'"),
         ("[spool]\nmax_age_s = nan\n", r"\[spool\] max_age_s: must be a finite number, got nan"),
