@@ -39,6 +39,7 @@ from capmon.agent.wire import (
     MAX_DEVICES_PER_REPORT,
     MAX_ID_LEN,
     MAX_KEY_LEN,
+    MAX_NAME_LEN,
     MAX_TEXT_LEN,
     STATES,
     Batch,
@@ -437,8 +438,13 @@ class FleetView:
             new[dev.device_id] = dev
         agent.devices = new
 
-    def record_refusal(self, agent_id: str, reason: str, detail: str, now: float) -> None:
-        """Count a refused report for this agent: reason → count, last detail, last time."""
+    def record_refusal(
+        self, agent_id: str, reason: str, detail: str, now: float, host: str | None = None
+    ) -> None:
+        """Count a refused report for this agent: reason → count, last detail, last time.
+
+        `host` names an agent known only by its refusals; a delivered report's host wins.
+        """
         agent_id = agent_id[:MAX_ID_LEN]
         agent = self.by_id.get(agent_id)
         if agent is None:
@@ -450,6 +456,8 @@ class FleetView:
                 agent = self.refused_only[agent_id] = AgentState(agent_id)
             else:
                 self.refused_only.move_to_end(agent_id)
+            if host:
+                agent.host = sys.intern(host[:MAX_NAME_LEN])
         if agent.refusals is None:
             agent.refusals = {}
         _record_refusal(agent.refusals, reason, detail, now)
@@ -530,7 +538,7 @@ class FleetView:
             out.append(
                 {
                     "id": agent.id,
-                    "host": None,
+                    "host": agent.host or None,
                     "instance": None,
                     "version": None,
                     "window_s": None,

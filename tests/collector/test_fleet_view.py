@@ -165,9 +165,11 @@ def test_devices_say_why_a_device_is_unavailable(clock):
 def test_refusals_of_an_agent_that_never_delivered_are_listed(clock):
     view = make_view(clock)
     for i in range(3):
-        view.record_refusal("node-9", "clock", f"$.reports[0].end: end is {400 + i}s in the future", NOW + i)
+        detail = f"$.reports[0].end: end is {400 + i}s in the future"
+        view.record_refusal("node-9", "clock", detail, NOW + i, host="gpu-node-9")
     (listed,) = view.agents(now=NOW + 3)
     assert listed["id"] == "node-9" and listed["devices"] == 0 and listed["stale"] is True
+    assert listed["host"] == "gpu-node-9"
     assert listed["last_report_end"] is None
     assert listed["refusals"] == {
         "clock": {
