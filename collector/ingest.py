@@ -608,36 +608,4 @@ class IngestService:
 
     def agents(self, now: float | None = None) -> list[dict[str, Any]]:
         """`GET /api/v1/agents`: the live view's agents (last report, staleness) and their refusals."""
-        now = self.clock() if now is None else now
-        listing = getattr(self.fleet, "agents", None)
-        if callable(listing):
-            return listing(now)
-        # Until the live view lists agents itself: build the same shape from what it keeps.
-        out: dict[str, dict[str, Any]] = {}
-        for a in self.fleet.live_agents(now):
-            out[a.id] = {
-                "agent": a.id,
-                "host": a.host,
-                "instance": a.instance,
-                "last_end": a.last_end,
-                "last_seen": a.last_seen,
-                "window_s": a.window_s,
-                "stale": self.fleet.is_stale(a, now),
-                "refusals": {},
-            }
-        for (agent_id, reason), t in self.refusals.items():
-            entry = out.setdefault(
-                agent_id,
-                {
-                    "agent": agent_id,
-                    "host": t.host,
-                    "instance": None,
-                    "last_end": None,
-                    "last_seen": None,
-                    "window_s": None,
-                    "stale": True,
-                    "refusals": {},
-                },
-            )
-            entry["refusals"][reason] = {"count": t.count, "last_detail": t.last_detail, "last_at": t.last_at}
-        return sorted(out.values(), key=lambda e: e["agent"])
+        return self.fleet.agents(self.clock() if now is None else now)
