@@ -1,22 +1,34 @@
 """The idle classifier: every device, every tick, in exactly one state; folded into report windows.
 
 States (DESIGN.md): `busy` (utilisation at or above the threshold), `allocated_idle` (below it, but a
-process holds the device), `free` (below it and nothing holds it), `unavailable` (unreadable,
-unhealthy, or its probe failed). Time is passed in, never read, so traces replay in microseconds.
+process or memory beyond the idle baseline holds the device), `free` (below it and nothing holds it),
+`unavailable` (unreadable, unhealthy, its parent GPU unhealthy, or no longer listed by its probe).
+Time is passed in, never read, so traces replay in microseconds.
 
 Accounting is sample-and-hold: a state observed at `t` holds until the next observation or the end
 of the window, so a device seen for a whole window has state seconds that add up to the window.
+Durations come from the accounting clock: the monotonic time the daemon passes (`mono`) where it
+does, else the wall time; wall time only names windows, `idle_since` and `state_since`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from capmon.agent.probe import DeviceSample
-from capmon.agent.wire import DeviceWindow
+from capmon.agent.wire import IDLE_STATES, STATES, DeviceWindow
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+# What the NVML probe passes for a MIG instance: its share of the physical GPU (0 < f <= 1).
+FRACTION_KEY = "gpu_fraction"
+SM_ACTIVE_KEY = "sm_active_pct"
+VANISHED = "no longer reported by its probe"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,20 +36,76 @@ class ClassifierConfig:
     """Thresholds of the idle classifier (`[classifier]` in the agent's TOML)."""
 
     # Utilisation (%) at or above which a device counts as busy. Monitoring and health-check
-    # kernels stay well below 10%.
+    # kernels stay well below 10%. Where the probe reports SM activity (`sm_active_pct`, GPM on
+    # Hopper and newer) that decides instead of the coarser "a kernel was resident" utilisation.
     busy_util_pct: float = 10.0
-    # Seconds busy (or unavailable) must last before an idle streak ends: shorter blips keep `idle_since`.
+    # The grace works in both directions, each over a sliding period (not an unbroken run, so
+    # repeated short idleness inside busy work never adds up to an idle streak):
+    # - a running idle streak (`idle_since`) ends when the device was busy or unavailable for more
+    #   than `busy_grace_pct` % of the last `busy_grace_s` seconds: a 3 s health check every few
+    #   minutes, or one blip of up to half the period, keeps the streak;
+    # - an idle streak starts only once the device was idle for at least `idle_grace_pct` % of the
+    #   last `idle_grace_s` seconds, and then dates back to the first idle moment of that period: a
+    #   5 s data-loader stall per minute, or 10 s between 50 s requests, never starts one.
+    # `state_since` (time in the current state) follows the same rule: a run of a state survives
+    # other states for up to `busy_grace_pct` % of the last `busy_grace_s` (a 1 s blip does not reset
+    # "allocated_idle since"), and a new state's run starts at its first tick. A streak or run
+    # restored after an agent restart is subject to the same rule as a live one.
     busy_grace_s: float = 60.0
-    # Memory above the device's baseline by more than the margin means something holds it
-    # (used only when the probe cannot count processes). Margin = max(MiB, % of total).
+    busy_grace_pct: float = 50.0
+    idle_grace_s: float = 30.0
+    idle_grace_pct: float = 90.0
+    # Busy but doing nothing (an NCCL hang, a spin-wait): GPU utilisation at or above
+    # `spin_util_pct` while SM activity is below `spin_sm_pct`. Counted busy (a hung job is not
+    # capacity to offer) and flagged: `spin_s`, part of `busy_s` like `ghost_s`.
+    spin_util_pct: float = 90.0
+    spin_sm_pct: float = 5.0
+    # A device its probe stops listing is `unavailable` ("no longer reported") until it is known to
+    # be gone: a MIG instance whose parent GPU is listed with other instances (the layout changed)
+    # is forgotten at once; anything else after this many seconds unseen. An agent cannot tell a GPU
+    # that fell off the bus (the operator must see it) from one pulled on purpose; an hour covers a
+    # driver reload or a GPU reset without keeping a removed card on the dashboards for ever.
+    forget_vanished_s: float = 3600.0
+    # Memory above the device's idle baseline by more than the margin means something holds it,
+    # even when the process table is empty (npu-smi in containers, processes in another PID
+    # namespace): "memory held, no process visible". Margin = max(MiB, % of total).
     memory_margin_mib: float = 512.0
     memory_margin_pct: float = 2.0
-    # Baseline memory (MiB) by model or vendor, overriding the learned one (lowest seen with no
-    # process). Example: {"910B3" = 3400, "ascend" = 4096}.
+    # The idle baseline, first that applies: (1) `memory_baseline_mib` by model or vendor, set by
+    # the operator; (2) the learned one; (3) the default, `memory_idle_mib` by model, then by vendor
+    # and memory size as "<vendor>@<GiB>", then `memory_baseline_pct` by model or vendor; else 0.
+    # Learning: the lowest memory of a sample with no process counted (processes = 0), or, where
+    # the probe cannot count processes, the lowest seen at 0 % utilisation once the device spent
+    # `learn_quiet_s` seconds there; a sample more than the margin above the default (or the
+    # operator's baseline) never teaches, so a job holding memory is not its own baseline.
     memory_baseline_mib: Mapping[str, float] = field(default_factory=dict)
-    # Where nothing above applies and no zero-process sample taught a baseline: the baseline as % of
-    # total memory by vendor or model. Ascend reserves ~3 of 32 GB, 4 of 64, ~4.8 of 96 with no workload.
+    # Ascend holds HBM with no workload: about 3 GB of 32, 4 of 64, 4.8 of 96 (910B parts;
+    # recorded fixtures: 910B3 3.4 of 64 GB, 910B4 2.8 of 32). 910A/910ProB idle near 0: learned.
+    memory_idle_mib: Mapping[str, float] = field(
+        default_factory=lambda: {"ascend@32": 3072.0, "ascend@64": 4096.0, "ascend@96": 4915.0}
+    )
     memory_baseline_pct: Mapping[str, float] = field(default_factory=lambda: {"ascend": 8.0})
+    learn_quiet_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "busy_util_pct",
+            "busy_grace_s",
+            "busy_grace_pct",
+            "idle_grace_s",
+            "idle_grace_pct",
+            "spin_util_pct",
+            "spin_sm_pct",
+            "forget_vanished_s",
+            "memory_margin_mib",
+            "memory_margin_pct",
+            "learn_quiet_s",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if value < 0 or (name.endswith("_pct") and value > 100):
+                raise ValueError(f"{name} must be between 0 and {100 if name.endswith('_pct') else 'inf'}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,19 +116,23 @@ class Observation:
     ghost: bool = False
     util_unknown: bool = False
     reason: str | None = None
+    spin: bool = False
 
 
 class _DeviceTrack:
-    """Everything the classifier remembers about one device between ticks and within a window."""
+    """Everything the classifier remembers about one device between ticks and within a window.
+
+    Times are on the accounting clock (see the module docstring).
+    """
 
     __slots__ = (
         "allocated_idle_s",
         "baseline_bytes",
-        "busy_run_start",
         "busy_s",
         "free_s",
         "ghost",
         "ghost_s",
+        "history",
         "idle_since",
         "last_sample",
         "last_state",
@@ -68,29 +140,44 @@ class _DeviceTrack:
         "power_n",
         "power_sum",
         "processes_max",
-        "restored_idle_since",
+        "quiet",
+        "quiet_low",
+        "quiet_s",
+        "reason",
+        "runs",
+        "seen_in_window",
         "seen_t",
+        "spin",
+        "spin_s",
         "temp_max",
         "unavailable_s",
         "util_max",
         "util_n",
         "util_sum",
+        "vanished",
     )
 
     def __init__(self) -> None:
         self.baseline_bytes: int | None = None
+        self.quiet = False
+        self.quiet_s = 0.0
+        self.quiet_low: int | None = None
         self.idle_since: float | None = None
-        self.restored_idle_since: float | None = None
-        self.busy_run_start: float | None = None
+        # Start of the current run of each state still alive under the grace rule.
+        self.runs: dict[str, float] = {}
+        # (start, end, state) of the recent past, for the grace rules' sliding periods.
+        self.history: deque[list] = deque()
         self.last_state: str | None = None
-        self.ghost = False
+        self.reason: str | None = None
+        self.ghost = self.spin = self.vanished = False
         self.last_t: float | None = None
         self.seen_t: float | None = None
         self.last_sample: DeviceSample | None = None
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self.busy_s = self.allocated_idle_s = self.free_s = self.unavailable_s = self.ghost_s = 0.0
+        self.busy_s = self.allocated_idle_s = self.free_s = self.unavailable_s = 0.0
+        self.ghost_s = self.spin_s = 0.0
         self.util_sum = 0.0
         self.util_n = 0
         self.util_max: float | None = None
@@ -98,8 +185,9 @@ class _DeviceTrack:
         self.power_n = 0
         self.temp_max: float | None = None
         self.processes_max: int | None = None
+        self.seen_in_window = False
 
-    def hold(self, until: float) -> None:
+    def hold(self, until: float, keep_s: float) -> None:
         """Credit the time since the last observation to the state observed then."""
         if self.last_state is None or self.last_t is None or until <= self.last_t:
             return
@@ -108,13 +196,34 @@ class _DeviceTrack:
             self.busy_s += dt
             if self.ghost:
                 self.ghost_s += dt
+            if self.spin:
+                self.spin_s += dt
         elif self.last_state == "allocated_idle":
             self.allocated_idle_s += dt
         elif self.last_state == "free":
             self.free_s += dt
         else:
             self.unavailable_s += dt
+        if self.quiet:
+            self.quiet_s += dt
+        h = self.history
+        if h and h[-1][2] == self.last_state and h[-1][1] == self.last_t:
+            h[-1][1] = until
+        else:
+            h.append([self.last_t, until, self.last_state])
+        while len(h) > 1 and h[0][1] < until - keep_s:
+            h.popleft()
         self.last_t = until
+
+    def seconds(self, now: float, period: float, states: Iterable[str], inside: bool = True) -> float:
+        """Seconds of the last `period` spent in (or, `inside=False`, outside) `states`."""
+        states = frozenset(states)
+        lo = now - period
+        total = 0.0
+        for a, b, s in self.history:
+            if (s in states) == inside and b > lo:
+                total += min(b, now) - max(a, lo)
+        return max(0.0, total)
 
 
 class IdleClassifier:
@@ -123,7 +232,11 @@ class IdleClassifier:
     def __init__(self, config: ClassifierConfig | None = None) -> None:
         self.config = config or ClassifierConfig()
         self._tracks: dict[str, _DeviceTrack] = {}
-        self._restored: dict[str, tuple[float | None, int | None]] = {}
+        self._restored: dict[str, tuple[float | None, int | None, str | None, float | None]] = {}
+        # Devices each probe listed last time: what it stops listing has vanished.
+        self._listed: dict[str, set[str]] = {}
+        # Wall time minus accounting time, as of the last call.
+        self._offset = 0.0
 
     # -- one tick ---------------------------------------------------------------------------
 
@@ -134,35 +247,59 @@ class IdleClassifier:
             return Observation("unavailable", reason=sample.error or "unhealthy")
         held, why = self._held(sample, baseline_bytes)
         util = sample.util_pct
-        if util is None:
+        sm = sample.extra.get(SM_ACTIVE_KEY)
+        if util is None and sm is None:
+            # Unknown is not busy: GPM has no previous sample on the first tick, A100 MIG has no
+            # utilisation at all; a held device is reserved whatever it does.
             if held:
-                return Observation("busy", util_unknown=True, reason=f"utilisation unknown, {why}")
+                return Observation("allocated_idle", util_unknown=True, reason=f"utilisation unknown, {why}")
             return Observation("free", util_unknown=True, reason="utilisation unknown, nothing holds it")
-        if util >= cfg.busy_util_pct:
-            ghost = sample.processes == 0
+        ghost = sample.processes == 0
+        if util is not None and sm is not None and util >= cfg.spin_util_pct and sm < cfg.spin_sm_pct:
+            return Observation(
+                "busy",
+                ghost=ghost,
+                spin=True,
+                reason=f"spinning: utilisation {util:.0f}% with SM activity {sm:.1f}%",
+            )
+        active = sm if sm is not None else util
+        assert active is not None
+        if active >= cfg.busy_util_pct:
             return Observation("busy", ghost=ghost, reason="busy with no process (ghost)" if ghost else None)
         if held:
             return Observation("allocated_idle", reason=why)
         return Observation("free")
 
     def _held(self, sample: DeviceSample, baseline_bytes: int | None) -> tuple[bool, str]:
-        if sample.processes is not None:
-            return sample.processes > 0, f"{sample.processes} process(es)"
+        procs = sample.processes
+        if procs is not None and procs > 0:
+            return True, f"{procs} process(es)"
         used = sample.memory_used_bytes
         if used is None:
-            return False, "processes and memory unknown"
-        total = sample.memory_total_bytes or 0
+            return False, "no process" if procs == 0 else "processes and memory unknown"
         base = self._baseline_override(sample)
         if base is None:
             # Never the memory in use now: a job holding 40 of 64 GB from the first sample on
             # would become its own baseline and the device would look free.
-            base = baseline_bytes if baseline_bytes is not None else self._default_baseline(sample, total)
-        margin = max(self.config.memory_margin_mib * MIB, total * self.config.memory_margin_pct / 100)
-        if used > base + margin:
-            return True, f"{(used - base) / MIB:.0f} MiB in use above baseline"
+            base = baseline_bytes if baseline_bytes is not None else self._default_baseline(sample)
+        above = used - base
+        if above > self._margin(sample):
+            if procs == 0:
+                return True, f"memory held, no process visible ({above / MIB:.0f} MiB above baseline)"
+            return True, f"{above / MIB:.0f} MiB in use above baseline"
         return False, "memory at baseline"
 
-    def _default_baseline(self, sample: DeviceSample, total: int) -> int:
+    def _margin(self, sample: DeviceSample) -> float:
+        total = sample.memory_total_bytes or 0
+        return max(self.config.memory_margin_mib * MIB, total * self.config.memory_margin_pct / 100)
+
+    def _default_baseline(self, sample: DeviceSample) -> int:
+        total = sample.memory_total_bytes or 0
+        idle = self.config.memory_idle_mib
+        size = f"{sample.vendor}@{round(total / GIB)}" if total else None
+        for key in (sample.model, size, sample.vendor):
+            if key is not None and key in idle:
+                return int(idle[key] * MIB)
         table = self.config.memory_baseline_pct
         for key in (sample.model, sample.vendor):
             if key is not None and key in table:
@@ -176,46 +313,96 @@ class IdleClassifier:
                 return int(table[key] * MIB)
         return None
 
-    def observe_probe(self, probe: str, t: float, devices: Iterable[DeviceSample]) -> None:
+    def observe_probe(
+        self, probe: str, t: float, devices: Iterable[DeviceSample], mono: float | None = None
+    ) -> None:
         """Record everything one probe listed at `t`: the unit in which devices appear and vanish.
 
-        A GPU split into MIG instances is capacity only through its instances: it is counted once.
+        A GPU split into MIG instances is capacity only through its instances: it is counted once,
+        and its instances inherit its health. A device listed last time and not now is unavailable
+        until it is known to be gone (see `ClassifierConfig.forget_vanished_s`).
         """
+        a = self._clock(t, mono)
         devices = list(devices)
+        by_id = {d.device_id: d for d in devices}
         parents = {d.parent_id for d in devices if d.parent_id}
+        counted: list[DeviceSample] = []
         for d in devices:
-            if d.device_id not in parents:
-                self.observe(t, d)
+            if d.device_id in parents:
+                continue
+            parent = by_id.get(d.parent_id) if d.parent_id else None
+            if parent is not None and not parent.healthy and d.healthy:
+                # A MIG instance of a GPU that needs a reset (row remap pending, fatal XID) runs nothing.
+                error = f"parent GPU {parent.device_id} unhealthy: {parent.error or 'unhealthy'}"
+                d = dataclasses.replace(d, healthy=False, error=error)
+            counted.append(d)
+        listed = {d.device_id for d in counted}
+        for device_id in self._listed.get(probe, set()) - listed:
+            track = self._tracks.get(device_id)
+            if track is None:
+                continue
+            parent_id = track.last_sample.parent_id if track.last_sample else None
+            if device_id in by_id or (parent_id is not None and parent_id in by_id):
+                # Known to be gone: the GPU is now split (it is a parent), or its parent is listed
+                # with another set of instances (MIG reconfigured, or GPU lost): not capacity.
+                del self._tracks[device_id]
+            else:
+                self._vanish(track, a)
+        self._listed[probe] = listed
+        for d in counted:
+            self._observe(a, t, d)
 
-    def observe(self, t: float, sample: DeviceSample) -> Observation:
-        """Record one sample taken at `t` (seconds); returns its instant state."""
-        track = self._tracks.get(sample.device_id)
-        if track is None:
-            track = self._tracks[sample.device_id] = _DeviceTrack()
-            saved = self._restored.pop(sample.device_id, None)
-            if saved is not None:
-                track.restored_idle_since, track.baseline_bytes = saved
+    def observe(self, t: float, sample: DeviceSample, mono: float | None = None) -> Observation:
+        """Record one sample taken at `t` (wall seconds; `mono` on the accounting clock); its instant state."""
+        return self._observe(self._clock(t, mono), t, sample)
+
+    def _clock(self, t: float, mono: float | None) -> float:
+        a = t if mono is None else mono
+        self._offset = t - a
+        return a
+
+    def _keep_s(self) -> float:
+        return max(self.config.busy_grace_s, self.config.idle_grace_s)
+
+    def _track(self, device_id: str, wall: float) -> _DeviceTrack:
+        track = self._tracks.get(device_id)
+        if track is not None:
+            return track
+        track = self._tracks[device_id] = _DeviceTrack()
+        saved = self._restored.pop(device_id, None)
+        if saved is not None:
+            idle_since, track.baseline_bytes, state, state_since = saved
+            # The streak and the state's run that were running go on, subject to the same grace
+            # as live ones: a first tick that is unreadable or briefly busy does not end them.
+            if idle_since is not None and idle_since <= wall:
+                track.idle_since = idle_since - self._offset
+            if state is not None and state_since is not None and state_since <= wall:
+                track.runs[state] = state_since - self._offset
+        return track
+
+    def _observe(self, a: float, wall: float, sample: DeviceSample) -> Observation:
+        track = self._track(sample.device_id, wall)
         # A result that arrives after a later one (a slow probe; a window already closed past it)
         # must not move the track's clock back: that time would be credited twice.
-        if track.last_t is not None and t < track.last_t:
-            t = track.last_t
-        track.hold(t)
-        if sample.healthy and sample.processes == 0:
-            used = sample.memory_used_bytes
-            if used is not None and (track.baseline_bytes is None or used < track.baseline_bytes):
-                track.baseline_bytes = used
+        if track.last_t is not None and a < track.last_t:
+            a = track.last_t
+        track.hold(a, self._keep_s())
         obs = self.classify(sample, track.baseline_bytes)
-        self._advance_streak(track, t, obs.state)
+        self._learn(track, sample, obs)
+        self._advance(track, a, obs.state)
         track.last_state = obs.state
+        track.reason = obs.reason
         track.ghost = obs.ghost
-        track.last_t = track.seen_t = t
+        track.spin = obs.spin
+        track.vanished = False
+        track.last_t = track.seen_t = a
+        track.seen_in_window = True
         track.last_sample = sample
-        if sample.util_pct is not None:
-            track.util_sum += sample.util_pct
+        util = sample.util_pct
+        if util is not None:
+            track.util_sum += util
             track.util_n += 1
-            track.util_max = (
-                sample.util_pct if track.util_max is None else max(track.util_max, sample.util_pct)
-            )
+            track.util_max = util if track.util_max is None else max(track.util_max, util)
         if sample.power_w is not None:
             track.power_sum += sample.power_w
             track.power_n += 1
@@ -225,79 +412,172 @@ class IdleClassifier:
             track.processes_max = max(track.processes_max or 0, sample.processes)
         return obs
 
-    def _advance_streak(self, track: _DeviceTrack, t: float, state: str) -> None:
-        restored, track.restored_idle_since = track.restored_idle_since, None
-        if state in ("free", "allocated_idle"):
-            if track.idle_since is None:
-                # Idle again right after an agent restart: the streak that was running goes on.
-                track.idle_since = restored if restored is not None and restored <= t else t
-            track.busy_run_start = None
+    def _learn(self, track: _DeviceTrack, sample: DeviceSample, obs: Observation) -> None:
+        """Lower the learned baseline from a sample that shows the device with nothing on it."""
+        track.quiet = False
+        used = sample.memory_used_bytes
+        if not sample.healthy or used is None or obs.state not in ("free", "allocated_idle"):
             return
-        if track.busy_run_start is None:
-            track.busy_run_start = t
-        if track.idle_since is not None and t - track.busy_run_start >= self.config.busy_grace_s:
-            track.idle_since = None
+        ceiling = self._baseline_override(sample)
+        if ceiling is None:
+            ceiling = self._default_baseline(sample)
+        if used > ceiling + self._margin(sample):
+            return  # held memory never teaches
+        if sample.processes == 0:
+            candidate: int | None = used
+        elif sample.processes is None and sample.util_pct == 0:
+            # No process table (Ascend in containers, 310 SoCs): the lowest memory seen while the
+            # device sat at 0 %, once it sat there long enough to have been idle at some point.
+            track.quiet = True
+            track.quiet_low = used if track.quiet_low is None else min(track.quiet_low, used)
+            candidate = track.quiet_low if track.quiet_s >= self.config.learn_quiet_s else None
+        else:
+            return
+        if candidate is not None and (track.baseline_bytes is None or candidate < track.baseline_bytes):
+            track.baseline_bytes = candidate
+
+    def _advance(self, track: _DeviceTrack, a: float, state: str) -> None:
+        """Apply the grace rules (see `ClassifierConfig`) at `a`, the device now in `state`."""
+        cfg = self.config
+        end_after = cfg.busy_grace_s * cfg.busy_grace_pct / 100
+        # Only time since a streak or run began can end it: what came before is why it began.
+        if track.idle_since is not None:
+            period = min(cfg.busy_grace_s, a - track.idle_since)
+            if track.seconds(a, period, IDLE_STATES, inside=False) > end_after:
+                track.idle_since = None
+        if track.idle_since is None and state in IDLE_STATES:
+            lo = a - cfg.idle_grace_s
+            if track.seconds(a, cfg.idle_grace_s, IDLE_STATES) >= cfg.idle_grace_s * cfg.idle_grace_pct / 100:
+                starts = [s for s, e, st in track.history if st in IDLE_STATES and e > lo]
+                track.idle_since = starts[0] if starts else a
+        for s, since in list(track.runs.items()):
+            if track.seconds(a, min(cfg.busy_grace_s, a - since), (s,), inside=False) > end_after:
+                del track.runs[s]
+        track.runs.setdefault(state, a)
+
+    def _vanish(self, track: _DeviceTrack, a: float) -> None:
+        """The device's probe no longer lists it: unavailable from `a` on."""
+        if track.last_t is not None and a < track.last_t:
+            a = track.last_t
+        track.hold(a, self._keep_s())
+        self._advance(track, a, "unavailable")
+        track.last_state = "unavailable"
+        track.reason = VANISHED
+        track.ghost = track.spin = track.quiet = False
+        track.vanished = True
+        track.last_t = a
 
     def idle_since(self, device_id: str) -> float | None:
         track = self._tracks.get(device_id)
-        return None if track is None else track.idle_since
+        return None if track is None or track.idle_since is None else track.idle_since + self._offset
 
     # -- one window -------------------------------------------------------------------------
 
-    def close_window(self, start: float, end: float) -> list[DeviceWindow]:
+    def close_window(self, start: float, end: float, mono_end: float | None = None) -> list[DeviceWindow]:
         """Fold everything observed up to `end` into one record per device, and start the next window.
 
-        A device not observed for a whole window before this one (it disappeared: a MIG instance
-        destroyed, a probe removed) is forgotten rather than reported forever; one merely sampled
-        less often than windows close keeps its state and its idle streak.
+        A device not observed since before the previous window (its probe stopped answering for it)
+        is unavailable, "no longer reported", like one its probe stopped listing; either is
+        forgotten after `forget_vanished_s` unseen. One sampled less often than windows close keeps
+        its state.
         """
+        a_end = self._clock(end, mono_end)
+        length = end - start
         windows: list[DeviceWindow] = []
-        forget_before = start - (end - start)
         for device_id in list(self._tracks):
             track = self._tracks[device_id]
-            if track.seen_t is None or track.seen_t < forget_before or track.last_sample is None:
+            if track.last_sample is None or track.seen_t is None:
                 del self._tracks[device_id]
                 continue
-            track.hold(end)
+            if not track.vanished and track.seen_t < a_end - 2 * length:
+                self._vanish(track, a_end - length)
+            if track.vanished and a_end - track.seen_t > self.config.forget_vanished_s:
+                del self._tracks[device_id]
+                continue
+            track.hold(a_end, self._keep_s())
+            if track.last_state is not None:
+                self._advance(track, a_end, track.last_state)
             windows.append(self._window(track, track.last_sample))
             track._reset_window()
         return windows
 
+    def _wall(self, a: float | None) -> int | None:
+        return None if a is None else int(a + self._offset)
+
     def _window(self, track: _DeviceTrack, s: DeviceSample) -> DeviceWindow:
-        # A busy blip inside the grace keeps the streak; report it while the streak is alive.
-        idle_since = int(track.idle_since) if track.idle_since is not None else None
+        state = track.last_state or "unavailable"
+        fraction = s.extra.get(FRACTION_KEY)
+        if fraction is not None and not 0 < fraction <= 1:
+            fraction = None
+        # A vanished device's last readings are not what it holds now.
+        current = not track.vanished
+        error = VANISHED if track.vanished else s.error
         return DeviceWindow(
             device_id=s.device_id,
             vendor=s.vendor,
             model=s.model,
             index=s.index,
             parent_id=s.parent_id,
-            state=track.last_state or "unavailable",  # type: ignore[arg-type]
+            state=state,  # type: ignore[arg-type]
             busy_s=round(track.busy_s, 3),
             allocated_idle_s=round(track.allocated_idle_s, 3),
             free_s=round(track.free_s, 3),
             unavailable_s=round(track.unavailable_s, 3),
             ghost_s=round(track.ghost_s, 3),
+            spin_s=round(track.spin_s, 3),
             util_mean_pct=round(track.util_sum / track.util_n, 3) if track.util_n else None,
             util_max_pct=track.util_max,
-            memory_used_bytes=s.memory_used_bytes,
+            memory_used_bytes=s.memory_used_bytes if current else None,
             memory_total_bytes=s.memory_total_bytes,
             power_mean_w=round(track.power_sum / track.power_n, 3) if track.power_n else None,
             temp_max_c=track.temp_max,
             processes=track.processes_max,
-            idle_since=idle_since,
-            error=s.error[:1024] if s.error else None,
-            extra={k: float(v) for k, v in s.extra.items()},
+            # A busy blip inside the grace keeps the streak; report it while the streak is alive.
+            idle_since=self._wall(track.idle_since),
+            state_since=self._wall(track.runs.get(state)),
+            fraction=None if fraction is None or fraction == 1 else float(fraction),
+            error=error[:1024] if error else None,
+            reason=track.reason[:1024] if track.reason else None,
+            extra={k: float(v) for k, v in s.extra.items() if k != FRACTION_KEY},
             info=dict(s.info),
         )
 
-    def remember(self) -> dict[str, tuple[float | None, int | None]]:
-        """What must survive an agent restart: each device's idle streak start and learned baseline."""
-        return {d: (t.idle_since, t.baseline_bytes) for d, t in self._tracks.items()}
+    def remember(self) -> dict[str, tuple[float | None, int | None, str | None, float | None]]:
+        """What must survive an agent restart, per device: idle streak start, learned baseline,
+        state and since when (wall seconds). Devices restored but not seen again yet are kept."""
+        saved = dict(self._restored)
+        for d, t in self._tracks.items():
+            state = t.last_state
+            since = t.runs.get(state) if state is not None else None
+            saved[d] = (
+                None if t.idle_since is None else t.idle_since + self._offset,
+                t.baseline_bytes,
+                state,
+                None if since is None else since + self._offset,
+            )
+        return saved
 
-    def restore(self, saved: Mapping[str, tuple[float | None, int | None]]) -> None:
-        """Take back what `remember()` gave before a restart; applied as each device is first seen."""
-        self._restored = {d: (v[0], v[1]) for d, v in saved.items()}
+    def restore(self, saved: Mapping[str, Iterable[object]]) -> None:
+        """Take back what `remember()` gave before a restart; applied as each device is first seen.
+
+        Accepts the older `[idle_since, baseline]` pairs too. An entry that is not numbers is skipped.
+        """
+
+        def number(v: object) -> float | None:
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return None
+            return float(v)
+
+        restored = {}
+        for d, value in saved.items():
+            v = list(value)
+            if len(v) < 2:
+                continue
+            idle_since, base = number(v[0]), number(v[1])
+            state = v[2] if len(v) > 2 and v[2] in STATES else None
+            since = number(v[3]) if len(v) > 3 and state is not None else None
+            restored[str(d)] = (idle_since, None if base is None else int(base), state, since)
+        self._restored = restored
 
     def forget(self, device_ids: Iterable[str]) -> None:
         for device_id in device_ids:

@@ -51,7 +51,11 @@ def test_busy_longer_than_grace_ends_the_streak():
     end = run(c, [(100, gpu(util=0)), (90, gpu(util=80, processes=1)), (20, gpu(util=0))], t0)
     [w] = c.close_window(t0, end)
     assert (w.free_s, w.busy_s) == (120, 90)
-    assert w.idle_since == t0 + 190  # the streak restarted when the device went idle again
+    # 20 s of idleness after busy work is not a streak yet (issue 19, item 5: the grace works both ways)…
+    assert w.idle_since is None
+    end = run(c, [(10, gpu(util=0))], end)
+    [w] = c.close_window(end - 10, end)
+    assert w.idle_since == t0 + 190  # …once it lasted idle_grace_s, the streak dates from its first idle tick
 
 
 def test_idle_since_survives_window_boundaries():
@@ -123,10 +127,11 @@ def test_a_job_holding_memory_from_the_first_sample_is_not_its_own_baseline():
 def test_baseline_is_learned_only_where_no_process_was_counted():
     c = IdleClassifier()
     t0 = 1_000_000_000
-    base = 3 * GIB
+    base = GIB  # an idle H100 (3 GiB with no process would be held memory: issue 19, item 2)
     end = run(
         c,
         [
+            (10, gpu(processes=1, memory=base // 4)),  # a process on it: never a baseline
             (10, gpu(processes=0, memory=base)),
             (10, gpu(processes=None, memory=base + 100 * 1024**2)),
             (10, gpu(processes=None, memory=base + 8 * GIB)),
@@ -134,8 +139,8 @@ def test_baseline_is_learned_only_where_no_process_was_counted():
         t0,
     )
     [w] = c.close_window(t0, end)
-    # 100 MiB over the learned 3 GiB is within the 512 MiB margin (free); 8 GiB over is held.
-    assert (w.free_s, w.allocated_idle_s) == (20, 10)
+    # 100 MiB over the learned 1 GiB is within the margin (free); 8 GiB over is held.
+    assert (w.free_s, w.allocated_idle_s) == (20, 20)
 
 
 def test_a_late_result_is_not_credited_twice():
@@ -158,10 +163,11 @@ def test_configured_baseline_overrides_the_learned_one():
     assert c.classify(gpu(processes=None, memory=6 * GIB)).state == "allocated_idle"
 
 
-def test_unknown_util_with_processes_counts_busy_and_says_so():
+def test_unknown_util_with_processes_is_allocated_idle_and_says_so():
+    # Was `busy` (issue 19, items 7 and 11): held A100 MIG slices were never allocated_idle.
     c = IdleClassifier()
     obs = c.classify(gpu(util=None, processes=2))
-    assert obs.state == "busy" and obs.util_unknown
+    assert obs.state == "allocated_idle" and obs.util_unknown
     assert "utilisation unknown" in obs.reason
     free = c.classify(gpu(util=None, processes=0))
     assert free.state == "free" and free.util_unknown
@@ -190,7 +196,7 @@ def test_state_seconds_cover_the_window_with_sample_and_hold():
     assert w.free_s + w.busy_s + w.allocated_idle_s + w.unavailable_s == 60
 
 
-def test_device_not_seen_for_a_whole_window_is_forgotten():
+def test_device_not_seen_for_a_whole_window_is_unavailable_not_forgotten():
     c = IdleClassifier()
     t0 = 1_000_000_000
     c.observe(t0, gpu(device_id="MIG-a"))
@@ -201,26 +207,32 @@ def test_device_not_seen_for_a_whole_window_is_forgotten():
     assert set(second) == {"MIG-a", "MIG-b"} and second["MIG-a"].free_s == 60
     assert second["MIG-a"].idle_since == t0
     c.observe(t0 + 121, gpu(device_id="MIG-b"))
-    # …and is forgotten once a whole window passed without it.
-    assert [w.device_id for w in c.close_window(t0 + 120, t0 + 180)] == ["MIG-b"]
+    # …and once a whole window passed without it, it is unavailable, not silently dropped (issue 19,
+    # item 3: it used to vanish from the report without ever being unavailable).
+    third = {w.device_id: w for w in c.close_window(t0 + 120, t0 + 180)}
+    assert set(third) == {"MIG-a", "MIG-b"}
+    assert third["MIG-a"].state == "unavailable" and third["MIG-a"].unavailable_s == 60
+    assert third["MIG-a"].error == "no longer reported by its probe"
 
 
 def test_an_idle_streak_survives_a_restart_if_the_device_is_still_idle():
     t0 = 1_000_000_000
     before = IdleClassifier()
-    run(before, [(600, gpu(util=0, processes=0, memory=3 * GIB))], t0)
+    run(before, [(600, gpu(util=0, processes=0, memory=GIB // 4))], t0)
     saved = before.remember()
     after = IdleClassifier()
     after.restore(saved)
-    after.observe(t0 + 620, gpu(util=0, processes=None, memory=3 * GIB + 10))
+    after.observe(t0 + 620, gpu(util=0, processes=None, memory=GIB // 4 + 10))
     after.observe(t0 + 620, gpu(util=80, processes=1, device_id="GPU-busy-now"))
     [w, _] = sorted(after.close_window(t0 + 600, t0 + 660), key=lambda w: w.device_id)
     assert w.idle_since == t0  # the streak goes on across the restart…
-    assert w.state == "free"  # …and the learned 3 GiB baseline came back with it
+    assert w.state == "free"
+    assert after.remember()["GPU-0"][1] == GIB // 4  # …and the learned baseline came back with it
 
     busy = IdleClassifier()
     busy.restore(saved)
     busy.observe(t0 + 620, gpu(util=80, processes=1))
     busy.observe(t0 + 700, gpu(util=0, processes=0))
-    [w] = busy.close_window(t0 + 600, t0 + 720)
-    assert w.idle_since == t0 + 700  # busy when the agent came back: that streak is over
+    busy.observe(t0 + 730, gpu(util=0, processes=0))
+    [w] = busy.close_window(t0 + 600, t0 + 740)
+    assert w.idle_since == t0 + 700  # busy for longer than the grace after the restart: that streak is over
