@@ -4,7 +4,8 @@
 
 Prints the probe's samples (two ticks, one interval apart) as JSON, then a table of per-sample cost
 (median and p95 milliseconds) of `NvmlProbe.sample()`, `nvidia-smi -q -x` and
-`nvidia-smi --query-gpu=...`. With `--out DIR` it also writes `nvml_probe.json` (the fixture format
+`nvidia-smi --query-gpu=...`, then the time each NVML function took per GPU per tick inside those
+samples (which call is worth moving to the slow cadence). With `--out DIR` it also writes `nvml_probe.json` (the fixture format
 read by tests/plugins/test_nvml_fixture.py), `nvidia_smi_q.xml` and `cost.txt` there.
 Needs the NVIDIA driver, nvidia-ml-py and capmon importable; no network.
 """
@@ -56,6 +57,30 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
+class TimedNvml:
+    """The real pynvml module, with the time spent in each `nvml*` function summed by name."""
+
+    def __init__(self, module) -> None:
+        self._module = module
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str):
+        value = getattr(self._module, name)
+        if not (name.startswith("nvml") and callable(value) and not isinstance(value, type)):
+            return value
+
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return value(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        return timed_call
+
+
 def run(argv: list[str]) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout
 
@@ -73,7 +98,8 @@ def main() -> int:
 
     import pynvml
 
-    probe = NvmlProbe(nvml=pynvml)
+    nvml = TimedNvml(pynvml)
+    probe = NvmlProbe(nvml=nvml)
     try:
         probe.setup()
     except ProbeUnavailable as exc:
@@ -94,7 +120,11 @@ def main() -> int:
         }
         print(json.dumps(capture, indent=2))
 
+        nvml.seconds.clear()
+        nvml.calls.clear()
         rows = [("NvmlProbe.sample()", timed(probe.sample, args.n))]
+        ticks = args.n + 1  # timed() warms up once
+        per_call = dict(nvml.seconds), dict(nvml.calls)
     finally:
         probe.close()
 
@@ -113,6 +143,13 @@ def main() -> int:
     ]
     for name, values in rows:
         lines.append(f"{name:<34}{statistics.median(values):>12.2f}{p95(values):>12.2f}")
+    seconds, calls = per_call
+    lines.append("")
+    lines.append(f"{'NVML function (inside sample())':<44}{'calls/GPU/tick':>16}{'us/GPU/tick':>14}")
+    for name in sorted(seconds, key=seconds.get, reverse=True):
+        lines.append(
+            f"{name:<44}{calls[name] / ticks / gpus:>16.2f}{seconds[name] / ticks / gpus * 1e6:>14.1f}"
+        )
     table = "\n".join(lines)
     print(table, file=sys.stderr)
 
