@@ -91,6 +91,9 @@ class CollectorConfig:
     drain_timeout_s: float = field(default=30.0, metadata=bounds(ge=0))
     # Refused requests (401s, refusals) are logged at most once per this many seconds per cause.
     refusal_log_interval_s: float = field(default=60.0, metadata=bounds(gt=0))
+    # Refusals of one agent for one reason are written to the store (where operators look) at most
+    # once per this many seconds, with their count.
+    refusal_write_interval_s: float = field(default=5.0, metadata=bounds(gt=0))
     # Let several collector processes share host:port (SO_REUSEPORT; Linux spreads connections
     # across them). They keep no state that matters, so this is how one host uses more cores.
     reuse_port: bool = False

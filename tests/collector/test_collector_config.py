@@ -253,13 +253,14 @@ def test_the_ingest_limits_have_their_documented_defaults_and_are_checked():
     assert c.max_inflight_decoded_bytes == 256 * 1024 * 1024
     assert c.body_read_timeout_s == 30.0
     assert c.max_devices_per_agent == 10_000 and c.max_values_per_agent == 1_000
-    assert c.refusal_log_interval_s == 60.0
+    assert c.refusal_log_interval_s == 60.0 and c.refusal_write_interval_s == 5.0
     for key in (
         "max_inflight_decoded_bytes",
         "body_read_timeout_s",
         "max_devices_per_agent",
         "max_values_per_agent",
         "refusal_log_interval_s",
+        "refusal_write_interval_s",
     ):
         with pytest.raises(ConfigError, match=rf"^c\.toml: \[collector\] {key}: must be > 0, got 0$"):
             parse(f"[collector]\n{key} = 0\n", "c.toml", env={})
