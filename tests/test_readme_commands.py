@@ -1,4 +1,4 @@
-"""The README's curl lines work when pasted against `capmon demo`."""
+"""The README's commands work when pasted: the curl lines against `capmon demo`, the install lines."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import json
 import re
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from capmon.collector.demo import default_args, run_demo
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def free_port() -> int:
@@ -57,3 +60,51 @@ async def test_readme_curl_lines_work_against_the_demo():
     finally:
         demo.cancel()
         await asyncio.gather(demo, return_exceptions=True)
+
+
+def _sh_blocks(section: str) -> list[list[str]]:
+    body = README.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [b.strip().splitlines() for b in re.findall(r"```sh\n(.*?)```", body, re.S)]
+
+
+def _command(line: str) -> str:
+    return line.split("  #", 1)[0].strip()
+
+
+def test_readme_install_commands_work_from_a_copy_of_the_repository(tmp_path):
+    """`pip install .` into a fresh venv, and the wheel the README names, as a new user pastes them."""
+    install, wheel = _sh_blocks("Install")[:2]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("agent", "plugins", "collector"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "capmon"
+
+    def run(line: str) -> str:
+        cmd = _command(line).replace("~/capmon", str(venv)).replace("python3 ", f"{sys.executable} ", 1)
+        done = subprocess.run(cmd, shell=True, cwd=src, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        return done.stdout
+
+    assert install[0] == "python3 -m venv ~/capmon"
+    run(install[0])
+    plain = [ln for ln in install if _command(ln) == "~/capmon/bin/pip install ."]
+    assert plain, install  # the Ascend line: no extra, nothing to download but the dependencies
+    run(plain[0])
+    assert "host" in run("~/capmon/bin/capmon agent probes")
+
+    build = wheel[0]
+    assert _command(build) == "~/capmon/bin/pip wheel --no-deps . -w dist"
+    run(build)
+    version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    built = sorted(p.name for p in (src / "dist").iterdir())
+    assert built == [f"capmon-{version}-py3-none-any.whl"]
+    # The README names the file it makes, and installs that file.
+    assert build.endswith(f"# dist/{built[0]}")
+    assert any(f"'/tmp/{built[0]}[nvidia]'" in ln for ln in wheel)
+    run(f"~/capmon/bin/pip install --no-deps --force-reinstall dist/{built[0]}")
+    assert run("~/capmon/bin/capmon --version").strip() == f"capmon {version}"
+    assert "--hosts" in run("~/capmon/bin/capmon demo --help")  # the collector side came along
+    assert "pip install capmon" not in README and "capmon[" not in README
