@@ -341,3 +341,12 @@ def test_real_subprocesses_answer_info_board_and_usages(fake_npu_smi):
     assert npu.device_id == "npu0-chip0" and npu.healthy
     assert npu.info["serial"] == "1025C9048791"
     assert npu.extra["ctrlcpu_pct"] == 40 and npu.extra["usages_age_s"] == 10
+
+
+def test_readme_lists_every_field_the_probe_can_send():
+    from capmon.plugins.ascend import fields
+
+    readme = (Path(fields.__file__).parent / "README.md").read_text()
+    extras = {f"extra_{name}" for name in fields.USAGE_FIELDS.values()} | {"extra_usages_age_s"}
+    infos = {f'info["{name}"]' for name in fields.BOARD_FIELDS.values()} | {'info["health_error"]'}
+    assert {name for name in extras | infos if name not in readme} == set()
