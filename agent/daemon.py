@@ -7,79 +7,29 @@ and a resent window rewrites the same points.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import os
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any
 
 import msgspec
 
-from capmon.agent import __version__, wire
+from capmon.agent import wire
 from capmon.agent.classifier import IdleClassifier
 from capmon.agent.config import AgentConfig
 from capmon.agent.probe import DeviceSample, HostSample, Probe
 from capmon.agent.registry import ProbeRegistry, ProbeStatus
 from capmon.agent.sampler import Sampler
+from capmon.agent.sinks import JsonLinesSink, ReportSink, identity_of, make_sink
+from capmon.agent.streaks import StreakFile
+
+# Re-exported: other modules and the tests import these from here.
+__all__ = ["Agent", "JsonLinesSink", "ReportSink", "StreakFile", "checked_report", "identity_of", "make_sink"]
 
 log = logging.getLogger("capmon.agent")
-
-
-class ReportSink(Protocol):
-    """Where finished windows go. `put` returns only when the report is durable."""
-
-    async def start(self) -> None: ...
-
-    def next_seq(self) -> int: ...
-
-    async def put(self, report: wire.Report) -> None: ...
-
-    def stats(self) -> dict[str, int]: ...
-
-    async def close(self, timeout_s: float) -> None: ...
-
-
-class JsonLinesSink:
-    """Writes each finished window as one JSON `Batch` per line (stdout or a file): no collector needed."""
-
-    def __init__(self, identity: wire.AgentIdentity, output: str | IO[str] = "-") -> None:
-        self.identity = identity
-        self.output = output
-        self._file: IO[str] | None = None
-        self._seq = 0
-
-    async def start(self) -> None:
-        if isinstance(self.output, str):
-            path = Path(self.output)
-            self._file = (
-                sys.stdout
-                if self.output == "-"
-                else await asyncio.to_thread(path.open, "a", encoding="utf-8")
-            )
-        else:
-            self._file = self.output
-
-    def next_seq(self) -> int:
-        return self._seq + 1
-
-    async def put(self, report: wire.Report) -> None:
-        self._seq = report.seq
-        assert self._file is not None
-        line = wire.encode(wire.Batch(agent=self.identity, reports=[report])).decode()
-        self._file.write(line + "\n")
-        self._file.flush()
-
-    def stats(self) -> dict[str, int]:
-        return {}
-
-    async def close(self, timeout_s: float) -> None:
-        if self._file is not None and isinstance(self.output, str) and self.output != "-":
-            self._file.close()
 
 
 class _HostWindow:
@@ -109,60 +59,6 @@ class _HostWindow:
             load15=s.load15,
             cpu_count=s.cpu_count,
         )
-
-
-def identity_of(config: AgentConfig) -> wire.AgentIdentity:
-    return wire.AgentIdentity(
-        id=config.agent_id,
-        host=config.host,
-        version=__version__,
-        labels=dict(config.agent.labels),
-        window_s=config.agent.window_s,
-    )
-
-
-class StreakFile:
-    """Idle streaks and memory baselines kept across agent restarts (a JSON file beside the spool).
-
-    Without it an agent upgrade would turn "idle for three weeks" into "idle for two minutes"
-    fleet-wide. What it holds is trusted only if it was saved recently: an agent that was down for
-    long cannot know what its devices did meanwhile.
-    """
-
-    def __init__(self, path: Path, max_age_s: float, clock: Callable[[], float] = time.time) -> None:
-        self.path = path
-        self.max_age_s = max_age_s
-        self.clock = clock
-
-    def load(self) -> dict[str, tuple[float | None, int | None]]:
-        try:
-            data = json.loads(self.path.read_text())
-            age = self.clock() - float(data["saved_at"])
-            devices = {str(k): (v[0], v[1]) for k, v in data["devices"].items()}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            log.warning("ignoring %s: %s", self.path, exc)
-            return {}
-        if not 0 <= age <= self.max_age_s:
-            log.info("idle streaks in %s are %.0fs old: starting them afresh", self.path, age)
-            return {}
-        return devices
-
-    def save(self, devices: Mapping[str, tuple[float | None, int | None]]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"saved_at": self.clock(), "devices": devices}))
-        os.replace(tmp, self.path)
-
-
-def make_sink(config: AgentConfig) -> ReportSink:
-    """A spooling HTTP sink when a collector url is configured, else JSON lines."""
-    identity = identity_of(config)
-    if config.transport.url:
-        from capmon.agent.delivery import SpoolingSink  # only agents that deliver need aiohttp's client
-
-        return SpoolingSink(identity, config.spool, config.transport)
-    return JsonLinesSink(identity, config.agent.output)
 
 
 class Agent:
@@ -197,7 +93,12 @@ class Agent:
         self.sampler = Sampler(self.probes, self._on_samples, clock)
         self.sink = sink or make_sink(config)
         self._host = _HostWindow()
+        # Windows a sink could not take for a reason of its own (a bug, stdout closed): the spool
+        # counts what it cannot write itself, durably.
         self.lost_windows = 0
+        self._stop = asyncio.Event()
+        self._stop_requests = 0
+        self._streaks_failing: str | None = None
         self.streaks: StreakFile | None = None
         if config.transport.url:
             spool_dir = Path(config.spool.path)
@@ -249,13 +150,15 @@ class Agent:
             uptime_s=round(max(0.0, now - self.started), 3),
             spool_reports=sink.get("spool_reports", 0),
             spool_bytes=sink.get("spool_bytes", 0),
-            dropped_reports=min(sink.get("dropped_reports", 0) + self.lost_windows, 1_000_000),
+            dropped_reports=min(sink.get("dropped_reports", 0), wire.MAX_COUNT),
+            lost_windows=min(sink.get("lost_windows", 0) + self.lost_windows, wire.MAX_COUNT),
             dead_letter_reports=sink.get("dead_letter_reports", 0),
             probes=probes[:64],
         )
 
     async def _keep(self, report: wire.Report) -> None:
-        """Hand a finished window to the sink; a sink failure (disk full, EIO) costs that window, not the agent."""
+        """Hand a finished window to the sink; a failure the sink does not count itself costs that
+        window (counted in `lost_windows`), never the agent."""
         try:
             await self.sink.put(checked_report(report))
         except Exception as exc:
@@ -267,17 +170,53 @@ class Agent:
             try:
                 await asyncio.to_thread(self.streaks.save, self.classifier.remember())
             except OSError as exc:
-                log.warning("could not save idle streaks to %s: %s", self.streaks.path, exc)
+                if self._streaks_failing != exc.strerror:
+                    log.warning("could not save idle streaks to %s: %s", self.streaks.path, exc.strerror)
+                self._streaks_failing = exc.strerror
+            else:
+                if self._streaks_failing is not None:
+                    log.info("idle streaks saved to %s again", self.streaks.path)
+                self._streaks_failing = None
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Sample and report until `stop` is set; then report the partial window and flush the sink."""
+    def request_stop(self) -> None:
+        """What SIGTERM/SIGINT call. The first: finish the window, deliver what the collector takes now,
+        stop. The second: stop at once (whatever is not delivered stays spooled)."""
+        self._stop_requests += 1
+        if self._stop_requests == 1:
+            waiting = getattr(self.sink, "waiting", lambda: 0)()
+            if waiting or self.config.transport.url:
+                log.info(
+                    "stopping: delivering %d spooled window(s), up to %gs; Ctrl-C again to exit now",
+                    waiting,
+                    self.config.agent.shutdown_timeout_s,
+                )
+            else:
+                log.info("stopping")
+            self._stop.set()
+        elif self._stop_requests == 2:
+            log.warning("stopping now; undelivered windows stay spooled")
+            getattr(self.sink, "abort", lambda: None)()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Sample and report until `stop` is set or `request_stop()` is called; then report the
+        partial window and flush the sink.
+
+        No window ends at or before the end of the last one this agent produced (the sink remembers
+        it across restarts): a restart in the last second of a window would otherwise write a short
+        window over the full one at the same timestamp.
+        """
+        if stop is not None:
+            self._stop = stop
+        stop = self._stop
         await self.sink.start()
         if self.streaks is not None:
             self.classifier.restore(await asyncio.to_thread(self.streaks.load))
         sampling_stop = asyncio.Event()
         sampling = asyncio.create_task(self.sampler.run(sampling_stop))
         window = self.config.agent.window_s
-        start = int(self.clock())
+        # Sinks written against the older protocol (no last_end/waiting/abort) still work.
+        last_end = getattr(self.sink, "last_end", lambda: 0)()
+        start = max(int(self.clock()), last_end)
         try:
             while True:
                 end = self.window_end(start)
@@ -321,32 +260,35 @@ class Agent:
 
 
 def checked_report(report: wire.Report) -> wire.Report:
-    """The report as the collector will judge it: a record it would refuse (and with it the whole
-    window of every device) is dropped here, with the reason in the log, and the rest goes."""
+    """The report as the collector will judge it (typed decoding, then `wire.check_report`): a record
+    it would refuse (and with it the whole window of every device) is dropped here, with the reason in
+    the log, and the rest goes. A window that is wrong as a whole raises `ValueError`."""
     for _ in range(len(report.devices) + 3):
         try:
             wire.decode_report(wire.encode(report))
-            return report
+            problem = wire.check_report(report)
         except msgspec.ValidationError as exc:
-            reason, path = wire.split_error(exc)
-            path = path or ""
-            m = re.match(r"\$\.devices\[(\d+)\]", path)
-            if m:
-                i = int(m.group(1))
-                log.error(
-                    "device %s left out of window seq %d: %s at %s",
-                    report.devices[i].device_id,
-                    report.seq,
-                    reason,
-                    path,
-                )
-                report = msgspec.structs.replace(report, devices=report.devices[:i] + report.devices[i + 1 :])
-            elif path.startswith("$.host"):
-                log.error("host record left out of window seq %d: %s at %s", report.seq, reason, path)
-                report = msgspec.structs.replace(report, host=None)
-            elif path.startswith("$.agent"):
-                log.error("agent stats left out of window seq %d: %s at %s", report.seq, reason, path)
-                report = msgspec.structs.replace(report, agent=None)
-            else:
-                raise
+            problem = wire.split_error(exc)
+        if problem is None:
+            return report
+        reason, path = problem[0], problem[1] or ""
+        m = re.match(r"\$\.devices\[(\d+)\]", path)
+        if m:
+            i = int(m.group(1))
+            log.error(
+                "device %s left out of window seq %d: %s at %s",
+                report.devices[i].device_id,
+                report.seq,
+                reason,
+                path,
+            )
+            report = msgspec.structs.replace(report, devices=report.devices[:i] + report.devices[i + 1 :])
+        elif path.startswith("$.host"):
+            log.error("host record left out of window seq %d: %s at %s", report.seq, reason, path)
+            report = msgspec.structs.replace(report, host=None)
+        elif path.startswith("$.agent"):
+            log.error("agent stats left out of window seq %d: %s at %s", report.seq, reason, path)
+            report = msgspec.structs.replace(report, agent=None)
+        else:
+            raise ValueError(f"window seq {report.seq} cannot be sent: {reason} at {path}")
     return report

@@ -1,7 +1,9 @@
 """Where the agent's finished windows go: `SpoolingSink` spools each one durably, a `Transport` delivers.
 
-It implements the daemon's `ReportSink` protocol (`capmon.agent.daemon`):
-`start()` → per window `seq = next_seq()`, build the report, `await put(report)` → `close(timeout_s)`.
+It implements the `ReportSink` protocol (`capmon.agent.sinks`): `start()` → per window
+`seq = next_seq()`, build the report, `await put(report)` → `close(timeout_s)` (`abort()` cuts it short).
+A window the spool cannot write (disk full, read-only, I/O error) is counted there as lost, its seq
+and end stay used, and `put` returns: the agent keeps sampling.
 """
 
 from __future__ import annotations
@@ -9,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
 from capmon.agent import wire
-from capmon.agent.spool import Spool, SpoolConfig
+from capmon.agent.spool import Spool, SpoolConfig, SpoolUnavailable
 from capmon.agent.transport import Transport, TransportConfig
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ class SpoolingSink:
     """Spool every report durably, deliver it to the collector in the background.
 
     `identity` is the agent's, without `instance`: the sink fills it with the spool's, so the collector
-    can tell a restarted agent (same instance, seq continues) from a fresh spool (new instance, seq 1).
+    can tell a restarted agent (same instance, seq continues) from a fresh spool (new instance, seq 1);
+    everything else in it (labels, `window_s`) goes as given.
     `transport_options` go to `Transport` (tests inject `sleep`, `clock`, `rng`, `environ`).
     """
 
@@ -43,27 +45,7 @@ class SpoolingSink:
         self._spool: Spool | None = None
         self._transport: Transport | None = None
         self._task: asyncio.Task[None] | None = None
-
-    @classmethod
-    def from_config(
-        cls,
-        identity: wire.AgentIdentity,
-        spool: Mapping[str, Any],
-        transport: Mapping[str, Any],
-        *,
-        where: str = "<defaults>",
-        **transport_options: Any,
-    ) -> SpoolingSink:
-        """Build from the `[spool]` and `[transport]` TOML tables; an unknown key or bad value raises
-        `ConfigError` naming the key and the file."""
-        from capmon.agent.config import section
-
-        return cls(
-            identity,
-            section(SpoolConfig, spool, f"{where}: [spool]"),
-            section(TransportConfig, transport, f"{where}: [transport]"),
-            **transport_options,
-        )
+        self._aborted = False
 
     @property
     def identity(self) -> wire.AgentIdentity:
@@ -73,7 +55,10 @@ class SpoolingSink:
         return msgspec.structs.replace(self._identity, instance=self._spool.instance)
 
     async def start(self) -> None:
-        """Open the spool (recovering whatever a crash left) and start delivering what it holds."""
+        """Open the spool (recovering whatever a crash left) and start delivering what it holds.
+
+        Raises `SpoolUnavailable` (one line: the path and the cause) when the spool cannot be used.
+        """
         self._spool = await asyncio.to_thread(Spool.open, self._spool_config)
         self._transport = Transport(
             self._transport_config, self._spool, self.identity, **self._transport_options
@@ -93,22 +78,48 @@ class SpoolingSink:
     def next_seq(self) -> int:
         return self._require_spool().next_seq()
 
+    def last_end(self) -> int:
+        return self._require_spool().last_end
+
     async def put(self, report: wire.Report) -> None:
-        """Durable (fsynced) when this returns; then the transport is woken to send it."""
-        await asyncio.to_thread(self._require_spool().append, report)
+        """Durable (fsynced) when this returns, or counted as lost; then the transport is woken."""
+        try:
+            await asyncio.to_thread(self._require_spool().append, report)
+        except SpoolUnavailable:
+            return  # counted by the spool, and logged once per change of its state
         if self._transport is not None:
             self._transport.wake()
 
     def stats(self) -> dict[str, int]:
-        """`spool_reports`, `spool_bytes`, `dropped_reports`, `dead_letter_reports` (as in `wire.AgentStats`)."""
+        """`spool_reports`, `spool_bytes`, `dropped_reports`, `lost_windows`, `dead_letter_reports`
+        (as in `wire.AgentStats`)."""
         if self._spool is None:
-            return {"spool_reports": 0, "spool_bytes": 0, "dropped_reports": 0, "dead_letter_reports": 0}
+            return {
+                "spool_reports": 0,
+                "spool_bytes": 0,
+                "dropped_reports": 0,
+                "lost_windows": 0,
+                "dead_letter_reports": 0,
+            }
         return self._spool.stats()
 
+    def waiting(self) -> int:
+        return self.stats()["spool_reports"]
+
+    def abort(self) -> None:
+        """Make `close()` return now (a second Ctrl-C): the request in flight is abandoned, the spool
+        keeps everything not acknowledged."""
+        self._aborted = True
+        if self._task is not None:
+            self._task.cancel()
+
     async def close(self, timeout_s: float) -> None:
-        """Deliver what the spool holds for up to `timeout_s`, then stop; what is left stays spooled."""
+        """Deliver what the spool holds while the collector takes it, for up to `timeout_s`, then stop;
+        what is left stays spooled. Returns at the first failed delivery: the spool is durable."""
         if self._task is not None and self._transport is not None:
-            self._transport.finish()
+            self._transport.finish(retry=False)
+            if self._aborted:
+                self._task.cancel()
             done, _ = await asyncio.wait({self._task}, timeout=max(timeout_s, 0.0))
             if not done:
                 self._task.cancel()

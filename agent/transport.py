@@ -15,6 +15,13 @@ dead-letter file, counted. Everything else keeps the reports and retries:
 | 429, 5xx, network error, timeout | back off exponentially with jitter; `Retry-After` (seconds or HTTP date) wins |
 | anything else (3xx, 404, …) | keep everything, log, back off (a wrong URL is a config error, not bad data) |
 
+Before each POST the batch is marked in the spool as "maybe stored"; an answer that says it was not
+stored (no connection, 4xx) clears the mark, so the spool's size bound never drops (and counts) a
+report the collector may hold: a timeout, a cut connection or a 5xx leaves it marked until a 2xx.
+
+After `finish(retry=False)` (the agent is stopping) the spool is durable, so nothing is waited for:
+the backlog is sent while the collector takes it, and the first failure ends delivery.
+
 The body is a `wire.Batch` built by splicing the spooled report bytes into the JSON (no re-encoding),
 gzip-compressed off the event loop.
 """
@@ -35,9 +42,10 @@ from email.utils import parsedate_to_datetime
 
 import aiohttp
 import msgspec
+from yarl import URL
 
 from capmon.agent import __version__, wire
-from capmon.agent.spool import Spool
+from capmon.agent.spool import Spool, SpoolUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +115,15 @@ class Attempt:
 Sleep = Callable[[float], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int | None  # None: no HTTP answer came
+    headers: Mapping[str, str]
+    text: str
+    # False only when the collector cannot have stored the batch: no connection was made.
+    maybe_stored: bool = True
+
+
 class Transport:
     """Delivers the spool's reports to the collector. Run `run()` as a task; `wake()` on each new report."""
 
@@ -133,7 +150,9 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._finish = False
+        self._give_up = False
         self._failures = 0
         # Lowered by 413 answers for the rest of this run.
         self.batch_reports = config.batch_reports
@@ -149,7 +168,7 @@ class Transport:
                 self._wake.clear()
                 try:
                     attempt = await self.attempt()
-                except Exception as exc:  # a spool I/O error must not end delivery for good
+                except Exception as exc:  # a bug must not end delivery for good
                     log.exception("delivery attempt failed unexpectedly")
                     attempt = Attempt(Outcome.RETRY, self._backoff(), repr(exc))
                 if attempt.outcome is Outcome.EMPTY:
@@ -157,6 +176,11 @@ class Transport:
                         return
                     await self._wake.wait()
                 elif attempt.outcome is Outcome.RETRY:
+                    if self._give_up and attempt.delay_s > 0:
+                        # Stopping, and the collector cannot take the backlog now: it is spooled
+                        # durably, so there is nothing to wait for.
+                        log.info("not delivering the rest now (%s); it stays spooled", attempt.reason)
+                        return
                     await self._sleep(attempt.delay_s)
         finally:
             await self.close()
@@ -165,15 +189,20 @@ class Transport:
         """A report was spooled: send now unless backing off."""
         self._wake.set()
 
-    def finish(self) -> None:
-        """Make `run()` return once the spool is empty (graceful shutdown)."""
+    def finish(self, retry: bool = True) -> None:
+        """Make `run()` return once the spool is empty. `retry=False` (the agent is stopping): return at
+        the first failure too, and cut a backoff in progress short for one last attempt."""
         self._finish = True
+        self._give_up = not retry
         self._wake.set()
+        if not retry:
+            self._hurry.set()
 
     def stop(self) -> None:
         """Make `run()` return after the request in flight, waking it from any sleep."""
         self._stop.set()
         self._wake.set()
+        self._hurry.set()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -184,20 +213,30 @@ class Transport:
 
     async def attempt(self) -> Attempt:
         """Try to deliver the oldest batch once (bisecting on 400). Never sleeps; says how long to wait."""
-        batch = await asyncio.to_thread(self._spool.oldest, self.batch_reports, self.batch_bytes)
-        if not batch:
-            return Attempt(Outcome.EMPTY)
-        attempt = await self._deliver(batch)
+        try:
+            batch = await asyncio.to_thread(self._spool.oldest, self.batch_reports, self.batch_bytes)
+            if not batch:
+                return Attempt(Outcome.EMPTY)
+            attempt = await self._deliver(batch)
+        except SpoolUnavailable as exc:
+            # Logged by the spool once per change of state. Nothing is sent while it cannot be
+            # written: what was sent could not be taken out of it, and would be sent again and again.
+            return Attempt(Outcome.RETRY, self._backoff(), str(exc))
         if attempt.outcome is Outcome.DELIVERED:
             self._failures = 0
         return attempt
 
     async def _deliver(self, batch: list[tuple[int, bytes]]) -> Attempt:
-        status, headers, text = await self._post(batch)
         seqs = [seq for seq, _ in batch]
+        marked = await asyncio.to_thread(self._spool.sending, seqs)
+        answer = await self._post(batch)
+        status, headers, text = answer.status, answer.headers, answer.text
         if status is not None and 200 <= status < 300:
             await asyncio.to_thread(self._spool.remove, seqs)
             return Attempt(Outcome.DELIVERED)
+        if not answer.maybe_stored or (status is not None and 300 <= status < 500):
+            # The collector stores nothing of a batch it answers 3xx/4xx to (it validates first).
+            await asyncio.to_thread(self._spool.not_delivered, marked)
         if status == 400:
             if _names_batch_field(text):
                 log.error(
@@ -255,8 +294,8 @@ class Transport:
         log.log(level, "delivery to %s failed (%s); retrying in %.1fs", self.config.url, what, delay)
         return Attempt(Outcome.RETRY, delay, what)
 
-    async def _post(self, batch: list[tuple[int, bytes]]) -> tuple[int | None, Mapping[str, str], str]:
-        """POST one batch: (status, headers, error text), or (None, {}, why) when no answer came."""
+    async def _post(self, batch: list[tuple[int, bytes]]) -> _Answer:
+        """POST one batch: the status, headers and error text, or (None, {}, why) when no answer came."""
         body = await asyncio.to_thread(self._body, batch)
         headers = {
             "Content-Type": "application/json",
@@ -272,9 +311,16 @@ class Transport:
                 self.config.url, data=body, headers=headers, allow_redirects=False
             ) as resp:
                 text = "" if 200 <= resp.status < 300 else _error_text(await resp.read())
-                return resp.status, resp.headers, text
+                return _Answer(resp.status, resp.headers, text)
+        except aiohttp.ClientConnectorError as exc:
+            # aiohttp's own text says "ssl:default" even for http:// URLs: say what was tried.
+            url = URL(self.config.url)
+            reason = _os_reason(exc.os_error) if exc.os_error else str(exc)
+            return _Answer(
+                None, {}, f"cannot connect to {url.scheme}://{url.host}:{url.port}: {reason}", False
+            )
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            return None, {}, f"{type(exc).__name__}: {exc}"
+            return _Answer(None, {}, f"{type(exc).__name__}: {exc}")
 
     def _body(self, batch: list[tuple[int, bytes]]) -> bytes:
         body = b"".join(
@@ -309,11 +355,20 @@ class Transport:
         return ceiling * (0.5 + 0.5 * self._rng())
 
     async def _interruptible_sleep(self, seconds: float) -> None:
-        """Sleep, cut short only by `stop()` (a new report does not shorten a backoff)."""
+        """Sleep, cut short only by `stop()` or `finish()` (a new report does not shorten a backoff)."""
         try:
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+            await asyncio.wait_for(self._hurry.wait(), timeout=seconds)
         except asyncio.TimeoutError:
             pass
+
+
+def _os_reason(err: OSError) -> str:
+    """ "Connection refused", not asyncio's "Connect call failed ('127.0.0.1', 8080)"."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {err.verify_message}"
+    if isinstance(err, ssl.SSLError):
+        return str(err)
+    return os.strerror(err.errno) if err.errno else str(err)
 
 
 def _error_text(body: bytes) -> str:

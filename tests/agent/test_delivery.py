@@ -8,7 +8,6 @@ import pytest
 from aiohttp import web
 
 from capmon.agent import wire
-from capmon.agent.config import ConfigError
 from capmon.agent.delivery import SpoolingSink
 from capmon.agent.spool import Spool, SpoolConfig
 from capmon.agent.transport import TransportConfig
@@ -131,12 +130,3 @@ async def test_stats_count_what_the_spool_holds_and_drops(tmp_path, unused_tcp_p
     assert stats["spool_bytes"] == 3 * size
     assert stats["dead_letter_reports"] == 0
     await sink.close(timeout_s=0)
-
-
-def test_from_config_names_unknown_keys_and_the_file():
-    with pytest.raises(ConfigError, match=r"agent\.toml: \[spool\]: unknown key 'max_size'"):
-        SpoolingSink.from_config(
-            IDENTITY, {"max_size": 1}, {"url": "http://c/api/v1/reports"}, where="agent.toml"
-        )
-    with pytest.raises(ConfigError, match=r"\[transport\].*http"):
-        SpoolingSink.from_config(IDENTITY, {}, {"url": "c:80"}, where="agent.toml")

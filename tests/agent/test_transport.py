@@ -236,6 +236,7 @@ async def test_400_dead_letters_only_the_bad_reports_and_delivers_the_good_ones(
         "spool_reports": 0,
         "spool_bytes": 0,
         "dropped_reports": 0,
+        "lost_windows": 0,
         "dead_letter_reports": 2,
     }
     lines = [json.loads(line) for line in (tmp_path / "spool" / DEAD_LETTER_NAME).read_text().splitlines()]
@@ -302,7 +303,8 @@ async def test_an_unreachable_collector_is_retried_and_nothing_is_lost(spool, un
     transport = make_transport(spool, f"http://127.0.0.1:{unused_tcp_port}/api/v1/reports")
     attempt = await transport.attempt()
     assert attempt.outcome is Outcome.RETRY
-    assert "ClientConnectorError" in attempt.reason
+    # Said as a person would, without aiohttp's "ssl:default" for a plain-http URL.
+    assert attempt.reason == f"cannot connect to http://127.0.0.1:{unused_tcp_port}: Connection refused"
     assert spool.stats()["spool_reports"] == 2
     await transport.close()
 
@@ -388,8 +390,87 @@ async def test_tls_verifies_the_collector_against_the_configured_ca_bundle(
 
     untrusting = make_transport(spool, url)  # the system trust store does not know this CA
     attempt = await untrusting.attempt()
-    assert attempt.outcome is Outcome.RETRY and "Certificate" in attempt.reason
+    assert attempt.outcome is Outcome.RETRY and "certificate verify failed" in attempt.reason
     await untrusting.close()
 
     await run_until_empty(make_transport(spool, url, ca_file=str(cert)))
     assert c.delivered == [1]
+
+
+async def test_reports_stored_before_a_lost_answer_are_never_also_counted_as_dropped(tmp_path, collector):
+    # Issue 11.3: the collector stored a batch, the answer was lost (cut connection), the spool bound
+    # then dropped that batch and counted it: per agent, delivered + dropped exceeded produced.
+    stored: set[int] = set()
+
+    def stored_then_cut(batch: wire.Batch) -> web.StreamResponse:
+        stored.update(r.seq for r in batch.reports)
+        raise ConnectionDropped
+
+    c, url = await collector(stored_then_cut, ok)
+    one = len(
+        wire.encode(
+            wire.Report(
+                seq=1,
+                start=1_700_000_000,
+                end=1_700_000_060,
+                devices=[wire.DeviceWindow(device_id="GPU-0", vendor="nvidia", state="free", free_s=60.0)],
+            )
+        )
+    )
+    spool = Spool.open(SpoolConfig(path=str(tmp_path / "s"), max_bytes=int(one * 3.5)), clock=lambda: NOW)
+    try:
+        fill(spool, 3)
+        transport = make_transport(spool, url)
+        assert (await transport.attempt()).outcome is Outcome.RETRY
+        fill(spool, 3)  # over the bound while 1-3 may be in the store
+        while (await transport.attempt()).outcome is not Outcome.EMPTY:
+            pass
+        stored.update(c.delivered)
+        produced = spool.last_seq
+        dropped = spool.stats()["dropped_reports"]
+        assert (produced, dropped) == (6, 3)
+        assert len(stored) + dropped == produced
+        await transport.close()
+    finally:
+        spool.close()
+
+
+async def test_stopping_with_an_unreachable_collector_tries_once_and_keeps_everything(spool, unused_tcp_port):
+    fill(spool, 3)
+    sleeps = Sleeps()
+    transport = make_transport(spool, f"http://127.0.0.1:{unused_tcp_port}/api/v1/reports", sleeps)
+    transport.finish(retry=False)
+    await transport.run()
+    assert sleeps.calls == []  # nothing to wait for: the spool is durable
+    assert spool.stats()["spool_reports"] == 3
+
+
+async def test_stopping_cuts_a_long_backoff_short(spool, collector):
+    c, url = await collector(status(503, **{"Retry-After": "3000"}))
+    fill(spool, 1)
+    transport = Transport(TransportConfig(url=url), spool, IDENTITY, environ={})  # its real sleep
+    task = asyncio.create_task(transport.run())
+    await c.got_request.wait()
+    await asyncio.sleep(0)
+    transport.finish(retry=False)
+    await asyncio.wait_for(task, 60)  # not the 3000 s the collector asked for
+    assert spool.stats()["spool_reports"] == 1
+
+
+async def test_a_spool_that_cannot_be_written_holds_delivery_without_a_traceback(spool, collector, caplog):
+    c, url = await collector(ok)
+    fill(spool, 2)
+    spool._db.execute("PRAGMA query_only = 1")  # SQLite refuses every write, as on a read-only disk
+    sleeps = Sleeps()
+    transport = make_transport(spool, url, sleeps)
+    for _ in range(3):
+        assert (await transport.attempt()).outcome is Outcome.RETRY
+    transport.finish(retry=False)
+    await transport.run()
+    # Nothing is sent that could not then be taken out of the spool: no resend loop.
+    assert c.received == []
+    assert "Traceback" not in caplog.text and "unexpectedly" not in caplog.text
+    assert caplog.text.count("cannot be written") == 1
+    spool._db.execute("PRAGMA query_only = 0")
+    await run_until_empty(make_transport(spool, url))
+    assert c.delivered == [1, 2]

@@ -1,0 +1,46 @@
+"""`idle-streaks.json` beside the spool: idle streaks and learned memory baselines across restarts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+log = logging.getLogger("capmon.agent")
+
+
+class StreakFile:
+    """Idle streaks and memory baselines kept across agent restarts (a JSON file beside the spool).
+
+    Without it an agent upgrade would turn "idle for three weeks" into "idle for two minutes"
+    fleet-wide. What it holds is trusted only if it was saved recently: an agent that was down for
+    long cannot know what its devices did meanwhile.
+    """
+
+    def __init__(self, path: Path, max_age_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.max_age_s = max_age_s
+        self.clock = clock
+
+    def load(self) -> dict[str, tuple[float | None, int | None]]:
+        try:
+            data = json.loads(self.path.read_text())
+            age = self.clock() - float(data["saved_at"])
+            devices = {str(k): (v[0], v[1]) for k, v in data["devices"].items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            log.warning("ignoring %s: %s", self.path, exc)
+            return {}
+        if not 0 <= age <= self.max_age_s:
+            log.info("idle streaks in %s are %.0fs old: starting them afresh", self.path, age)
+            return {}
+        return devices
+
+    def save(self, devices: Mapping[str, tuple[float | None, int | None]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"saved_at": self.clock(), "devices": devices}))
+        os.replace(tmp, self.path)
