@@ -81,11 +81,6 @@ class AgentConfig:
 _SECTIONS = ("agent", "classifier", "probes", "spool", "transport")
 
 
-def section(cls: type, table: Any, where: Where | str) -> Any:
-    """One section's dataclass from its TOML table (the shared decoder; kept for callers of old)."""
-    return decode(cls, table, where)
-
-
 _KEY = re.compile(wire.KEY_PATTERN)
 
 
