@@ -22,6 +22,7 @@ _MIB = 1024 * 1024
 # npu-smi is killed at this share of the probe's timeout, so the probe (not the agent) reports it.
 _COMMAND_SHARE_OF_TIMEOUT = 0.8
 _RET = re.compile(r"ret is (-?\d+)")
+_UNKNOWN_COLUMN = re.compile(r"unknown column (.+) ignored$")
 # dcmi return codes people meet most, with what to do about them.
 _HINTS = {
     "-8005": "no access to the NPU driver: run the agent as root or as a user in group HwHiAiUser",
@@ -236,7 +237,7 @@ class AscendProbe(Probe):
             util = _working_util(util, extra, age, self._usages_period(len({c.npu_id for c in info.chips})))
         if not chip.understood and (chip.health is None or util is None):
             healthy = False
-            error = "npu-smi info layout not understood: " + "; ".join(info.warnings)[:400]
+            error = _layout_reason(info.warnings)
         return DeviceSample(
             device_id=_device_id(chip.npu_id, chip.chip_id),
             vendor=self.vendor,
@@ -303,6 +304,16 @@ def _working_util(util: float | None, extra: dict[str, float], age_s: float, per
         return util
     activity = max(extra.get("aivector_pct", 0.0), extra.get("hbm_bw_pct", 0.0))
     return activity if activity >= ACTIVE_PCT else util
+
+
+def _layout_reason(warnings: tuple[str, ...]) -> str:
+    """`npu-smi info layout not understood: header 'Card' …; unknown columns 'Card', 'Load(%)'`."""
+    header = next((w for w in warnings if "header" in w), "header not understood")
+    unknown = [m.group(1) for w in warnings if (m := _UNKNOWN_COLUMN.match(w))]
+    reason = f"npu-smi info layout not understood: {header}"
+    if unknown:
+        reason += f"; unknown columns {', '.join(unknown)}"
+    return reason[:400]
 
 
 def _device_id(npu_id: int, chip_id: int) -> str:

@@ -83,8 +83,9 @@ def test_unknown_layout_shows_each_npu_unavailable_naming_the_header(caplog):
         samples = probe.sample()
     assert [s.device_id for s in samples] == ["npu0-chip0", "npu1-chip0"]
     assert all(not s.healthy for s in samples)
-    assert all(
-        "layout not understood" in s.error and "header 'Card' not understood" in s.error for s in samples
+    assert samples[1].error == (
+        "npu-smi info layout not understood: device table header 'Card' not understood; unknown columns"
+        " 'Card', 'Label', 'Watts', 'Celsius', 'Slot', 'Load(%)', 'Frame-Buffer(MB)'"
     )
     assert any("'Card'" in r.getMessage() for r in caplog.records)
 
