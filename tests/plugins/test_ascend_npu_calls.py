@@ -176,7 +176,9 @@ def test_usages_travel_as_extra_fields_with_their_age():
 
 
 def test_bad_usages_interval_is_a_config_error_naming_the_key():
-    with pytest.raises(ValueError, match="usages_interval_s"):
+    with pytest.raises(
+        ValueError, match=r"\[probes.ascend\]: usages_interval_s must be 0 \(off\) or a number of seconds"
+    ):
         config_from_mapping(AscendConfig, {"usages_interval_s": -1.0}, "agent.toml: [probes.ascend]")
 
 
