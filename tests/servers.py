@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["InfluxdServer", "VictoriaMetricsServer", "influxd", "victoria_metrics"]
+__all__ = ["InfluxdServer", "VictoriaMetricsServer", "influxd", "influxd_small_tags", "victoria_metrics"]
 
 _INSTALL_HINT = "apt-get install influxdb victoria-metrics"
 
@@ -121,7 +121,7 @@ class InfluxdServer(_Process):
     name = "influxd"
     health_path = "/ping"
 
-    def __init__(self, workdir: Path, binary: str) -> None:
+    def __init__(self, workdir: Path, binary: str, max_values_per_tag: int = 100_000) -> None:
         super().__init__(workdir)
         self.binary = binary
         self.rpc_port = free_port()
@@ -136,6 +136,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
   dir = "{workdir}/data"
   wal-dir = "{workdir}/wal"
   query-log-enabled = false
+  max-values-per-tag = {max_values_per_tag}
 [coordinator]
 [retention]
   enabled = false
@@ -241,6 +242,15 @@ class VictoriaMetricsServer(_Process):
 def influxd(tmp_path_factory: pytest.TempPathFactory):
     """A running InfluxDB 1.x; the object can `stop()`, `start()` and `restart()` on the same data dir."""
     server = InfluxdServer(tmp_path_factory.mktemp("influxd"), _find("influxd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def influxd_small_tags(tmp_path_factory: pytest.TempPathFactory):
+    """InfluxDB 1.x with `max-values-per-tag = 20`: a store whose series one agent could exhaust."""
+    server = InfluxdServer(tmp_path_factory.mktemp("influxd-small"), _find("influxd"), max_values_per_tag=20)
     server.start()
     yield server
     server.stop()
