@@ -45,8 +45,9 @@ class ClassifierConfig:
     #   than `busy_grace_pct` % of the last `busy_grace_s` seconds: a 3 s health check every few
     #   minutes, or one blip of up to half the period, keeps the streak;
     # - an idle streak starts only once the device was idle for at least `idle_grace_pct` % of the
-    #   last `idle_grace_s` seconds, and then dates back to the first idle moment of that period: a
-    #   5 s data-loader stall per minute, or 10 s between 50 s requests, never starts one.
+    #   last `idle_grace_s` seconds (time before the agent first saw it does not count against it),
+    #   and then dates back to the first idle moment of that period: a 5 s data-loader stall per
+    #   minute, or 10 s between 50 s requests, never starts one.
     # `state_since` (time in the current state) follows the same rule: a run of a state survives
     # other states for up to `busy_grace_pct` % of the last `busy_grace_s` (a 1 s blip does not reset
     # "allocated_idle since"), and a new state's run starts at its first tick. A streak or run
@@ -325,17 +326,7 @@ class IdleClassifier:
         a = self._clock(t, mono)
         devices = list(devices)
         by_id = {d.device_id: d for d in devices}
-        parents = {d.parent_id for d in devices if d.parent_id}
-        counted: list[DeviceSample] = []
-        for d in devices:
-            if d.device_id in parents:
-                continue
-            parent = by_id.get(d.parent_id) if d.parent_id else None
-            if parent is not None and not parent.healthy and d.healthy:
-                # A MIG instance of a GPU that needs a reset (row remap pending, fatal XID) runs nothing.
-                error = f"parent GPU {parent.device_id} unhealthy: {parent.error or 'unhealthy'}"
-                d = dataclasses.replace(d, healthy=False, error=error)
-            counted.append(d)
+        counted = self.counted(devices)
         listed = {d.device_id for d in counted}
         for device_id in self._listed.get(probe, set()) - listed:
             track = self._tracks.get(device_id)
@@ -351,6 +342,26 @@ class IdleClassifier:
         self._listed[probe] = listed
         for d in counted:
             self._observe(a, t, d)
+
+    @staticmethod
+    def counted(devices: Iterable[DeviceSample]) -> list[DeviceSample]:
+        """The devices of one probe's listing that are capacity: a GPU split into MIG instances
+        counts only through its instances, and they inherit its health. `capmon agent probe`
+        classifies these, so it says what the agent reports."""
+        devices = list(devices)
+        by_id = {d.device_id: d for d in devices}
+        parents = {d.parent_id for d in devices if d.parent_id}
+        counted: list[DeviceSample] = []
+        for d in devices:
+            if d.device_id in parents:
+                continue
+            parent = by_id.get(d.parent_id) if d.parent_id else None
+            if parent is not None and not parent.healthy and d.healthy:
+                # A MIG instance of a GPU that needs a reset (row remap pending, fatal XID) runs nothing.
+                error = f"parent GPU {parent.device_id} unhealthy: {parent.error or 'unhealthy'}"
+                d = dataclasses.replace(d, healthy=False, error=error)
+            counted.append(d)
+        return counted
 
     def observe(self, t: float, sample: DeviceSample, mono: float | None = None) -> Observation:
         """Record one sample taken at `t` (wall seconds; `mono` on the accounting clock); its instant state."""
@@ -447,7 +458,10 @@ class IdleClassifier:
                 track.idle_since = None
         if track.idle_since is None and state in IDLE_STATES:
             lo = a - cfg.idle_grace_s
-            if track.seconds(a, cfg.idle_grace_s, IDLE_STATES) >= cfg.idle_grace_s * cfg.idle_grace_pct / 100:
+            # Busy or unavailable for at most the rest of the period: time before the agent first saw
+            # the device is no evidence of work, so a device idle from its first tick is idle at once.
+            allowed = cfg.idle_grace_s * (100 - cfg.idle_grace_pct) / 100
+            if track.seconds(a, cfg.idle_grace_s, IDLE_STATES, inside=False) <= allowed:
                 starts = [s for s, e, st in track.history if st in IDLE_STATES and e > lo]
                 track.idle_since = starts[0] if starts else a
         for s, since in list(track.runs.items()):
@@ -544,8 +558,9 @@ class IdleClassifier:
 
     def remember(self) -> dict[str, tuple[float | None, int | None, str | None, float | None]]:
         """What must survive an agent restart, per device: idle streak start, learned baseline,
-        state and since when (wall seconds). Devices restored but not seen again yet are kept."""
-        saved = dict(self._restored)
+        state and since when (wall seconds). Only devices seen since the restart: one that never
+        came back must not be carried from file to file for ever."""
+        saved = {}
         for d, t in self._tracks.items():
             state = t.last_state
             since = t.runs.get(state) if state is not None else None

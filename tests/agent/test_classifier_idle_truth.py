@@ -423,3 +423,24 @@ def test_a_notebook_holding_hbm_at_zero_percent_never_teaches_the_baseline():
     windows, _ = windows_of(c, [(3600, notebook)])
     assert {w.state for w in windows} == {"allocated_idle"}
     assert c.remember()["npu0-chip0"][1] is None
+
+
+def test_the_cli_view_of_a_listing_counts_what_the_agent_reports():
+    sick = parent_gpu(healthy=False, error="needs a reset")
+    counted = IdleClassifier.counted([sick, mig(0), mig(1)])
+    assert [d.device_id for d in counted] == ["MIG-GPU-P-0", "MIG-GPU-P-1"]
+    assert {IdleClassifier().classify(d).state for d in counted} == {"unavailable"}
+
+
+def test_a_device_that_never_came_back_after_a_restart_is_not_saved_again():
+    c = IdleClassifier()
+    c.restore({"GPU-gone": [T0, None, "free", T0], "GPU-0": [T0, None]})
+    c.observe(T0 + 10, IDLE)
+    assert set(c.remember()) == {"GPU-0"}
+
+
+def test_a_device_idle_from_its_first_tick_is_idle_at_once():
+    # Time before the agent first saw it is no evidence of work: no grace to wait out.
+    c = IdleClassifier()
+    windows, _ = windows_of(c, [(5, IDLE)], window=5)
+    assert windows[0].idle_since == T0 and windows[0].state_since == T0
