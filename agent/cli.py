@@ -256,10 +256,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             received.append(signum)
             name = signal.Signals(signum).name
             if len(received) == 1:
-                log.info("%s: stopping (%s again exits at once; spooled windows are kept)", name, name)
                 request_stop = getattr(agent, "request_stop", None)
                 if callable(request_stop):
-                    request_stop()
+                    request_stop()  # logs "stopping: …" itself
+                else:
+                    log.info("%s: stopping (%s again exits at once; spooled windows are kept)", name, name)
                 stop.set()
                 return
             # The spool is durable (fsynced SQLite): exiting now loses nothing that was kept.
