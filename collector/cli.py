@@ -79,7 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         run(config)
     except OSError as exc:  # the listening socket: port in use, no permission, unknown address
-        reason = exc.strerror.lower() if exc.strerror else (str(exc) or type(exc).__name__)
+        # asyncio's message restates the address: the errno's text alone, as `ss` would say it.
+        reason = os.strerror(exc.errno).lower() if exc.errno else (str(exc) or type(exc).__name__)
         host, port = config.collector.host, config.collector.port
         print(f"capmon collector: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
         return 1
