@@ -101,6 +101,7 @@ def time_calls(fn: Callable[[], object], seconds: float = 0.5, min_calls: int = 
 
 def probe_rows() -> list[Row]:
     from capmon.plugins.ascend import AscendProbe, parse_npu_smi_info
+    from capmon.plugins.ascend.probe import AscendConfig
     from capmon.plugins.host.probe import HostProbe
     from capmon.plugins.mock.probe import MockConfig, MockProbe
 
@@ -117,7 +118,8 @@ def probe_rows() -> list[Row]:
     tables = [p for p in fixtures.glob("*.txt") if parse_npu_smi_info(p.read_text()).chips]
     largest = max(tables, key=lambda p: p.stat().st_size)
     text = largest.read_text()
-    ascend = AscendProbe(run=lambda argv, timeout_s: (0, text, ""))
+    # The table alone: per-NPU `-t` calls are measured by benchmarks/ascend_parse.py.
+    ascend = AscendProbe(AscendConfig(usages_interval_s=0), run=lambda argv, timeout_s: (0, text, ""))
     ascend.setup()
     chips = len(ascend.sample())
     rows.append(

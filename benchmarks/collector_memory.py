@@ -56,7 +56,7 @@ def child(mode: str, devices: int) -> None:
         view, count = fill(devices)
         gc.collect()
         grown = proc.memory_info().rss - before
-    print(json.dumps({"bytes": grown, "devices": count, "agents": len(view.agents)}))  # type: ignore[attr-defined]
+    print(json.dumps({"bytes": grown, "devices": count, "agents": len(view.by_id)}))  # type: ignore[attr-defined]
 
 
 def measure(mode: str, devices: int) -> dict:
