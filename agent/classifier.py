@@ -42,8 +42,9 @@ class ClassifierConfig:
     # The grace works in both directions, each over a sliding period (not an unbroken run, so
     # repeated short idleness inside busy work never adds up to an idle streak):
     # - a running idle streak (`idle_since`) ends when the device was busy or unavailable for more
-    #   than `busy_grace_pct` % of the last `busy_grace_s` seconds: a 3 s health check every few
-    #   minutes, or one blip of up to half the period, keeps the streak;
+    #   than `busy_grace_pct` % of the last `busy_grace_s` seconds (30 of 120 s): a 3 s health check
+    #   every few minutes, or one blip of up to 30 s, keeps the streak; work with idle gaps (bursty
+    #   inference, 10 s of every 30) ends it;
     # - an idle streak starts only once the device was idle for at least `idle_grace_pct` % of the
     #   last `idle_grace_s` seconds (time before the agent first saw it does not count against it),
     #   and then dates back to the first idle moment of that period: a 5 s data-loader stall per
@@ -52,8 +53,8 @@ class ClassifierConfig:
     # other states for up to `busy_grace_pct` % of the last `busy_grace_s` (a 1 s blip does not reset
     # "allocated_idle since"), and a new state's run starts at its first tick. A streak or run
     # restored after an agent restart is subject to the same rule as a live one.
-    busy_grace_s: float = 60.0
-    busy_grace_pct: float = 50.0
+    busy_grace_s: float = 120.0
+    busy_grace_pct: float = 25.0
     idle_grace_s: float = 30.0
     idle_grace_pct: float = 90.0
     # Busy but doing nothing (an NCCL hang, a spin-wait): GPU utilisation at or above

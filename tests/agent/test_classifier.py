@@ -35,7 +35,8 @@ def run(classifier, trace, t0=1_000_000_000):
 
 
 def test_busy_blip_within_grace_keeps_the_idle_streak():
-    c = IdleClassifier(ClassifierConfig(busy_util_pct=10, busy_grace_s=60))
+    # Default grace: busy for up to 30 of the last 120 s keeps the streak.
+    c = IdleClassifier(ClassifierConfig(busy_util_pct=10))
     t0 = 1_000_000_000
     end = run(c, [(100, gpu(util=0)), (30, gpu(util=80, processes=1)), (50, gpu(util=0))], t0)
     [w] = c.close_window(t0, end)
@@ -46,7 +47,7 @@ def test_busy_blip_within_grace_keeps_the_idle_streak():
 
 
 def test_busy_longer_than_grace_ends_the_streak():
-    c = IdleClassifier(ClassifierConfig(busy_util_pct=10, busy_grace_s=60))
+    c = IdleClassifier(ClassifierConfig(busy_util_pct=10))
     t0 = 1_000_000_000
     end = run(c, [(100, gpu(util=0)), (90, gpu(util=80, processes=1)), (20, gpu(util=0))], t0)
     [w] = c.close_window(t0, end)

@@ -444,3 +444,25 @@ def test_a_device_idle_from_its_first_tick_is_idle_at_once():
     c = IdleClassifier()
     windows, _ = windows_of(c, [(5, IDLE)], window=5)
     assert windows[0].idle_since == T0 and windows[0].state_since == T0
+
+
+@pytest.mark.parametrize("profile", ["inference", "training"])
+def test_the_mock_busy_profiles_are_never_idle_for_long(profile):
+    # The mock `inference` profile (10 s bursts every 30 s, process resident) was "idle for 60 min"
+    # after an hour, through the real probe.
+    from capmon.plugins.mock import MockConfig, MockProbe
+
+    now = [float(T0)]
+    probe = MockProbe(MockConfig(devices=1, profiles=(profile,)), clock=lambda: now[0])
+    probe.setup()
+    c = IdleClassifier()
+    longest = 0
+    for _window in range(60):
+        for _ in range(60):
+            c.observe_probe("mock", now[0], probe.sample())
+            now[0] += 1
+        [w] = c.close_window(now[0] - 60, now[0])
+        if w.idle_since is not None:
+            longest = max(longest, now[0] - w.idle_since)
+    assert longest <= 120  # at most a first tick in a gap, until the bursts end it
+    assert w.idle_since is None
