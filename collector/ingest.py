@@ -106,20 +106,14 @@ class IngestLimits:
     @classmethod
     def from_config(cls, config: Config) -> IngestLimits:
         c = config.collector
-        # Options the config loader may not carry yet fall back to the defaults above.
-        d = cls()
-
-        def opt(name: str) -> Any:
-            return getattr(c, name, getattr(d, name))
-
         return cls(
             max_body_bytes=c.max_body_bytes,
             max_decoded_bytes=c.max_decoded_bytes,
             max_device_windows=c.max_device_windows,
-            max_inflight_decoded_bytes=opt("max_inflight_decoded_bytes"),
-            body_read_timeout_s=opt("body_read_timeout_s"),
-            max_devices_per_agent=opt("max_devices_per_agent"),
-            max_values_per_agent=opt("max_values_per_agent"),
+            max_inflight_decoded_bytes=c.max_inflight_decoded_bytes,
+            body_read_timeout_s=c.body_read_timeout_s,
+            max_devices_per_agent=c.max_devices_per_agent,
+            max_values_per_agent=c.max_values_per_agent,
             # Never looser than the wire: an agent cannot have produced more.
             max_labels=min(c.max_labels, wire.MAX_LABELS),
             max_label_value_len=min(c.max_label_value_len, wire.MAX_LABEL_VALUE_LEN),
@@ -127,7 +121,7 @@ class IngestLimits:
             max_past_s=c.max_past_s,
             max_window_s=min(c.max_window_s, float(wire.MAX_WINDOW_S)),
             label_keys=c.label_keys,
-            refusal_write_interval_s=opt("refusal_write_interval_s"),
+            refusal_write_interval_s=c.refusal_write_interval_s,
         )
 
 
