@@ -92,7 +92,9 @@ def test_no_pricing_writes_no_idle_value():
 def test_same_lines_as_without_pricing_apart_from_idle_value():
     data = mixed_batch()
     plain = batch_lines(msgspec.convert(data, Batch), LABEL_KEYS)
-    priced = batch_lines(msgspec.convert(data, Batch), LABEL_KEYS, Pricing(PricingConfig(default=1.0)).for_device)
+    priced = batch_lines(
+        msgspec.convert(data, Batch), LABEL_KEYS, Pricing(PricingConfig(default=1.0)).for_device
+    )
     assert [re.sub(r",idle_value=[^, ]+", "", line) for line in priced] == plain
 
 

@@ -297,7 +297,9 @@ async def test_one_request_with_more_lines_than_max_pending_lines_is_413(aiohttp
             "ghost_s",
         ),
         (
-            report(devices=[device(state="allocated_idle", allocated_idle_s=30.0, busy_s=30.0, ghost_s=45.0)]),
+            report(
+                devices=[device(state="allocated_idle", allocated_idle_s=30.0, busy_s=30.0, ghost_s=45.0)]
+            ),
             "$.reports[0].devices[0].ghost_s",
             "cannot exceed",
         ),
