@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +78,9 @@ class Probe:
     default_timeout_s: ClassVar[float] = 5.0
     # Probes with `auto = False` (the mock) run only when the configuration asks for them.
     auto: ClassVar[bool] = True
+    # Seconds after `setup()` before a sample has every field (a rate needs two readings):
+    # `capmon agent probe` waits this long before its one sample.
+    warmup_s: ClassVar[float] = 0.0
 
     def __init__(self, config: ProbeConfig | None = None, **boundary: Any) -> None:
         self.config = config if config is not None else self.Config()
@@ -103,35 +105,12 @@ class Probe:
 
 
 def config_from_mapping(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """Build a frozen config dataclass from a TOML table; unknown keys and wrong types are errors naming `where`."""
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{where}: expected a table, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for key, value in values.items():
-        default = fields[key].default
-        if isinstance(value, list):
-            value = tuple(value)
-        if default is not dataclasses.MISSING and default is not None:
-            wrong = (
-                (isinstance(default, tuple) and not isinstance(value, tuple))
-                or isinstance(default, bool) != isinstance(value, bool)
-                or (isinstance(default, (int, float)) and not isinstance(value, (int, float)))
-                or (isinstance(default, str) and not isinstance(value, str))
-            )
-            if wrong:
-                expected = "a list" if isinstance(default, tuple) else type(default).__name__
-                raise ValueError(f"{where}: {key} must be {expected}, got {value!r}")
-            if isinstance(default, float) and isinstance(value, int):
-                value = float(value)
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {exc}") from exc
+    """Build a frozen config dataclass from a TOML table: the one loader of `capmon.agent.configfile`,
+    so a probe's options are checked and worded like every other section (raises its `ConfigError`,
+    a `ValueError`)."""
+    from capmon.agent.configfile import decode
+
+    return decode(cls, values, where)
 
 
 class CommandRunner(Protocol):

@@ -206,7 +206,7 @@ def test_a_misspelt_probe_name_is_a_startup_error():
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("[probes.nvml]\nfatal_xids = 79\n", r"\[probes.nvml\]: fatal_xids must be a list, got 79"),
+        ("[probes.nvml]\nfatal_xids = 79\n", r"\[probes.nvml\] fatal_xids: must be a list, got 79"),
         (
             '[classifier]\nmemory_baseline_mib = { "910B3" = "3400" }\n',
             r"\[classifier\] memory_baseline_mib.910B3: must be a number, got '3400'",

@@ -78,7 +78,7 @@ def test_unknown_probe_or_option_is_a_startup_error(plugin_dir):
     registry = ProbeRegistry(eps(mock="capmon.plugins.mock"))
     with pytest.raises(ValueError, match="unknown probe 'mokc'"):
         registry.activate(enable=["mokc"], where="agent.toml")
-    with pytest.raises(ValueError, match=r"agent.toml: \[probes.mock\]: unknown key 'devcies'"):
+    with pytest.raises(ValueError, match=r"agent.toml: \[probes.mock\]: unknown key 'probes.mock.devcies' \(known: "):
         registry.activate(enable=["mock"], options={"mock": {"devcies": 3}}, where="agent.toml")
 
 
