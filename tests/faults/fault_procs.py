@@ -190,18 +190,23 @@ class AgentProc(_Child):
         max_bytes: int = 64 * 1024 * 1024,
         batch_reports: int = 100,
         timeout_s: float = 5.0,
+        window_s: int = 1,
+        spool_dir: Path | None = None,
+        clock_offset_s: float = 0.0,
     ) -> None:
         self.agent_id = f"fault-{index}"
         super().__init__(self.agent_id, workdir)
-        self.spool_dir = workdir / f"spool-{index}"
+        self.spool_dir = spool_dir or workdir / f"spool-{index}"
         self.max_bytes = max_bytes
+        self.window_s = window_s
+        self.clock_offset_s = clock_offset_s
         self.config_path = workdir / f"{self.agent_id}.toml"
         self.config_path.write_text(
             f"""
 [agent]
 id = "{self.agent_id}"
 host = "fault-host-{index}"
-window_s = 1
+window_s = {window_s}
 shutdown_timeout_s = 10.0
 [transport]
 url = "{ingest_url}"
@@ -225,6 +230,15 @@ interval_s = 0.2
         self.starts = 0
 
     def argv(self) -> list[str]:
+        if self.clock_offset_s:
+            # The agent's own clock off by this much: time.time is replaced before capmon is imported,
+            # so every default `clock=time.time` is the skewed one.
+            code = (
+                "import sys, time; real = time.time; "
+                f"time.time = lambda: real() + {self.clock_offset_s!r}; "
+                "from capmon.agent.cli import main; sys.exit(main(sys.argv[1:]))"
+            )
+            return [sys.executable, "-c", code, "agent", "run", "--config", str(self.config_path)]
         return [CAPMON, "agent", "run", "--config", str(self.config_path)]
 
     def start(self, timeout: float = 20.0) -> None:
@@ -270,6 +284,7 @@ interval_s = 0.2
             instance=meta["instance"],
             last_seq=meta["last_seq"],
             dropped=meta["dropped"],
+            lost=meta.get("lost", 0),
             dead_lettered=meta["dead_lettered"],
             waiting=waiting,
             report_bytes=report_bytes,
@@ -282,6 +297,7 @@ class SpoolState:
     instance: str
     last_seq: int
     dropped: int
+    lost: int
     dead_lettered: int
     waiting: list[int]
     report_bytes: int
@@ -296,6 +312,8 @@ class Landed:
     seq_at: dict[int, int] = field(default_factory=dict)  # seq → timestamp (s)
     seq_rows: int = 0  # capmon_agent points (one per stored report timestamp)
     dropped_reported: int = 0  # dropped_reports in the newest point
+    lost_reported: int | None = None  # lost_windows in the newest point (None: the store has no such field)
+    window_s_at: dict[int, float] = field(default_factory=dict)  # timestamp → window_s of the point
     devices_expected: int = 0  # Σ `devices` over the report points
     device_points: int = 0
     device_times_outside: int = 0  # capmon_device timestamps without a report point
@@ -320,16 +338,20 @@ class Landed:
 def landed(influxd: InfluxdServer, db: str, agent_id: str) -> Landed:
     out = Landed(agent_id)
     rows = influxd.rows(
-        f"SELECT seq, devices, dropped_reports FROM capmon_agent WHERE probe = '' AND agent = '{agent_id}'",
+        "SELECT seq, devices, dropped_reports, lost_windows, window_s FROM capmon_agent"
+        f" WHERE probe = '' AND agent = '{agent_id}'",
         db,
     )
     out.seq_rows = len(rows)
     for row in rows:
         out.seq_at[int(row["seq"])] = int(row["time"])
+        out.window_s_at[int(row["time"])] = row["window_s"]
         out.devices_expected += int(row["devices"] or 0)
     if rows:
         newest = max(rows, key=lambda r: r["time"])
         out.dropped_reported = int(newest["dropped_reports"] or 0)
+        lost = [r["lost_windows"] for r in rows if r.get("lost_windows") is not None]
+        out.lost_reported = int(newest.get("lost_windows") or 0) if lost else None
     times = set(out.seq_at.values())
     device_rows = influxd.rows(f"SELECT window_s FROM capmon_device WHERE agent = '{agent_id}'", db)
     out.device_points = len(device_rows)
