@@ -67,9 +67,10 @@ class SpoolConfig:
     # `StateDirectory=capmon` makes /var/lib/capmon writable for the agent.
     path: str = "/var/lib/capmon/spool"
     # Most report bytes (encoded JSON, before gzip) kept while the collector is unreachable. The oldest
-    # reports are dropped first, and counted, when a new one would exceed it. 256 MiB holds
-    # about 100,000 windows of an 8-GPU host (~2.6 kB each): ten weeks of 60 s windows, so `max_age_s`
-    # binds first; it matters for hosts with hundreds of devices. The database file may be somewhat larger
+    # reports are dropped first, and counted, when a new one would exceed it. An 8-GPU host's window
+    # is 2.6-3.3 kB (3.3 kB measured with the mock probe's 8 devices), so 256 MiB holds 80,000-100,000
+    # windows: about two months of 60 s windows. `max_age_s` (7 days) binds first; `max_bytes` matters
+    # for hosts with hundreds of devices. The database file may be somewhat larger
     # (SQLite page overhead); freed pages are reused, so it does not grow past its high-water mark.
     max_bytes: int = 256 * MiB
     # Reports older than this (by the agent's clock when they were spooled) are dropped, and counted:
