@@ -126,12 +126,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
             errors[probe] = error
         if host is not None:
             host_record = {"host": config.host, **{k: getattr(host, k) for k in host.__slots__}}
-        for d in devices:
+        # What the agent would report: a MIG parent only through its instances, which share its health.
+        for d in IdleClassifier.counted(devices):
             obs = classifier.classify(d)
             rec = {"probe": probe, "state": obs.state}
             rec.update({k: getattr(d, k) for k in d.__slots__})
             rec["extra"], rec["info"] = dict(d.extra), dict(d.info)
-            rec["util_unknown"], rec["ghost"], rec["why"] = obs.util_unknown, obs.ghost, obs.reason
+            rec["util_unknown"], rec["ghost"], rec["spin"] = obs.util_unknown, obs.ghost, obs.spin
+            rec["why"] = obs.reason
             records.append(rec)
     not_running = {s.name: f"{s.status}: {s.reason}" for s in statuses if s.status != "active"}
     if args.json:

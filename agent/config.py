@@ -115,7 +115,7 @@ def _check_agent(agent: AgentSection, where: Where) -> None:
 
 
 def _check_classifier(classifier: ClassifierConfig, where: Where) -> None:
-    for name in ("memory_baseline_mib", "memory_baseline_pct"):
+    for name in ("memory_baseline_mib", "memory_idle_mib", "memory_baseline_pct"):
         for key, value in getattr(classifier, name).items():
             if value < 0:
                 raise where.child(name).child(key).error(f"must be ≥ 0, got {value}")

@@ -174,7 +174,7 @@ def test_a_mig_parent_is_not_counted_beside_its_instances():
     agent._on_samples("nvml", 1_000_000_000, [parent, *instances], None)
     windows = agent.classifier.close_window(1_000_000_000, 1_000_000_060)
     assert sorted(w.device_id for w in windows) == ["MIG-0", "MIG-1", "MIG-2"]
-    assert {w.device_id: w.state for w in windows} == {"MIG-0": "free", "MIG-1": "busy", "MIG-2": "free"}
+    assert {w.device_id: w.state for w in windows} == {"MIG-0": "free", "MIG-1": "allocated_idle", "MIG-2": "free"}
 
 
 async def test_strings_beyond_the_wire_limits_are_mended_not_sent():

@@ -111,7 +111,7 @@ def storage_schema() -> Schema:
     )
     identity = wire.AgentIdentity(id="a", host="h", version="1.0", labels={k: "v" for k in LABEL_KEYS})
     schema = Schema()
-    price = Pricing(PricingConfig(default=1.0)).price  # so that `idle_value` is written
+    price = Pricing(PricingConfig(default=1.0)).for_device  # so that `idle_value` is written
     for line in batch_lines(wire.Batch(agent=identity, reports=[report]), LABEL_KEYS, price):
         series, fieldset, _ts = _split_unescaped(line, " ")
         measurement, *tags = _split_unescaped(series, ",")
