@@ -84,7 +84,14 @@ class ClassifierConfig:
     # Ascend holds HBM with no workload: about 3 GB of 32, 4 of 64, 4.8 of 96 (910B parts;
     # recorded fixtures: 910B3 3.4 of 64 GB, 910B4 2.8 of 32). 910A/910ProB idle near 0: learned.
     memory_idle_mib: Mapping[str, float] = field(
-        default_factory=lambda: {"ascend@32": 3072.0, "ascend@64": 4096.0, "ascend@96": 4915.0}
+        default_factory=lambda: {
+            "ascend@32": 3072.0,
+            "ascend@64": 4096.0,
+            "ascend@96": 4915.0,
+            # By model too, so a part is known whoever reports it (the mock simulates 910B3s under
+            # vendor "mock"); the same figure as its size class.
+            "910B3": 4096.0,
+        }
     )
     memory_baseline_pct: Mapping[str, float] = field(default_factory=lambda: {"ascend": 8.0})
     learn_quiet_s: float = 600.0
