@@ -106,11 +106,17 @@ def report_lines(
         if d.parent_id:
             line += (",parent=", escape_tag(d.parent_id))
         idle_s = d.allocated_idle_s + d.free_s
+        # GPU-equivalents: a MIG instance counts as its share of the GPU, so sums over devices
+        # never count one GPU several times.
+        fraction = float(d.fraction) if d.fraction is not None else 1.0
         line.append(
             f' state="{d.state}",state_code={STATE_CODE[d.state]!r},window_s={window!r}'
             f",busy_s={float(d.busy_s)!r},allocated_idle_s={float(d.allocated_idle_s)!r}"
             f",free_s={float(d.free_s)!r},unavailable_s={float(d.unavailable_s)!r}"
-            f",idle_s={float(idle_s)!r},ghost_s={float(d.ghost_s)!r}"
+            f",idle_s={float(idle_s)!r},ghost_s={float(d.ghost_s)!r},spin_s={float(d.spin_s)!r}"
+            f",gpu_fraction={fraction!r},idle_gpu_s={idle_s * fraction!r}"
+            f",allocated_idle_gpu_s={d.allocated_idle_s * fraction!r}"
+            f",tracked_gpu_s={(d.busy_s + idle_s + d.unavailable_s) * fraction!r}"
         )
         if price is not None:
             value_per_hour = price(d)
@@ -136,8 +142,14 @@ def report_lines(
             line.append(
                 f",idle_since={float(d.idle_since)!r},idle_for_s={float(max(0, ts - d.idle_since))!r}"
             )
+        if d.state_since is not None:
+            line.append(
+                f",state_since={float(d.state_since)!r},in_state_s={float(max(0, ts - d.state_since))!r}"
+            )
         if d.error:
             line += (",error=", string_field(d.error))
+        if d.reason:
+            line += (",reason=", string_field(d.reason))
         if d.extra:
             for key, value in d.extra.items():
                 line.append(f",extra_{field_key(key)}={float(value)!r}")
@@ -171,7 +183,7 @@ def report_lines(
         fields.append(
             f"uptime_s={float(a.uptime_s)!r},spool_reports={float(a.spool_reports)!r}"
             f",spool_bytes={float(a.spool_bytes)!r},dropped_reports={float(a.dropped_reports)!r}"
-            f",dead_letter_reports={float(a.dead_letter_reports)!r}"
+            f",dead_letter_reports={float(a.dead_letter_reports)!r},lost_windows={float(a.lost_windows)!r}"
         )
     if agent_fields:
         fields.append(agent_fields)

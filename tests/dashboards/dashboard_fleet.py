@@ -88,7 +88,10 @@ def storage_schema() -> Schema:
         temp_max_c=4.0,
         processes=0,
         idle_since=1_760_000_000,
+        state_since=1_760_000_000,
+        fraction=1 / 7,
         error="x",
+        reason="y",
     )
     report = wire.Report(
         seq=1,
