@@ -116,7 +116,7 @@ def report_lines(
             f",idle_s={float(idle_s)!r},ghost_s={float(d.ghost_s)!r},spin_s={float(d.spin_s)!r}"
             f",gpu_fraction={fraction!r},idle_gpu_s={idle_s * fraction!r}"
             f",allocated_idle_gpu_s={d.allocated_idle_s * fraction!r}"
-            f",tracked_gpu_s={(d.busy_s + idle_s + d.unavailable_s) * fraction!r}"
+            f",window_gpu_s={(d.busy_s + idle_s + d.unavailable_s) * fraction!r}"
         )
         if price is not None:
             value_per_hour = price(d)
