@@ -16,6 +16,17 @@ class ProbeUnavailable(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Holder:
+    """A process the vendor tool sees on a device: its PID (in the host's PID namespace as the
+    driver reports it), the device memory it uses when the tool says, and its name when the tool
+    prints one (npu-smi does; NVML does not)."""
+
+    pid: int
+    memory_bytes: int | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceSample:
     """One device at one instant. Units are in the names; `None` means unknown, never a made-up 0."""
 
@@ -36,6 +47,9 @@ class DeviceSample:
     extra: Mapping[str, float] = field(default_factory=dict)
     # Static identity for people (e.g. `bus_id`, `serial`); shown by the CLI, never used as a tag.
     info: Mapping[str, str] = field(default_factory=dict)
+    # The processes the vendor tool lists on the device; None when the probe cannot tell (never a
+    # guessed empty tuple). `processes` is their count where both are known.
+    holders: tuple[Holder, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

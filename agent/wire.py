@@ -32,6 +32,7 @@ MAX_INFO = 16
 MAX_DEVICES_PER_REPORT = 4096
 MAX_REPORTS_PER_BATCH = 1000
 MAX_PROBES = 64
+MAX_HOLDERS = 32
 MAX_COUNT = 1_000_000
 MAX_WINDOW_S = 86_400
 # State seconds may exceed the window by this much (sample-and-hold rounding, a late tick).
@@ -65,6 +66,34 @@ Fraction = Annotated[float, Meta(gt=0, le=1)]
 
 class _Record(msgspec.Struct, kw_only=True, omit_defaults=True):
     pass
+
+
+class HolderWindow(_Record, kw_only=True):
+    """Who held a device during a window: a process (resolved from /proc on the agent's host) or a
+    scheduler's allocation. Identities only; never a command line or an environment."""
+
+    # "process" for a process the vendor tool listed; else the allocation source's name
+    # ("kubernetes", "slurm").
+    source: Identifier = "process"
+    pid: Annotated[int, Meta(ge=0, le=2**31)] | None = None
+    user: Name | None = None
+    uid: Annotated[int, Meta(ge=0, le=2**32)] | None = None
+    # The process name (`/proc/<pid>/comm`, or the vendor tool's name), never the command line.
+    command: Name | None = None
+    # docker, containerd, crio, podman, lxc, slurm, systemd-session, systemd-service.
+    runtime: Identifier | None = None
+    container_id: Identifier | None = None
+    pod_uid: Identifier | None = None
+    namespace: Name | None = None
+    pod: Name | None = None
+    container: Name | None = None
+    slurm_job_id: Identifier | None = None
+    partition: Name | None = None
+    memory_bytes: Bytes | None = None
+    # Seconds of the window the holder was seen on the device (sample-and-hold, like state seconds).
+    held_s: Seconds = 0.0
+    # Start of the holding as far as the agent knows (unix seconds): process start, allocation time.
+    since: Timestamp | None = None
 
 
 class DeviceWindow(_Record, kw_only=True):
@@ -106,6 +135,10 @@ class DeviceWindow(_Record, kw_only=True):
     reason: Text | None = None
     extra: Annotated[dict[FieldName, Finite], Meta(max_length=MAX_EXTRA)] = {}
     info: Annotated[dict[FieldName, Text], Meta(max_length=MAX_INFO)] = {}
+    # Who held the device in the window, most memory / longest held first; at most MAX_HOLDERS,
+    # the rest counted in `holders_omitted`. Absent: the probe cannot tell who holds it.
+    holders: Annotated[list[HolderWindow], Meta(max_length=MAX_HOLDERS)] | None = None
+    holders_omitted: Count = 0
 
 
 class HostWindow(_Record, kw_only=True):
@@ -240,6 +273,11 @@ def check_report(report: Report, where: str = "$") -> tuple[str, str] | None:
             return "idle_since after the window's end", f"{dw}.idle_since"
         if d.state_since is not None and d.state_since > report.end + slack:
             return "state_since after the window's end", f"{dw}.state_since"
+        for k, h in enumerate(d.holders or ()):
+            if h.held_s > window + slack:
+                return f"held_s exceeds the {window}s window", f"{dw}.holders[{k}].held_s"
+            if h.source == "process" and h.pid is None:
+                return "a process holder needs its pid", f"{dw}.holders[{k}].pid"
     return None
 
 
