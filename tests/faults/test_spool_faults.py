@@ -184,3 +184,39 @@ def test_an_agent_clock_400s_ahead_is_refused_and_the_refusal_is_in_the_store(tm
         refusals_in_store=int(rows[0]["last"]),
         test_s=round(time.monotonic() - t_test, 1),
     )
+
+
+def test_spool_bound_during_lost_acks_counts_only_what_never_landed(tmp_path, influxd, db, procs):
+    """Issue 11.3: reports stored by the collector after the agent stopped waiting were then dropped by
+    the bound and counted as dropped too: delivered + dropped exceeded produced."""
+    import os
+    import signal
+
+    t_test = time.monotonic()
+    collector = procs.add(CollectorProc(tmp_path, influxd, db))
+    collector.start()
+    # 16 devices make a ~5 kB report: a 12 kB spool holds two, so every stall overflows it.
+    agent = procs.add(
+        AgentProc(tmp_path, 1, collector.ingest_url, devices=16, max_bytes=12_000, timeout_s=1.0)
+    )
+    agent.start()
+    wait_until("the first windows to land", lambda: caught_up(influxd, db, [agent]), 20)
+    for _ in range(3):
+        os.kill(influxd.proc.pid, signal.SIGSTOP)  # the write waits; the agent's request times out
+        try:
+            time.sleep(3.0)
+        finally:
+            os.kill(influxd.proc.pid, signal.SIGCONT)
+        time.sleep(1.0)
+    wait_until("the backlog to land", lambda: caught_up(influxd, db, [agent]), 30)
+
+    spool, got = count(influxd, db, agent)
+    assert agent.log().count("TimeoutError") >= 3, "no request timed out: the lost-ack path did not happen"
+    report(
+        "bound-during-lost-acks",
+        produced=spool.last_seq,
+        delivered=len(got.seq_at),
+        dropped=spool.dropped,
+        lost=spool.lost,
+        test_s=round(time.monotonic() - t_test, 1),
+    )
