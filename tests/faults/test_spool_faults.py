@@ -101,7 +101,6 @@ def test_restart_in_the_last_second_of_a_window_overwrites_nothing(tmp_path, inf
     )
 
 
-@pytest.mark.xfail(strict=True, reason="collector writes lost_windows to capmon_agent pending")
 def test_a_full_disk_loses_windows_counted_and_never_reuses_a_seq(tmp_path, small_disk, influxd, db, procs):
     t_test = time.monotonic()
     collector = procs.add(CollectorProc(tmp_path, influxd, db))
