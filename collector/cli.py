@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         config = load(args.config) if args.config else validate(Config())
     except ConfigError as exc:
-        print(f"capmon collector: {exc}", file=sys.stderr)
+        print(f"capmon: configuration error: {exc}", file=sys.stderr)
         return 2
     from .app import run
 

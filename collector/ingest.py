@@ -82,26 +82,27 @@ _NOT_STORED_REASONS = frozenset({"overloaded", "storage_unavailable", "busy", "c
 
 @dataclass(frozen=True)
 class IngestLimits:
-    """Every bound ingest applies, read from the configuration in one place (`from_config`)."""
+    """Every bound ingest applies, read from the configuration in one place (`from_config`); the
+    defaults live in `CollectorConfig` alone, which the loader already capped at the wire's limits."""
 
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_decoded_bytes: int = 64 * 1024 * 1024
-    max_device_windows: int = 20_000
+    max_body_bytes: int
+    max_decoded_bytes: int
+    max_device_windows: int
     # Decoded bytes (bodies and their decoded objects) all requests together may hold at once.
-    max_inflight_decoded_bytes: int = 256 * 1024 * 1024
-    body_read_timeout_s: float = 30.0
+    max_inflight_decoded_bytes: int
+    body_read_timeout_s: float
     # Per agent id, since the collector started: distinct device ids (and MIG parents), and distinct
     # tag values besides them (models, vendors, label values, host names, probe names).
-    max_devices_per_agent: int = 10_000
-    max_values_per_agent: int = 1_000
-    max_labels: int = wire.MAX_LABELS
-    max_label_value_len: int = wire.MAX_LABEL_VALUE_LEN
-    max_future_s: float = 300.0
-    max_past_s: float = 7 * 86400.0
-    max_window_s: float = float(wire.MAX_WINDOW_S)
-    label_keys: tuple[str, ...] = ("site", "cluster", "pool")
+    max_devices_per_agent: int
+    max_values_per_agent: int
+    max_labels: int
+    max_label_value_len: int
+    max_future_s: float
+    max_past_s: float
+    max_window_s: float
+    label_keys: tuple[str, ...]
     # Refusals of one agent and reason are written to the store at most once per this many seconds.
-    refusal_write_interval_s: float = 5.0
+    refusal_write_interval_s: float
 
     @classmethod
     def from_config(cls, config: Config) -> IngestLimits:
@@ -114,12 +115,11 @@ class IngestLimits:
             body_read_timeout_s=c.body_read_timeout_s,
             max_devices_per_agent=c.max_devices_per_agent,
             max_values_per_agent=c.max_values_per_agent,
-            # Never looser than the wire: an agent cannot have produced more.
-            max_labels=min(c.max_labels, wire.MAX_LABELS),
-            max_label_value_len=min(c.max_label_value_len, wire.MAX_LABEL_VALUE_LEN),
+            max_labels=c.max_labels,
+            max_label_value_len=c.max_label_value_len,
             max_future_s=c.max_future_s,
             max_past_s=c.max_past_s,
-            max_window_s=min(c.max_window_s, float(wire.MAX_WINDOW_S)),
+            max_window_s=c.max_window_s,
             label_keys=c.label_keys,
             refusal_write_interval_s=c.refusal_write_interval_s,
         )
