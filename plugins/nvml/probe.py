@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from capmon.agent import DeviceSample, Probe, ProbeConfig, ProbeUnavailable
+from capmon.agent.probe import Holder
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ class NvmlProbe(Probe):
             extra["memory_reserved_bytes"] = float(reserved)
         power_mw = self._field(lambda: nv.nvmlDeviceGetPowerUsage(handle))
         temp = self._field(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
-        processes = self._processes(handle, graphics=True)
+        holders = self._holders(handle, graphics=True)
         healthy, error = gpu.healthy, gpu.error
         if self._xid is not None:
             xids, last_xid = self._xid.counts(gpu.uuid)
@@ -402,11 +403,12 @@ class NvmlProbe(Probe):
             memory_total_bytes=total,
             power_w=power_mw / 1000.0 if power_mw is not None else None,
             temp_c=float(temp) if temp is not None else None,
-            processes=processes,
+            processes=len(holders) if holders is not None else None,
             healthy=healthy,
             error=error,
             extra=extra,
             info=info,
+            holders=holders,
         )
         return [parent, *children]
 
@@ -476,20 +478,30 @@ class NvmlProbe(Probe):
             return None, None, None
         return int(mem.used), int(mem.total), None
 
-    def _processes(self, handle: Any, graphics: bool) -> int | None:
-        """Distinct PIDs holding the device (compute, plus graphics if configured); None when unknown.
+    def _holders(self, handle: Any, graphics: bool) -> tuple[Holder, ...] | None:
+        """The distinct processes holding the device (compute, plus graphics if configured), with the
+        device memory NVML gives each; None when the driver cannot list them (never a guessed empty tuple).
 
-        A graphics-only process named in `display_servers` is not a holder.
+        A graphics-only process named in `display_servers` is not a holder. A PID in both lists is one
+        holder; its memory is the compute entry's (NVML gives one figure per process), else the graphics one's.
         """
         compute = self._process_list(handle, "nvmlDeviceGetComputeRunningProcesses")
         if compute is None:
             return None
-        pids = {p.pid for p in compute}
+        found: dict[int, int | None] = {}
+        for p in compute:
+            pid = int(p.pid)
+            if found.get(pid) is None:
+                found[pid] = _used_memory(p)
         if graphics and self.config.graphics_processes:
             for p in self._process_list(handle, "nvmlDeviceGetGraphicsRunningProcesses") or []:
-                if p.pid not in pids and not self._is_display_server(p.pid):
-                    pids.add(p.pid)
-        return len(pids)
+                pid = int(p.pid)
+                if pid in found:
+                    if found[pid] is None:
+                        found[pid] = _used_memory(p)
+                elif not self._is_display_server(pid):
+                    found[pid] = _used_memory(p)
+        return tuple(Holder(pid=pid, memory_bytes=memory) for pid, memory in found.items())
 
     def _is_display_server(self, pid: int) -> bool:
         """Whether `pid` is named in `display_servers`: one read of /proc/<pid>/comm, no NVML call.
@@ -700,6 +712,8 @@ class NvmlProbe(Probe):
                 extra["sm_active_pct"] = metrics["sm_active_pct"]
             util = metrics.get("gpm_util_pct")
         info = {"bus_id": gpu.bus_id} if gpu.bus_id else {}
+        # MIG has no graphics: only compute processes can hold an instance, listed by its own handle.
+        holders = self._holders(instance.handle, graphics=False)
         if gi is not None:
             info["gpu_instance_id"] = str(gi)
         if instance.profile:
@@ -712,12 +726,12 @@ class NvmlProbe(Probe):
             util_pct=util,
             memory_used_bytes=used,
             memory_total_bytes=total,
-            # MIG has no graphics: only compute processes can hold an instance.
-            processes=self._processes(instance.handle, graphics=False),
+            processes=len(holders) if holders is not None else None,
             healthy=parent_error is None,
             error=parent_error,
             extra=extra,
             info=info,
+            holders=holders,
         )
 
 
@@ -810,6 +824,20 @@ class _XidWatcher:
             nv.nvmlEventSetFree(event_set)
         except Exception as exc:  # the session may already be shut down
             log.debug("nvmlEventSetFree failed: %s", exc)
+
+
+# NVML_VALUE_NOT_AVAILABLE as an unsigned long long: what the driver puts in `usedGpuMemory` when it
+# cannot tell (Windows WDDM, some vGPU and MIG setups). nvidia-ml-py already turns it into None;
+# an older binding or a direct ctypes struct may not.
+_NOT_AVAILABLE_ULL = 2**64 - 1
+
+
+def _used_memory(process: Any) -> int | None:
+    """A process entry's device memory in bytes; None where NVML reports it not available."""
+    used = getattr(process, "usedGpuMemory", None)
+    if used is None or int(used) == _NOT_AVAILABLE_ULL:
+        return None
+    return int(used)
 
 
 # nvmlDeviceGetSamples returns a union; which member holds the value depends on the sampling type.
