@@ -72,9 +72,14 @@ class Agent:
         boundaries: Mapping[str, Mapping[str, Any]] | None = None,
         probes: Sequence[Probe] | None = None,
         clock: Callable[[], float] = time.time,
+        mono: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
+        # State seconds are measured on a monotonic clock, so a wall-clock step (NTP, VM restore)
+        # neither credits nor erases time; wall time only names the windows. A test that injects
+        # its own wall clock and no monotonic one gets its wall clock for both.
+        self.mono = mono if mono is not None else (time.monotonic if clock is time.time else None)
         self.started = clock()
         if probes is None:
             registry = registry or ProbeRegistry()
@@ -106,7 +111,7 @@ class Agent:
             self.streaks = StreakFile(spool_dir / "idle-streaks.json", keep_s, clock)
 
     def _on_samples(self, probe: str, t: float, devices: list[DeviceSample], host: HostSample | None) -> None:
-        self.classifier.observe_probe(probe, t, devices)
+        self.classifier.observe_probe(probe, t, devices, mono=self.mono() if self.mono else None)
         if host is not None:
             self._host.add(host)
 
@@ -115,7 +120,7 @@ class Agent:
         return (math.floor(t / w) + 1) * w
 
     def close_window(self, seq: int, start: int, end: int) -> wire.Report:
-        devices = self.classifier.close_window(start, end)
+        devices = self.classifier.close_window(start, end, mono_end=self.mono() if self.mono else None)
         return wire.Report(
             seq=seq,
             start=start,
@@ -236,7 +241,9 @@ class Agent:
                     # for it to reach `end` again would silence the agent for that long. Restart the
                     # windows from now; points at timestamps already written are overwritten.
                     log.warning("clock stepped back %.0fs: windows restart from now", start - now)
-                    self.classifier.close_window(start, start + window)
+                    self.classifier.close_window(
+                        start, start + window, mono_end=self.mono() if self.mono else None
+                    )
                     start = int(now)
                     continue
                 await self._keep(self.close_window(self.sink.next_seq(), start, end))

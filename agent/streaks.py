@@ -25,11 +25,13 @@ class StreakFile:
         self.max_age_s = max_age_s
         self.clock = clock
 
-    def load(self) -> dict[str, tuple[float | None, int | None]]:
+    def load(self) -> dict[str, tuple[object, ...]]:
+        """Each device's saved record as it was written (`IdleClassifier.remember()`); the classifier
+        checks the values and takes older, shorter records too."""
         try:
             data = json.loads(self.path.read_text())
             age = self.clock() - float(data["saved_at"])
-            devices = {str(k): (v[0], v[1]) for k, v in data["devices"].items()}
+            devices = {str(k): tuple(v) for k, v in data["devices"].items()}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
@@ -40,7 +42,7 @@ class StreakFile:
             return {}
         return devices
 
-    def save(self, devices: Mapping[str, tuple[float | None, int | None]]) -> None:
+    def save(self, devices: Mapping[str, tuple[object, ...]]) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"saved_at": self.clock(), "devices": devices}))
         os.replace(tmp, self.path)

@@ -69,7 +69,8 @@ class TransportConfig:
     key_file: str = ""
     # Whole-request limit (connect, send, collector's storage write, answer).
     timeout_s: float = 30.0
-    # Most reports per POST (the collector accepts up to 1000). A backlog drains in batches of this size.
+    # Most reports per POST (the collector accepts up to wire.MAX_REPORTS_PER_BATCH, 1000). A
+    # backlog drains in batches of this size.
     batch_reports: int = 100
     # Most report bytes (JSON, before gzip) per POST; one report larger than this is still sent alone.
     batch_bytes: int = 4 * 1024 * 1024
@@ -89,8 +90,10 @@ class TransportConfig:
             raise ValueError(f"transport url must be http:// or https://, got {self.url!r}")
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("transport cert_file and key_file go together")
-        if not 1 <= self.batch_reports <= 1000:
-            raise ValueError(f"transport batch_reports must be 1..1000, got {self.batch_reports}")
+        if not 1 <= self.batch_reports <= wire.MAX_REPORTS_PER_BATCH:
+            raise ValueError(
+                f"transport batch_reports must be 1..{wire.MAX_REPORTS_PER_BATCH}, got {self.batch_reports}"
+            )
         if self.batch_bytes <= 0 or self.timeout_s <= 0:
             raise ValueError("transport batch_bytes and timeout_s must be positive")
         if not 0 < self.backoff_min_s <= self.backoff_max_s:

@@ -181,3 +181,36 @@ def test_a_device_record_the_collector_would_refuse_as_impossible_is_left_out(ca
     assert "device GPU-1 left out of window seq 7: ghost_s is part of busy_s" in caplog.text
     with pytest.raises(ValueError, match="end must be after start"):
         checked_report(wire.Report(seq=8, start=1_800_000_060, end=1_800_000_060))
+
+
+def test_a_wall_clock_step_credits_no_time_that_did_not_pass():
+    """State seconds come from the monotonic clock; the wall clock only names the windows (issue 19
+    item 9): a 40 s NTP step forward inside a window adds no free time, a step back erases none."""
+    wall, mono = [1_000_000_000.0], [100.0]
+    cfg = AgentConfig(agent=AgentSection(id="n", host="n", window_s=5))
+    agent = Agent(cfg, probes=[], clock=lambda: wall[0], mono=lambda: mono[0])
+    from capmon.agent.probe import DeviceSample
+
+    sample = DeviceSample("GPU-0", "nvidia", util_pct=0.0, processes=0, memory_used_bytes=0)
+
+    def tick(wall_step: float, mono_step: float) -> None:
+        wall[0] += wall_step
+        mono[0] += mono_step
+        agent._on_samples("nvml", wall[0], [sample], None)
+
+    start = int(wall[0])
+    tick(0, 0)
+    tick(1, 1)
+    tick(40, 1)  # the wall clock jumps 40 s ahead while 1 s passes
+    tick(1, 1)
+    mono[0] += 1
+    [forward] = agent.close_window(1, start, start + 5).devices
+    assert forward.free_s == pytest.approx(4.0)
+    # And back: 300 s behind while 4 s pass; the time still counts.
+    wall[0] -= 300
+    tick(0, 0)
+    tick(1, 1)
+    tick(1, 1)
+    mono[0] += 2
+    [back] = agent.close_window(2, int(wall[0]) - 2, int(wall[0]) + 2).devices
+    assert back.free_s == pytest.approx(4.0)

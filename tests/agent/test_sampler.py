@@ -165,7 +165,7 @@ async def test_agent_reports_aligned_windows_with_increasing_seq():
 
 def test_a_mig_parent_is_not_counted_beside_its_instances():
     config = AgentConfig(agent=AgentSection(id="t", host="h", window_s=60))
-    agent = Agent(config, sink=ListSink(), probes=[])
+    agent = Agent(config, sink=ListSink(), probes=[], clock=lambda: 1_000_000_000.0)
     parent = DeviceSample("GPU-1", "nvidia", model="NVIDIA A100", power_w=90.0, info={"mig": "enabled"})
     instances = [
         DeviceSample(f"MIG-{i}", "nvidia", parent_id="GPU-1", util_pct=None, processes=i % 2)
@@ -236,7 +236,8 @@ async def test_a_sink_failure_costs_one_window_not_the_agent():
     await asyncio.wait_for(task, 5)
     hanging.release.set()
     assert [r.seq for r in sink.reports][:1] == [2] and agent.lost_windows == 1
-    assert sink.reports[0].agent.dropped_reports == 1  # the lost window is counted, never silent
+    # The lost window is counted, never silent, and as lost (could not be kept), not as dropped.
+    assert sink.reports[0].agent.lost_windows == 1 and sink.reports[0].agent.dropped_reports == 0
     assert hanging.calls == 2 and not hanging.closed  # close() never runs under a running sample()
 
 
