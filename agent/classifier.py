@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from capmon.agent.probe import DeviceSample
+from capmon.agent.probe import DeviceSample, Holder
 from capmon.agent.wire import IDLE_STATES, STATES, DeviceWindow
 
 MIB = 1024 * 1024
@@ -128,6 +128,35 @@ class Observation:
     spin: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One device as the agent sees it now (`IdleClassifier.snapshot()`): what the exporter serves.
+
+    Times are wall seconds; `state_seconds` and `energy_joules` count since the agent started
+    (monotonic: they only grow while the device is tracked). Readings are the last sample's; None
+    when unknown or when the device vanished.
+    """
+
+    device_id: str
+    vendor: str
+    model: str | None
+    parent_id: str | None
+    state: str
+    state_seconds: Mapping[str, float]
+    energy_joules: float | None
+    idle_since: float | None
+    state_since: float | None
+    fraction: float
+    util_pct: float | None
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    power_w: float | None
+    temp_c: float | None
+    processes: int | None
+    holders: tuple[Holder, ...] | None
+    reason: str | None
+
+
 class _DeviceTrack:
     """Everything the classifier remembers about one device between ticks and within a window.
 
@@ -138,6 +167,7 @@ class _DeviceTrack:
         "allocated_idle_s",
         "baseline_bytes",
         "busy_s",
+        "energy_j",
         "free_s",
         "ghost",
         "ghost_s",
@@ -159,6 +189,7 @@ class _DeviceTrack:
         "spin",
         "spin_s",
         "temp_max",
+        "totals",
         "unavailable_s",
         "util_max",
         "util_n",
@@ -182,6 +213,10 @@ class _DeviceTrack:
         self.last_t: float | None = None
         self.seen_t: float | None = None
         self.last_sample: DeviceSample | None = None
+        # Since the agent started (never reset at a window's end): seconds per state, and energy
+        # (last power held like a state), for the exporter's counters.
+        self.totals: dict[str, float] = dict.fromkeys(STATES, 0.0)
+        self.energy_j: float | None = None
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -213,6 +248,10 @@ class _DeviceTrack:
             self.free_s += dt
         else:
             self.unavailable_s += dt
+        self.totals[self.last_state] += dt
+        power = None if self.vanished or self.last_sample is None else self.last_sample.power_w
+        if power is not None:
+            self.energy_j = (self.energy_j or 0.0) + power * dt
         if self.quiet:
             self.quiet_s += dt
         h = self.history
@@ -492,6 +531,42 @@ class IdleClassifier:
     def idle_since(self, device_id: str) -> float | None:
         track = self._tracks.get(device_id)
         return None if track is None or track.idle_since is None else track.idle_since + self._offset
+
+    def snapshot(self) -> list[DeviceView]:
+        """Every tracked device as of its last observation, for the exporter: read-only and cheap
+        (no accounting happens here, so a scrape changes nothing and costs no tick)."""
+        views = []
+        for track in self._tracks.values():
+            s = track.last_sample
+            if s is None or track.last_state is None:
+                continue
+            state = track.last_state
+            since = track.runs.get(state)
+            fraction = s.extra.get(FRACTION_KEY)
+            current = not track.vanished
+            views.append(
+                DeviceView(
+                    device_id=s.device_id,
+                    vendor=s.vendor,
+                    model=s.model,
+                    parent_id=s.parent_id,
+                    state=state,
+                    state_seconds=dict(track.totals),
+                    energy_joules=track.energy_j,
+                    idle_since=None if track.idle_since is None else track.idle_since + self._offset,
+                    state_since=None if since is None else since + self._offset,
+                    fraction=float(fraction) if fraction is not None and 0 < fraction <= 1 else 1.0,
+                    util_pct=s.util_pct if current else None,
+                    memory_used_bytes=s.memory_used_bytes if current else None,
+                    memory_total_bytes=s.memory_total_bytes,
+                    power_w=s.power_w if current else None,
+                    temp_c=s.temp_c if current else None,
+                    processes=s.processes if current else None,
+                    holders=s.holders if current else None,
+                    reason=VANISHED if track.vanished else (track.reason or s.error),
+                )
+            )
+        return views
 
     # -- one window -------------------------------------------------------------------------
 

@@ -24,7 +24,20 @@ from capmon.agent.configfile import ConfigError, Where, bounds, check_sections, 
 from capmon.agent.spool import SpoolConfig
 from capmon.agent.transport import TransportConfig
 
-__all__ = ["AgentConfig", "AgentSection", "ConfigError", "ProbesSection", "load_config", "sample_config"]
+__all__ = [
+    "EXPORTER_PORT",
+    "AgentConfig",
+    "AgentSection",
+    "ConfigError",
+    "ExporterSection",
+    "ProbesSection",
+    "load_config",
+    "sample_config",
+]
+
+# The exporter's documented port: clear of dcgm-exporter 9400, nvidia_gpu_exporter 9835, Huawei's
+# npu-exporter 8082, node_exporter 9100 and Prometheus itself (9090-9094).
+EXPORTER_PORT = 9477
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +73,15 @@ class ProbesSection:
 
 
 @dataclass(frozen=True, slots=True)
+class ExporterSection:
+    """`[exporter]`: the agent's devices for a Prometheus scrape (`capmon.agent.exporter`)."""
+
+    # "host:port" to serve /metrics on, e.g. "127.0.0.1:9477" (9477 is capmon's port) or
+    # "0.0.0.0:9477" for every interface. Empty: no exporter. Needs prometheus-client.
+    listen: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -67,6 +89,7 @@ class AgentConfig:
     # `[spool]` and `[transport]`: their dataclasses live in the modules that use them.
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    exporter: ExporterSection = field(default_factory=ExporterSection)
     source: str = "<defaults>"
 
     @property
@@ -78,7 +101,7 @@ class AgentConfig:
         return self.agent.host or socket.gethostname()
 
 
-_SECTIONS = ("agent", "classifier", "probes", "spool", "transport")
+_SECTIONS = ("agent", "classifier", "exporter", "probes", "spool", "transport")
 
 
 _KEY = re.compile(wire.KEY_PATTERN)
@@ -121,6 +144,37 @@ def _check_classifier(classifier: ClassifierConfig, where: Where) -> None:
                 raise where.child(name).child(key).error(f"must be ≥ 0, got {value}")
 
 
+def listen_address(listen: str) -> tuple[str, int]:
+    """`"127.0.0.1:9477"` → ("127.0.0.1", 9477); `"[::1]:9477"` → ("::1", 9477). Raises ValueError."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(
+            f"must be host:port with a port 1-65535 (e.g. 127.0.0.1:{EXPORTER_PORT}), got {listen!r}"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or (":" in host and not listen.startswith("[")):
+        raise ValueError(
+            f"needs a host: 127.0.0.1:{EXPORTER_PORT}, 0.0.0.0:{EXPORTER_PORT} or [::1]:{EXPORTER_PORT}"
+        )
+    return host, int(port)
+
+
+def _check_exporter(exporter: ExporterSection, where: Where) -> None:
+    if not exporter.listen:
+        return
+    try:
+        listen_address(exporter.listen)
+    except ValueError as exc:
+        raise where.child("listen").error(str(exc)) from None
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise where.child("listen").error(
+            "the exporter needs the prometheus-client package: pip install 'capmon[prometheus]'"
+        ) from None
+
+
 def _names(value: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in value.split(",") if n.strip())
 
@@ -156,6 +210,8 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     transport = data.get("transport", {})
     if env.get("CAPMON_AGENT_TOKEN") and isinstance(transport, Mapping):
         transport = {**transport, "token": env["CAPMON_AGENT_TOKEN"]}
+    exporter = decode(ExporterSection, data.get("exporter", {}), Where(source, "exporter"))
+    _check_exporter(exporter, Where(source, "exporter"))
     # Decoded once, here: a misspelt `url` must not quietly turn delivery off.
     return AgentConfig(
         agent=agent,
@@ -163,6 +219,7 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
         probes=_decode_probes(data.get("probes", {}), Where(source, "probes"), env),
         spool=decode(SpoolConfig, data.get("spool", {}), Where(source, "spool")),
         transport=decode(TransportConfig, transport, Where(source, "transport")),
+        exporter=exporter,
         source=source,
     )
 
