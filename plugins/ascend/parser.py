@@ -112,11 +112,16 @@ class NpuSmiInfo:
     # Things the parser did not understand, for people.
     warnings: tuple[str, ...] = ()
 
-    def process_count(self, npu_id: int, chip_id: int) -> int | None:
-        """Processes on one chip; `None` when the table is absent or says nothing about this NPU."""
+    def chip_processes(self, npu_id: int, chip_id: int) -> tuple[NpuProcess, ...] | None:
+        """The process rows of one chip; `None` when the table is absent or says nothing about this NPU."""
         if not self.processes_known or npu_id not in self.npus_in_process_table:
             return None
-        return sum(1 for p in self.processes if p.npu_id == npu_id and p.chip_id == chip_id)
+        return tuple(p for p in self.processes if p.npu_id == npu_id and p.chip_id == chip_id)
+
+    def process_count(self, npu_id: int, chip_id: int) -> int | None:
+        """Processes on one chip; `None` when the table is absent or says nothing about this NPU."""
+        rows = self.chip_processes(npu_id, chip_id)
+        return None if rows is None else len(rows)
 
 
 @functools.lru_cache(maxsize=256)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from capmon.agent import CommandRunner, DeviceSample, Probe, ProbeConfig, ProbeUnavailable, run_command
+from capmon.agent.probe import Holder
 from capmon.plugins.ascend.fields import NpuSmiFields, board, health, parse_npu_smi_fields, usages
-from capmon.plugins.ascend.parser import NpuChip, NpuSmiInfo, parse_npu_smi_info
+from capmon.plugins.ascend.parser import NpuChip, NpuProcess, NpuSmiInfo, parse_npu_smi_info
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ class AscendProbe(Probe):
                 error = f"{error} ({reason})"
             elif reason:
                 details["health_error"] = reason[:256]
+        holders = _holders(info.chip_processes(chip.npu_id, chip.chip_id))
         util = chip.aicore_pct if chip.aicore_pct is not None else chip.npu_util_pct
         extra: dict[str, float] = {}
         if chip.npu_id in self._usages:
@@ -248,11 +250,12 @@ class AscendProbe(Probe):
             memory_total_bytes=None if total is None else total * _MIB,
             power_w=chip.power_w,
             temp_c=chip.temp_c,
-            processes=info.process_count(chip.npu_id, chip.chip_id),
+            processes=len(holders) if holders is not None else info.process_count(chip.npu_id, chip.chip_id),
             healthy=healthy,
             error=error,
             extra=extra,
             info={k: v for k, v in details.items() if v is not None},
+            holders=holders,
         )
 
     def _usages_period(self, npus: int) -> float:
@@ -304,6 +307,28 @@ def _working_util(util: float | None, extra: dict[str, float], age_s: float, per
         return util
     activity = max(extra.get("aivector_pct", 0.0), extra.get("hbm_bw_pct", 0.0))
     return activity if activity >= ACTIVE_PCT else util
+
+
+def _holders(rows: tuple[NpuProcess, ...] | None) -> tuple[Holder, ...] | None:
+    """The chip's process rows as holders, one per PID (memory MB → bytes, an empty name unknown).
+
+    `None` when the table says nothing about the chip, or a row has no readable PID: the count
+    still stands, but a holder list missing a process would pass for the whole truth.
+    """
+    if rows is None:
+        return None
+    holders: dict[int, Holder] = {}
+    for row in rows:
+        if row.pid is None:
+            return None
+        memory = None if row.memory_mb is None else row.memory_mb * _MIB
+        seen = holders.get(row.pid)
+        if seen is not None:
+            # One PID on two rows of a chip (two contexts): one holder with the memory of both.
+            memory = None if memory is None or seen.memory_bytes is None else memory + seen.memory_bytes
+        name = row.name or (seen.name if seen is not None else None)
+        holders[row.pid] = Holder(pid=row.pid, memory_bytes=memory, name=name)
+    return tuple(holders.values())
 
 
 def _layout_reason(warnings: tuple[str, ...]) -> str:

@@ -631,6 +631,13 @@ def test_two_chips_per_npu_with_sparse_ids():
     assert [info.process_count(n, c) for n, c in [(96, 0), (96, 1), (32768, 0), (32768, 1)]] == [0, 1, 0, 0]
 
 
+def test_chip_processes_are_the_rows_of_that_chip_only():
+    info = parse_npu_smi_info(DUO)
+    assert info.chip_processes(96, 1) == (NpuProcess(96, 1, 4242, "infer", 9800),)
+    assert info.chip_processes(96, 0) == () and info.chip_processes(32768, 1) == ()
+    assert parse_npu_smi_info(DUAL_DIE).chip_processes(0, 0) is None  # no process table
+
+
 # Synthetic: a dual-die NPU whose second die leaves the NPU id out and prints power as `-`.
 DUAL_DIE = """\
 +---------------------------+---------------+----------------------------------------------------+

@@ -16,8 +16,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+# The Ascend 950 layout with a process table, widened to 8 cards (synthetic, from the doc's layout).
+from test_ascend_parser import A5_PROCESSES, _a5_table
+
 from capmon.agent import ProbeUnavailable, hookspecs, run_command
-from capmon.agent.probe import config_from_mapping
+from capmon.agent.probe import Holder, config_from_mapping
 from capmon.plugins import ascend
 from capmon.plugins.ascend import AscendConfig, AscendProbe
 
@@ -337,3 +340,91 @@ def test_error_message_with_exit_0_still_explains_itself():
         "npu-smi info printed no device table: dcmi model initialized failed, because the device is used."
         " ret is -8020 (the NPUs are held by another container)"
     )
+
+
+# --- holders: the process table per chip, consistent with `processes` ---
+
+# Every default-table fixture: each chip's holders are None exactly where processes is None, and
+# otherwise as many as processes.
+HOLDER_FIXTURES = sorted(
+    p.name
+    for p in FIXTURES.glob("info_*.txt")
+    if not p.name.startswith(("info_t_", "info_m_", "info_l_", "info_watch_"))
+)
+
+
+@pytest.mark.parametrize("name", HOLDER_FIXTURES)
+def test_holders_agree_with_processes_on_every_recorded_table(name):
+    probe, _ = probe_with((0, fixture(name)), usages_interval_s=0)
+    for s in probe.sample():
+        if s.holders is None:
+            assert s.processes is None, s.device_id
+        else:
+            assert s.processes == len(s.holders) == len({h.pid for h in s.holders}), s.device_id
+
+
+def test_holders_are_the_process_rows_of_their_chip_memory_in_bytes():
+    probe, _ = probe_with((0, fixture("info_910b3_v25.5.1_excerpt_2of8_with_process.txt")))
+    devices = by_id(probe.sample())
+    assert devices["npu5-chip0"].holders == (Holder(2290156, 56630 * MIB, "VLLMEngineCore"),)
+    # NPU 0 is not in this excerpt's process table: who holds it is unknown, as its count is.
+    assert (devices["npu0-chip0"].holders, devices["npu0-chip0"].processes) == (None, None)
+
+
+def test_four_processes_on_each_of_eight_npus():
+    text = fixture("info_910a_atlas800_9010_v24.1.RC2_name_xxx_warning_processes.txt")
+    probe, _ = probe_with((0, text))
+    devices = by_id(probe.sample())
+    assert devices["npu0-chip0"].holders == tuple(
+        Holder(pid, 686 * MIB, "hlt_host_devmm_") for pid in (37656, 37664, 37640, 37648)
+    )
+    assert all(len(devices[f"npu{n}-chip0"].holders) == 4 for n in range(8))
+
+
+def test_an_empty_process_name_inside_a_container_is_unknown_and_no_processes_is_empty():
+    probe, _ = probe_with((0, fixture("info_910b3_8npu_v25.2.0_with_process_empty_name.txt")))
+    devices = by_id(probe.sample())
+    assert devices["npu2-chip0"].holders == (Holder(1333928, 37709 * MIB, None),)
+    # "No running processes found in NPU 0": known to be nobody.
+    assert devices["npu0-chip0"].holders == ()
+
+
+def test_without_a_process_table_holders_are_unknown_not_empty():
+    probe, _ = probe_with((0, fixture("info_910a_atlas800_9010_v22.0.3.1_no_process_table.txt")))
+    assert {(s.holders, s.processes) for s in probe.sample()} == {(None, None)}
+
+
+@pytest.mark.parametrize("header", ["NPU ID", "NPU Chip"])
+def test_ascend_950_process_tables(header):
+    probe, _ = probe_with((0, _a5_table(8, A5_PROCESSES, process_header=header)), usages_interval_s=0)
+    holders = [s.holders for s in probe.sample()]
+    assert holders[0] == (Holder(52110, 61000 * MIB, "python3"), Holder(52111, 1200 * MIB, "python3"))
+    assert holders[5] == (Holder(7301, 80000 * MIB, "vllm worker"),)
+    assert [len(h) for h in holders] == [2, 0, 0, 0, 0, 1, 0, 0]
+
+
+def test_a_process_row_without_a_pid_leaves_holders_unknown_but_counts():
+    # The row is counted, but a holder list without it would pass for everyone on the chip.
+    row = "| 0                         | NA            | python3                  | 61000                    |\n"
+    probe, _ = probe_with((0, _a5_table(1, row)), usages_interval_s=0)
+    [s] = probe.sample()
+    assert (s.holders, s.processes) == (None, 1)
+
+
+def test_one_pid_on_two_rows_of_a_chip_is_one_holder_with_both_memories():
+    rows = (
+        "| 0                         | 52110         | python3                  | 1000                     |\n"
+        "| 0                         | 52110         | python3                  | 500                      |\n"
+    )
+    probe, _ = probe_with((0, _a5_table(1, rows)), usages_interval_s=0)
+    [s] = probe.sample()
+    assert s.holders == (Holder(52110, 1500 * MIB, "python3"),) and s.processes == 1
+
+
+def test_a_failed_npu_smi_knows_no_holders():
+    probe, _ = probe_with(
+        (0, fixture("info_910b3_8npu_v25.2.0_with_process_empty_name.txt")),
+        (2, fixture("error_container_device_used_8020.txt")),
+    )
+    probe.sample()
+    assert {s.holders for s in probe.sample()} == {None}
