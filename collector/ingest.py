@@ -346,6 +346,10 @@ class AgentTagBounds:
                     new_devices.add(d.parent_id)
                 value("v:", d.vendor)
                 value("m:", d.model)
+                for h in d.holders or ():
+                    value("u:", h.user)
+                    value("n:", h.namespace)
+                    value("r:", h.runtime)
             if r.agent is not None:
                 for p in r.agent.probes:
                     value("p:", p.name)
@@ -364,7 +368,7 @@ class AgentTagBounds:
                 400,
                 "too many distinct values",
                 f"agent {ident.id!r} would have {len(known_v) + len(new_values)} distinct models, vendors, labels, "
-                f"host names and probe names; at most {lim.max_values_per_agent} per agent "
+                f"host names, probe names and holders' users, namespaces and runtimes; at most {lim.max_values_per_agent} per agent "
                 "(collector.max_values_per_agent)",
                 "$.reports",
                 "limit_values",

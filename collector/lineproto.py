@@ -1,7 +1,7 @@
 """InfluxDB line protocol straight from the wire structs: no per-point objects, one f-string per line.
 
-The schema is documented in `collector/README.md` (measurements `capmon_device`, `capmon_host`,
-`capmon_agent`). Every numeric field is a float, so a field never changes type; the timestamp is the
+The schema is documented in `collector/README.md` (measurements `capmon_device`, `capmon_holder`,
+`capmon_host`, `capmon_agent`). Every numeric field is a float, so a field never changes type; the timestamp is the
 report's `end` in seconds, so a resent report rewrites identical points.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from capmon.agent.wire import STATES, AgentIdentity, Batch, DeviceWindow, Report
+from capmon.agent.wire import STATES, AgentIdentity, Batch, DeviceWindow, HolderWindow, Report
 
 STATE_CODE: dict[str, float] = {state: float(i) for i, state in enumerate(STATES)}
 
@@ -118,6 +118,7 @@ def report_lines(
             f",allocated_idle_gpu_s={d.allocated_idle_s * fraction!r}"
             f",window_gpu_s={(d.busy_s + idle_s + d.unavailable_s) * fraction!r}"
         )
+        value_per_hour = 0.0
         if price is not None:
             value_per_hour = price(d)
             if value_per_hour > 0:
@@ -158,6 +159,8 @@ def report_lines(
                 line += (",info_", field_key(key), "=", string_field(text))
         line.append(f" {ts}")
         out.append("".join(line))
+        if d.holders:
+            _holder_lines(d, tags, ts, value_per_hour, out)
 
     h = report.host
     if h is not None:
@@ -199,6 +202,80 @@ def report_lines(
             if p.reason:
                 pf.append(f"reason={string_field(p.reason)}")
             out.append(f"capmon_agent{tags},probe={escape_tag(p.name)} {','.join(pf)} {ts}")
+
+
+_HOLDER_STRINGS = (
+    "source",
+    "command",
+    "container_id",
+    "pod_uid",
+    "pod",
+    "container",
+    "slurm_job_id",
+    "partition",
+)
+
+
+def _holder_lines(d: DeviceWindow, tags: str, ts: int, value_per_hour: float, out: list[str]) -> None:
+    """`capmon_holder`: one point per holder of the device. Tags are bounded identities only (user,
+    namespace, runtime); pid, command, pod, job are fields. The device's state and idle time ride
+    along, and its allocated-idle seconds and value are split evenly over its listed holders, so a
+    SUM by user is what that user holds idle and the sum over holders is the device's."""
+    holders = d.holders or ()
+    share = 1.0 / len(holders)
+    fraction = float(d.fraction) if d.fraction is not None else 1.0
+    device_tags = ["capmon_holder", tags, ",vendor=", _tag(d.vendor), ",device=", escape_tag(d.device_id)]
+    if d.model:
+        device_tags += (",model=", _tag(d.model))
+    head = "".join(device_tags)
+    common = [
+        f" state={string_field(d.state)},state_code={STATE_CODE[d.state]!r}",
+        f",allocated_idle_s={d.allocated_idle_s * share!r}",
+        f",allocated_idle_gpu_s={d.allocated_idle_s * share * fraction!r}",
+        f",gpu_fraction={fraction!r}",
+    ]
+    if value_per_hour > 0:
+        common.append(f",idle_value={d.allocated_idle_s / 3600 * value_per_hour * share!r}")
+    if d.idle_since is not None:
+        common.append(f",idle_for_s={float(max(0, ts - d.idle_since))!r}")
+    if d.state_since is not None:
+        common.append(f",in_state_s={float(max(0, ts - d.state_since))!r}")
+    device_fields = "".join(common)
+    # Two holders with the same tags (two processes of one user) would be one series at one
+    # timestamp, and the second point would overwrite the first: `slot` numbers them (< MAX_HOLDERS).
+    slots: dict[str, int] = {}
+    for h in holders:
+        line = [head]
+        if h.user:
+            line += (",user=", escape_tag(h.user))
+        if h.namespace:
+            line += (",namespace=", escape_tag(h.namespace))
+        if h.runtime:
+            line += (",runtime=", escape_tag(h.runtime))
+        identity = "".join(line)
+        slot = slots.get(identity, 0)
+        slots[identity] = slot + 1
+        line.append(f",slot={slot}{device_fields}")
+        _holder_fields(h, line)
+        line.append(f" {ts}")
+        out.append("".join(line))
+
+
+def _holder_fields(h: HolderWindow, line: list[str]) -> None:
+    for name in _HOLDER_STRINGS:
+        text = getattr(h, name)
+        if text:
+            line += (",", name, "=", string_field(text))
+    if h.pid is not None:
+        # A pid is an identity, not a quantity: a string, so no dashboard sums or averages it.
+        line.append(f',pid="{int(h.pid)}"')
+    line.append(f",held_s={float(h.held_s)!r}")
+    if h.memory_bytes is not None:
+        line.append(f",memory_bytes={float(h.memory_bytes)!r}")
+    if h.since is not None:
+        line.append(f",since={float(h.since)!r}")
+    if h.uid is not None:
+        line.append(f",uid={float(h.uid)!r}")
 
 
 def batch_lines(
