@@ -30,7 +30,11 @@ FLEET_FILTER = (
 NOW = "time > ${__to}ms - $now_window AND time <= ${__to}ms"
 NOW_WINDOW_DEFAULT = "3m"
 NOW_WINDOW_CHOICES = ("3m", "5m", "10m", "15m", "30m", "1h")
-IDLE_SHARE = '100 * SUM("idle_s") / (SUM("busy_s") + SUM("idle_s") + SUM("unavailable_s"))'
+# GPU-equivalents: the collector writes idle_gpu_s, allocated_idle_gpu_s and window_gpu_s as the state
+# seconds × the device's gpu_fraction (a MIG instance its share of the GPU, a whole device 1), so a
+# GPU split into 7 instances counts once, not 7 times. Device counts by state stay device counts.
+GPU_EQ = "GPU-equivalents (a MIG instance counts as its share of the GPU)"
+IDLE_SHARE = '100 * SUM("idle_gpu_s") / SUM("window_gpu_s")'
 STATE_CODES = {"busy": 0, "allocated_idle": 1, "free": 2, "unavailable": 3}
 STATE_COLORS = {"busy": "blue", "allocated_idle": "orange", "free": "green", "unavailable": "red"}
 STATE_TEXT = {
@@ -368,8 +372,9 @@ def fleet() -> dict:
         )
     lay.add(
         stat(
-            "Idle share of device-time",
-            "Idle (allocated idle + free) seconds over all reported device seconds in the range.",
+            "Idle share of GPU-time",
+            f"Idle (allocated idle + free) time over all reported time in the range, in {GPU_EQ}: "
+            "100 × SUM(idle_gpu_s) / SUM(window_gpu_s).",
             f'SELECT {IDLE_SHARE} FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
             "percent",
             thresholds((None, "green"), (20, "yellow"), (50, "red")),
@@ -382,9 +387,9 @@ def fleet() -> dict:
     )
     lay.add(
         stat(
-            "Idle device-hours",
-            "Device-hours spent idle (allocated idle + free) in the range: SUM(idle_s) / 3600.",
-            f'SELECT SUM("idle_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+            "Idle GPU-hours",
+            f"Hours spent idle (allocated idle + free) in the range, in {GPU_EQ}: SUM(idle_gpu_s) / 3600.",
+            f'SELECT SUM("idle_gpu_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
             "h",
             thresholds((None, "green"), (100, "yellow"), (1000, "red")),
             decimals=1,
@@ -395,8 +400,9 @@ def fleet() -> dict:
     lay.add(
         stat(
             "Idle value ($currency)",
-            "SUM(idle_value): each device's idle device-hours × its model's price, written by the "
-            "collector from its [pricing] (the prices /api/v1/fleet uses). Models without a price count 0.",
+            "SUM(idle_value): each device's idle hours × its price, written by the collector from its "
+            "[pricing] (the prices /api/v1/fleet uses): a MIG instance is priced as its share of the GPU "
+            "unless its profile has a price. Models without a price count 0.",
             f'SELECT SUM("idle_value") FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
             "short",
             thresholds((None, "green"), (1000, "yellow"), (10000, "red")),
@@ -407,9 +413,9 @@ def fleet() -> dict:
     )
     lay.add(
         stat(
-            "Allocated-idle device-hours",
-            "Device-hours held by a process that computed nothing: the most actionable waste.",
-            f'SELECT SUM("allocated_idle_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+            "Allocated-idle GPU-hours",
+            f"Hours held by a process that computed nothing, in {GPU_EQ}: the most actionable waste.",
+            f'SELECT SUM("allocated_idle_gpu_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
             "h",
             thresholds((None, "green"), (10, "orange")),
             decimals=1,
@@ -419,11 +425,26 @@ def fleet() -> dict:
     )
     lay.add(
         stat(
-            "Unavailable device-hours",
-            "Device-hours the probes could not read or reported unhealthy.",
-            f'SELECT SUM("unavailable_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+            "Unavailable GPU-hours",
+            f"Hours the probes could not read or reported unhealthy, in {GPU_EQ}.",
+            'SELECT SUM("u") / 3600 FROM (SELECT "unavailable_s" * "gpu_fraction" AS "u" FROM "capmon_device" '
+            f"WHERE $timeFilter {FLEET_FILTER})",
             "h",
             thresholds((None, "green"), (1, "red")),
+            decimals=1,
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Busy but doing nothing (spin)",
+            "Device-hours counted busy by utilisation (at or above the agents' spin_util_pct, 90 %) while "
+            "SM activity stayed below spin_sm_pct (5 %): an NCCL hang or a spin-wait, a job to look at. "
+            "SUM(spin_s) / 3600; only where the probe reports SM activity (NVML GPM).",
+            f'SELECT SUM("spin_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+            "h",
+            thresholds((None, "green"), (0.5, "orange")),
             decimals=1,
         ),
         4,
@@ -432,19 +453,19 @@ def fleet() -> dict:
 
     lay.row("Breakdowns (over the time range)")
     hour_cols = [
-        unit_override("idle device-hours", "h", decimals=1),
+        unit_override("idle GPU-hours", "h", decimals=1),
         {
             "matcher": {"id": "byRegexp", "options": "idle value.*"},
             "properties": [{"id": "unit", "value": "short"}, {"id": "decimals", "value": 0}],
         },
         unit_override("idle share", "percent", decimals=1),
-        unit_override("allocated-idle device-hours", "h", decimals=1),
+        unit_override("allocated-idle GPU-hours", "h", decimals=1),
     ]
 
     def breakdown_query(group: str) -> str:
         return (
-            f'SELECT SUM("idle_s") / 3600 AS "idle device-hours", SUM("idle_value") AS "idle value ($currency)", '
-            f'{IDLE_SHARE} AS "idle share", SUM("allocated_idle_s") / 3600 AS "allocated-idle device-hours" '
+            f'SELECT SUM("idle_gpu_s") / 3600 AS "idle GPU-hours", SUM("idle_value") AS "idle value ($currency)", '
+            f'{IDLE_SHARE} AS "idle share", SUM("allocated_idle_gpu_s") / 3600 AS "allocated-idle GPU-hours" '
             f'FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} GROUP BY {group}'
         )
 
@@ -452,11 +473,11 @@ def fleet() -> dict:
     lay.add(
         table(
             "Idle capacity by model",
-            "Idle device-hours, their value (the collector's per-model [pricing]) and the idle share per model.",
+            f"Idle GPU-hours, their value (the collector's per-model [pricing]) and the idle share per model, in {GPU_EQ}.",
             [target(breakdown_query('"model"'), fmt="table")],
             "h",
             hour_cols,
-            sort_by="idle device-hours",
+            sort_by="idle GPU-hours",
             transformations=merge,
         ),
         12,
@@ -465,11 +486,11 @@ def fleet() -> dict:
     lay.add(
         table(
             "Idle capacity by site / cluster / pool",
-            "The same per site, cluster and pool (the agents' labels).",
+            f"The same per site, cluster and pool (the agents' labels), in {GPU_EQ}.",
             [target(breakdown_query('"site", "cluster", "pool"'), fmt="table")],
             "h",
             hour_cols,
-            sort_by="idle device-hours",
+            sort_by="idle GPU-hours",
             transformations=merge,
         ),
         12,
@@ -521,11 +542,16 @@ def fleet() -> dict:
         table(
             "Longest-idle devices",
             "Devices idle (allocated idle or free) at the end of the range, longest streak first. A busy "
-            "blip shorter than the agent's busy_grace_s does not end a streak.",
+            "blip shorter than the agent's busy_grace_s does not end a streak; a streak spans free and "
+            "allocated idle, 'in this state for' is the time in the current one (a device free for days "
+            "that a job took an hour ago is allocated idle for an hour). GPU share: 1 for a whole device, "
+            "a MIG instance's share of its GPU.",
             [
                 target(
-                    'SELECT "idle for", "idle since" * 1000 AS "idle since", "state" FROM (SELECT LAST("state_code") AS "code", '
-                    '"idle_for_s" AS "idle for", "idle_since" AS "idle since", "state" FROM "capmon_device" '
+                    'SELECT "idle for", "in this state for", "idle since" * 1000 AS "idle since", "state", "GPU share", '
+                    '"reason" FROM (SELECT LAST("state_code") AS "code", "idle_for_s" AS "idle for", '
+                    '"in_state_s" AS "in this state for", "idle_since" AS "idle since", "state", '
+                    '"gpu_fraction" AS "GPU share", "reason" FROM "capmon_device" '
                     f'WHERE {NOW} {FLEET_FILTER} GROUP BY "host", "device", "model") WHERE "code" = 1 OR "code" = 2 '
                     'GROUP BY "host", "device", "model"',
                     fmt="table",
@@ -534,7 +560,9 @@ def fleet() -> dict:
             "s",
             [
                 unit_override("idle for", "dtdurations"),
+                unit_override("in this state for", "dtdurations"),
                 unit_override("idle since", "dateTimeAsIso"),
+                unit_override("GPU share", "percentunit", decimals=0),
                 unit_override("Time", "dateTimeAsIso", displayName="last report"),
                 {
                     "matcher": {"id": "byName", "options": "state"},
@@ -556,7 +584,7 @@ def fleet() -> dict:
     lay.add(
         timeseries(
             "Idle share over time",
-            "Idle seconds over all reported device seconds, per interval.",
+            f"Idle time over all reported time per interval, in {GPU_EQ}.",
             [
                 target(
                     f'SELECT {IDLE_SHARE} AS "idle share" FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} GROUP BY time($__interval) fill(null)'
@@ -572,11 +600,11 @@ def fleet() -> dict:
     )
     lay.add(
         timeseries(
-            "Idle devices by model (average per interval)",
-            "Idle device-seconds per interval divided by the interval: how many devices stood idle on average.",
+            "Idle GPUs by model (average per interval)",
+            f"Idle GPU-seconds per interval divided by the interval: how many GPUs stood idle on average, in {GPU_EQ}.",
             [
                 target(
-                    f'SELECT SUM("idle_s") / ($__interval_ms / 1000) FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} '
+                    f'SELECT SUM("idle_gpu_s") / ($__interval_ms / 1000) FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} '
                     'GROUP BY time($__interval), "model" fill(null)',
                     alias="$tag_model",
                 )
@@ -590,11 +618,11 @@ def fleet() -> dict:
     )
     lay.add(
         timeseries(
-            "Idle device-hours by site (per interval)",
-            "Where idle time accumulates: idle device-hours per interval and site.",
+            "Idle GPU-hours by site (per interval)",
+            f"Where idle time accumulates: idle GPU-hours per interval and site, in {GPU_EQ}.",
             [
                 target(
-                    f'SELECT SUM("idle_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} '
+                    f'SELECT SUM("idle_gpu_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} '
                     'GROUP BY time($__interval), "site" fill(null)',
                     alias="$tag_site",
                 )
@@ -679,10 +707,14 @@ def host() -> dict:
     lay.add(
         table(
             "Devices now",
-            "Each device's latest window in the now window ($now_window) before the end of the range.",
+            "Each device's latest window in the now window ($now_window) before the end of the range: its "
+            "state, for how long (in this state; idle for: the idle streak, which spans free and allocated "
+            "idle), why (reason), its GPU share (a MIG instance's share of its GPU) and the seconds of the "
+            "window it spun (busy by utilisation, SM activity near 0).",
             [
                 target(
-                    'SELECT LAST("state_code") AS "code", "state", "idle_for_s" AS "idle for", "util_mean_pct" AS "utilisation", '
+                    'SELECT LAST("state_code") AS "code", "state", "in_state_s" AS "in this state for", "idle_for_s" AS "idle for", '
+                    '"reason", "gpu_fraction" AS "GPU share", "util_mean_pct" AS "utilisation", "spin_s" AS "spin", '
                     '"memory_used_bytes" AS "memory used", "power_mean_w" AS "power", "temp_max_c" AS "temperature", '
                     f'"processes", "error" FROM "capmon_device" WHERE {NOW} {HOST_FILTER} GROUP BY "device", "model"',
                     fmt="table",
@@ -690,7 +722,10 @@ def host() -> dict:
             ],
             "none",
             [
+                unit_override("in this state for", "dtdurations"),
                 unit_override("idle for", "dtdurations"),
+                unit_override("GPU share", "percentunit", decimals=0),
+                unit_override("spin", "s"),
                 unit_override("utilisation", "percent"),
                 unit_override("memory used", "bytes"),
                 unit_override("power", "watt"),
@@ -743,6 +778,20 @@ def host() -> dict:
             'MEAN("util_mean_pct")',
             "percent",
             thresholds((None, "green"), (10, "blue")),
+            min=0,
+            max=100,
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        per_device(
+            "Busy but doing nothing (spin)",
+            "Share of each interval a device was counted busy by utilisation (≥ spin_util_pct) while SM "
+            "activity stayed below spin_sm_pct: an NCCL hang or a spin-wait.",
+            'SUM("spin_s") * 100 / ($__interval_ms / 1000)',
+            "percent",
+            thresholds((None, "green"), (1, "orange")),
             min=0,
             max=100,
         ),
@@ -841,7 +890,7 @@ def host() -> dict:
     return dashboard(
         "capmon-host",
         "capmon — Host detail",
-        "One host's devices: state over time, utilisation, memory, power, temperature, processes.",
+        "One host's devices: state over time and why, utilisation, spin, memory, power, temperature, processes.",
         lay,
         variables,
     )
@@ -894,6 +943,12 @@ def agents() -> dict:
             thresholds((None, "green"), (1, "red")),
         ),
         (
+            "Lost windows",
+            "lost_windows",
+            "Windows the agents could not keep (the spool unwritable: a full or failing disk) in the range.",
+            thresholds((None, "green"), (1, "red")),
+        ),
+        (
             "Dead-lettered reports",
             "dead_letter_reports",
             "Reports the collector refused as invalid (400) in the range, kept in dead-letter.jsonl.",
@@ -928,11 +983,13 @@ def agents() -> dict:
     lay.add(
         table(
             "Last report per agent",
-            "When each agent last reported (its age is the report's lateness), its sequence number, version, uptime and spool.",
+            "When each agent last reported (its age is the report's lateness), its sequence number, version, uptime, "
+            "spool, and what it lost: reports dropped at the spool's bound, windows it could not write, dead letters.",
             [
                 target(
                     'SELECT LAST("seq") AS "seq", "version", "uptime_s" AS "uptime", "devices", "spool_reports" AS "spooled reports", '
-                    f'"dropped_reports" AS "dropped (total)", "dead_letter_reports" AS "dead-lettered (total)" FROM "capmon_agent" '
+                    '"dropped_reports" AS "dropped (total)", "lost_windows" AS "lost windows (total)", '
+                    f'"dead_letter_reports" AS "dead-lettered (total)" FROM "capmon_agent" '
                     f'WHERE $timeFilter AND {SELF} {AGENT_FILTER} GROUP BY "agent", "host", "site", "cluster"',
                     fmt="table",
                 )
@@ -987,11 +1044,12 @@ def agents() -> dict:
     )
     lay.add(
         timeseries(
-            "Dropped and dead-lettered reports",
-            "New drops and dead letters per interval and agent.",
+            "Dropped reports, lost windows and dead letters",
+            "New drops, lost windows and dead letters per interval and agent.",
             [
                 target(
                     'SELECT NON_NEGATIVE_DIFFERENCE(MAX("dropped_reports")) AS "dropped", '
+                    'NON_NEGATIVE_DIFFERENCE(MAX("lost_windows")) AS "lost", '
                     'NON_NEGATIVE_DIFFERENCE(MAX("dead_letter_reports")) AS "dead-lettered" FROM "capmon_agent" '
                     f'WHERE $timeFilter AND {SELF} {AGENT_FILTER} GROUP BY time($__interval), "agent" fill(null)',
                     alias="$tag_agent $col",
@@ -1058,7 +1116,7 @@ def agents() -> dict:
     return dashboard(
         "capmon-agents",
         "capmon — Agents",
-        "Are the agents reporting? Last report, spool backlog, dropped and dead-lettered reports, probe errors and timeouts.",
+        "Are the agents reporting? Last report, spool backlog, dropped reports, lost windows, dead letters, probe errors and timeouts.",
         lay,
         variables,
     )

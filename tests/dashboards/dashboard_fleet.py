@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from capmon.agent import wire
 from capmon.agent.config import AgentConfig, AgentSection
 from capmon.agent.daemon import Agent, identity_of
-from capmon.agent.probe import Probe
+from capmon.agent.probe import DeviceSample, Probe
 from capmon.collector.app import FLEET as FLEET_VIEW
 from capmon.collector.app import create_app
 from capmon.collector.config import (
@@ -35,6 +35,7 @@ from capmon.collector.fleet import Pricing
 from capmon.collector.lineproto import batch_lines
 from capmon.plugins.host.probe import HostProbe
 from capmon.plugins.mock import MockConfig, MockProbe
+from capmon.plugins.mock.probe import GIB, profile_at
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
 LABEL_KEYS = CollectorConfig().label_keys
@@ -281,9 +282,9 @@ def expand(
 
 
 # --------------------------------------------------------------------------------------------------
-# The scripted fleet: 3 hosts × 8 devices over 3 hours of simulated time, sampled every 10 s,
-# reported in 60 s windows. Phase lists run on the absolute clock; T0 is a multiple of every cycle,
-# so each phase starts exactly at T0 + its offset.
+# The scripted fleet: 3 hosts × 8 mock devices and one host with a MIG GPU and a spinning GPU, over 3
+# hours of simulated time, sampled every 30 s, reported in 60 s windows. Phase lists run on the
+# absolute clock; T0 is a multiple of every cycle, so each phase starts exactly at T0 + its offset.
 
 T0 = 1_760_054_400  # a multiple of 86 400 s
 DURATION_S = 3 * 3600
@@ -294,12 +295,23 @@ H100, A100, ASCEND = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "910B3"
 
 
 @dataclass(frozen=True)
+class ScriptedDevice:
+    """A device of `ScriptedProbe`: NVIDIA-like, with what the NVML probe reports for a MIG instance."""
+
+    device_id: str
+    profile: str  # phase list over "idle", "notebook", "training", "spin"
+    parent_id: str | None = None
+    fraction: float | None = None  # a MIG instance's share of its GPU (extra["gpu_fraction"])
+
+
+@dataclass(frozen=True)
 class ScriptedHost:
     host: str
     labels: dict[str, str]
     model: str
-    profiles: tuple[str, ...]
+    profiles: tuple[str, ...]  # the mock probe's devices
     host_index: int
+    scripted: tuple[ScriptedDevice, ...] = ()  # ScriptedProbe's devices
 
 
 FLEET = (
@@ -351,9 +363,34 @@ FLEET = (
         ),
         2,
     ),
+    ScriptedHost(
+        "gpu-d01",
+        {"site": "ams1", "cluster": "c4", "pool": "shared"},
+        H100,
+        (),
+        3,
+        (
+            # One H100 split into 7 × 1g.10gb: four free, two held by notebooks, one training.
+            *(ScriptedDevice(f"MIG-d01-0-{k}", "idle", "GPU-d01-0", 1 / 7) for k in range(4)),
+            # Free for 2 h, then a notebook took it: idle for 3 h, allocated idle for 1 h.
+            ScriptedDevice("MIG-d01-0-4", "idle:7200,notebook:3600", "GPU-d01-0", 1 / 7),
+            ScriptedDevice("MIG-d01-0-5", "notebook", "GPU-d01-0", 1 / 7),
+            ScriptedDevice("MIG-d01-0-6", "training", "GPU-d01-0", 1 / 7),
+            # A whole H100 whose job hangs for 1.5 h: utilisation 100 %, SM activity 2 %.
+            ScriptedDevice("GPU-d01-1", "training:3600,spin:5400,training:1800"),
+        ),
+    ),
 )
 
-PROFILE_STATE = {"idle": "free", "notebook": "allocated_idle", "training": "busy", "lost": "unavailable"}
+MIG_HOST = FLEET[3].host
+SPIN_S = 5400  # GPU-d01-1's spin phase
+PROFILE_STATE = {
+    "idle": "free",
+    "notebook": "allocated_idle",
+    "training": "busy",
+    "spin": "busy",
+    "lost": "unavailable",
+}
 
 
 def _phases(spec: str) -> list[tuple[str, int]]:
@@ -371,32 +408,59 @@ class ExpectedDevice:
     state_now: str
     seconds: dict[str, int]  # state → seconds over the run
     idle_since: int | None  # at the end of the run
+    state_since: int  # at the end of the run
+    fraction: float  # the share of a GPU it is: 1, or a MIG instance's 1/7
+    spec: str  # its phase list
+
+    def gpu_seconds(self, *states: str) -> float:
+        """Seconds in these states, in GPU-equivalents."""
+        return sum(self.seconds[s] for s in states) * self.fraction
+
+    def profile_at(self, offset: int) -> str:
+        """The phase running over (offset - 1, offset] seconds after T0 (a window ending there)."""
+        t = 0
+        for name, secs in _phases(self.spec):
+            if t < offset <= t + secs:
+                return name
+            t += secs
+        raise ValueError(offset)
 
 
 def expected_devices() -> list[ExpectedDevice]:
     """What the script says, worked out from the phase lists alone (no classifier involved)."""
     out = []
     for h in FLEET:
-        for i, spec in enumerate(h.profiles):
+        devices = [(f"MOCK-{h.host_index:03d}-{i:02d}", spec, 1.0) for i, spec in enumerate(h.profiles)]
+        devices += [(d.device_id, d.profile, d.fraction or 1.0) for d in h.scripted]
+        for device_id, spec, fraction in devices:
             seconds = dict.fromkeys(PROFILE_STATE.values(), 0)
             t = 0
-            timeline = []
+            timeline: list[tuple[int, str]] = []
             for name, secs in _phases(spec):
-                seconds[PROFILE_STATE[name]] += secs
-                timeline.append((t, PROFILE_STATE[name]))
+                state = PROFILE_STATE[name]
+                seconds[state] += secs
+                if not timeline or timeline[-1][1] != state:
+                    timeline.append((t, state))
                 t += secs
             assert t == DURATION_S, spec
             state_now = timeline[-1][1]
-            idle_since = T0 + timeline[-1][0] if state_now in wire.IDLE_STATES else None
+            idle_since = None  # the start of the trailing run of idle states
+            for start, state in reversed(timeline):
+                if state not in wire.IDLE_STATES:
+                    break
+                idle_since = T0 + start
             out.append(
                 ExpectedDevice(
                     h.host,
-                    f"MOCK-{h.host_index:03d}-{i:02d}",
+                    device_id,
                     h.model,
                     h.labels,
                     state_now,
                     seconds,
                     idle_since,
+                    T0 + timeline[-1][0],
+                    fraction,
+                    spec,
                 )
             )
     return out
@@ -410,11 +474,15 @@ class FakeClock:
         return self.now
 
 
+LOST_WINDOWS = 3
+
+
 class ScriptedSpool:
     """A report sink that keeps reports in memory and tells the agent scripted spool counters.
 
-    npu-c01's collector link is "down" for windows 60–89: its spool fills, two reports are dropped
-    and one is dead-lettered; the other hosts' spools stay empty.
+    npu-c01's collector link is "down" for windows 60–89: its spool fills, two reports are dropped,
+    one is dead-lettered and three windows are lost (could not be written); the other hosts' spools
+    stay empty.
     """
 
     def __init__(self, host: str) -> None:
@@ -440,10 +508,59 @@ class ScriptedSpool:
             "spool_bytes": backlog * 9000,
             "dropped_reports": 2 if n >= 75 else 0,
             "dead_letter_reports": 1 if n >= 80 else 0,
+            "lost_windows": LOST_WINDOWS if n >= 85 else 0,
         }
 
     async def close(self, timeout_s: float) -> None:
         pass
+
+
+class ScriptedProbe(Probe):
+    """NVIDIA-like devices on a script: MIG instances as the NVML probe reports them (the parent GPU
+    listed too, `parent_id` and `extra["gpu_fraction"]` on each instance) and a spinning GPU."""
+
+    name = "scripted_nvml"
+    vendor = "nvidia"
+
+    def __init__(self, model: str, devices: tuple[ScriptedDevice, ...], clock: FakeClock) -> None:
+        super().__init__()
+        self.model, self.devices, self.clock = model, devices, clock
+
+    def sample(self) -> list[DeviceSample]:
+        t = self.clock()
+        out = []
+        parents = sorted({d.parent_id for d in self.devices if d.parent_id})
+        for i, parent in enumerate(parents):
+            out.append(DeviceSample(parent, "nvidia", self.model, i, memory_total_bytes=80 * GIB))
+        for d in self.devices:
+            profile = profile_at(d.profile, t)
+            total = 10 * GIB if d.fraction else 80 * GIB
+            util, sm, procs, used = {
+                "idle": (0.0, 0.0, 0, 0),
+                "notebook": (0.0, 0.0, 1, total // 4),
+                "training": (95.0, 80.0, 1, total * 8 // 10),
+                "spin": (100.0, 2.0, 1, total * 8 // 10),
+            }[profile]
+            extra = {"sm_active_pct": sm}
+            if d.fraction:
+                extra["gpu_fraction"] = d.fraction
+            out.append(
+                DeviceSample(
+                    d.device_id,
+                    "nvidia",
+                    self.model,
+                    parent_id=d.parent_id,
+                    util_pct=util,
+                    memory_used_bytes=used,
+                    memory_total_bytes=total,
+                    power_w=100.0 + util * 5,
+                    temp_c=40.0,
+                    processes=procs,
+                    extra=extra,
+                    info={"mig_profile": "1g.10gb"} if d.fraction else {},
+                )
+            )
+        return out
 
 
 class FailingProbe(MockProbe):
@@ -469,7 +586,9 @@ async def _run_agent(h: ScriptedHost) -> tuple[wire.AgentIdentity, list[wire.Rep
         MockConfig(devices=len(h.profiles), profiles=h.profiles, models=(h.model,), host_index=h.host_index),
         clock=clock,
     )
-    probes: list[Probe] = [mock, HostProbe()]
+    probes: list[Probe] = [mock, HostProbe()] if h.profiles else [HostProbe()]
+    if h.scripted:
+        probes.append(ScriptedProbe(h.model, h.scripted, clock))
     if h.host == "npu-c01":
         probes.append(FailingProbe(MockConfig(devices=0, raise_every=3), clock=clock))
         probes.append(HangingProbe(MockConfig(devices=0, hang_s=0.02, timeout_s=0.005), clock=clock))

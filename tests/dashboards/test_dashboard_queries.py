@@ -14,12 +14,15 @@ from dashboard_fleet import (
     DURATION_S,
     FLEET,
     H100,
+    LOST_WINDOWS,
+    MIG_HOST,
+    PRICES,
     PROBE_ERRORS_EXPECTED,
     PROBE_TIMEOUTS_EXPECTED,
+    SPIN_S,
     T0,
     WINDOW_S,
     Selection,
-    _phases,
     expand,
     expected_devices,
     fill,
@@ -36,6 +39,7 @@ DB = "capmon"
 FROM_S, TO_S = T0, T0 + DURATION_S
 DASHBOARDS = load_dashboards()
 EXPECTED = expected_devices()
+IDLE = ("free", "allocated_idle")
 
 
 @pytest.fixture(scope="module")
@@ -201,75 +205,116 @@ def test_devices_now_by_state_match_script_and_collector(filled):
         expected = sum(d.state_now == state for d in EXPECTED)
         assert value(panel_rows(influxd, "capmon-fleet", title)) == expected, title
         assert fleet_api["totals"]["states"][state] == expected, state
-    assert sum(d.state_now == "free" for d in EXPECTED) == 10
+    assert sum(d.state_now == "free" for d in EXPECTED) == 10 + 4  # 4 of them MIG instances
+    # A device count stays a count of devices: the 7 instances of one GPU are 7 devices.
+    mig_now = [d.state_now for d in EXPECTED if d.host == MIG_HOST and d.fraction < 1]
+    assert len(mig_now) == 7
+    assert value(panel_rows(influxd, "capmon-fleet", "Devices free", host=[MIG_HOST])) == 4
+    assert value(panel_rows(influxd, "capmon-fleet", "Devices allocated idle", host=[MIG_HOST])) == 2
 
 
-def test_idle_device_hours_value_and_share(filled):
+def gpu_hours(devices, *states: str) -> float:
+    return sum(d.gpu_seconds(*states) for d in devices) / 3600
+
+
+def test_idle_gpu_hours_value_and_share(filled):
     influxd, fleet_api = filled
-    idle_s = sum(d.seconds["free"] + d.seconds["allocated_idle"] for d in EXPECTED)
-    assert idle_s / 3600 == pytest.approx(39.6667, abs=1e-3)
-    hours = value(panel_rows(influxd, "capmon-fleet", "Idle device-hours"))
-    assert hours == pytest.approx(idle_s / 3600)
-    assert hours == pytest.approx(fleet_api["totals"]["idle_device_hours"], abs=1e-5)
-    share = value(panel_rows(influxd, "capmon-fleet", "Idle share of device-time"))
-    assert share == pytest.approx(100 * idle_s / (len(EXPECTED) * DURATION_S))
-    alloc = value(panel_rows(influxd, "capmon-fleet", "Allocated-idle device-hours"))
-    assert alloc == pytest.approx(sum(d.seconds["allocated_idle"] for d in EXPECTED) / 3600)
-    assert alloc == pytest.approx(fleet_api["totals"]["device_hours"]["allocated_idle"], abs=1e-5)
+    # 24 whole devices idle 39 2/3 device-hours; 6 of the 7 MIG instances idle for 3 h: 18/7 GPU-hours.
+    assert gpu_hours(EXPECTED, *IDLE) == pytest.approx(39 + 2 / 3 + 18 / 7)
+    hours = value(panel_rows(influxd, "capmon-fleet", "Idle GPU-hours"))
+    assert hours == pytest.approx(gpu_hours(EXPECTED, *IDLE))
+    assert hours == pytest.approx(fleet_api["totals"]["idle_gpu_hours"], abs=1e-5)
+    # Counted as devices the MIG host would show 18 idle hours for one GPU in 3 h.
+    assert fleet_api["totals"]["idle_device_hours"] == pytest.approx(39 + 2 / 3 + 18, abs=1e-5)
+    share = value(panel_rows(influxd, "capmon-fleet", "Idle share of GPU-time"))
+    gpus = sum(d.fraction for d in EXPECTED)
+    assert gpus == pytest.approx(24 + 1 + 1)
+    assert share == pytest.approx(100 * gpu_hours(EXPECTED, *IDLE) * 3600 / (gpus * DURATION_S))
+    alloc = value(panel_rows(influxd, "capmon-fleet", "Allocated-idle GPU-hours"))
+    assert alloc == pytest.approx(gpu_hours(EXPECTED, "allocated_idle"))
+    assert alloc == pytest.approx(fleet_api["totals"]["gpu_hours"]["allocated_idle"], abs=1e-5)
+    unavailable = value(panel_rows(influxd, "capmon-fleet", "Unavailable GPU-hours"))
+    assert unavailable == pytest.approx(gpu_hours(EXPECTED, "unavailable")) == pytest.approx(3)
 
 
-# Idle device-hours per model, counted by hand from FLEET's phase lists, at PRICES (dashboard_fleet):
-#   H100   gpu-a01  idle 3 + notebook 3 + 2 + 1.5 + idle 3          = 12.5 h  × 2.10 = 26.25
+def test_a_mig_instance_counts_as_its_share_of_the_gpu(filled):
+    """gpu-d01: one H100 as 7 × 1g instances, 6 idle for the 3 h (one of them allocated for the last
+    hour, one all along), one training: 1/7 GPU-hour per instance-hour, as /api/v1/fleet says."""
+    influxd, fleet_api = filled
+    mig = {"host": [MIG_HOST]}
+    hours = value(panel_rows(influxd, "capmon-fleet", "Idle GPU-hours", **mig))
+    assert hours == pytest.approx(6 * 3 / 7)
+    alloc = value(panel_rows(influxd, "capmon-fleet", "Allocated-idle GPU-hours", **mig))
+    assert alloc == pytest.approx((3 + 1) / 7)
+    c4 = fleet_api["by_label"]["cluster"]["c4"]  # gpu-d01's cluster, no other host in it
+    assert c4["idle_gpu_hours"] == pytest.approx(hours, abs=1e-5)
+    assert c4["gpu_hours"]["allocated_idle"] == pytest.approx(alloc, abs=1e-5)
+    assert c4["idle_device_hours"] == pytest.approx(18, abs=1e-5)  # what the dashboards no longer show
+    value_ = value(panel_rows(influxd, "capmon-fleet", "Idle value ($currency)", **mig))
+    assert value_ == pytest.approx(6 * 3 * PRICES["H100"] / 7)
+    # The one whole H100 there is busy all along: the host's idle share is 6/7 of one GPU of two.
+    share = value(panel_rows(influxd, "capmon-fleet", "Idle share of GPU-time", **mig))
+    assert share == pytest.approx(100 * (6 / 7) / 2)
+    rows = panel_rows(influxd, "capmon-fleet", "Idle GPUs by model (average per interval)", **mig)
+    assert {round(r["sum"], 9) for r in rows if r["sum"] is not None} == {round(6 / 7, 9)}
+
+
+# Idle GPU-hours per model, counted by hand from FLEET's phase lists, at PRICES (dashboard_fleet):
+#   H100   gpu-a01  idle 3 + notebook 3 + 2 + 1.5 + idle 3          = 12.5 h
+#          gpu-d01  6 MIG instances (1/7 each) × 3 h                 = 18/7 h  → 15 1/14 h × 2.10 = 31.65
 #   A100   gpu-b01  1 + notebook 3 + notebook 2.5 + idle 3           =  9.5 h  × 1.20 = 11.40
 #   910B3  npu-c01  2.5 + 3 + 3 + notebook 3 + 3 + 3 + 1/6           = 17 2/3 h × 0.90 = 15.90
-IDLE_HOURS = {H100: 12.5, A100: 9.5, ASCEND: 17 + 2 / 3}
-IDLE_VALUE = {H100: 26.25, A100: 11.40, ASCEND: 15.90}
+IDLE_HOURS = {H100: 12.5 + 18 / 7, A100: 9.5, ASCEND: 17 + 2 / 3}
+IDLE_VALUE = {H100: 31.65, A100: 11.40, ASCEND: 15.90}
 VALUE_COLUMN = "idle value (USD)"  # the alias "idle value ($currency)" with the default currency
 
 
 def test_idle_value_is_priced_per_model(filled):
     influxd, fleet_api = filled
     for model, hours in IDLE_HOURS.items():
-        got = sum(d.seconds["free"] + d.seconds["allocated_idle"] for d in EXPECTED if d.model == model)
-        assert got / 3600 == pytest.approx(hours), model
+        assert gpu_hours([d for d in EXPECTED if d.model == model], *IDLE) == pytest.approx(hours), model
     total = value(panel_rows(influxd, "capmon-fleet", "Idle value ($currency)"))
-    assert total == pytest.approx(53.55)
+    assert total == pytest.approx(58.95)
     by_model = {
         r["model"]: r[VALUE_COLUMN] for r in panel_rows(influxd, "capmon-fleet", "Idle capacity by model")
     }
     assert by_model == pytest.approx(IDLE_VALUE)
-    # The collector's /api/v1/fleet prices the same way: its value per hour of the devices idle now,
-    # per model, is that model's price; × its idle device-hours it gives the dashboard's value.
+    # The collector's /api/v1/fleet prices the same way: its value per hour of the GPU-equivalents
+    # idle now, per model, is that model's price; × its idle GPU-hours it gives the dashboard's value.
     for model, m in fleet_api["by_model"].items():
-        idle_now = m["states"].get("free", 0) + m["states"].get("allocated_idle", 0)
-        price = m["idle_value_per_hour"] / idle_now
+        price = m["idle_value_per_hour"] / m["idle_gpu_equivalents"]
         assert price == pytest.approx(IDLE_VALUE[model] / IDLE_HOURS[model]), model
-        assert by_model[model] == pytest.approx(m["idle_device_hours"] * price, abs=1e-4), model
+        assert by_model[model] == pytest.approx(m["idle_gpu_hours"] * price, abs=1e-4), model
     rows = panel_rows(influxd, "capmon-fleet", "Idle capacity by site / cluster / pool")
     by_cluster = {r["cluster"]: r[VALUE_COLUMN] for r in rows}
-    assert by_cluster == pytest.approx({"c1": 26.25, "c2": 11.40, "c3": 15.90})
+    assert by_cluster == pytest.approx({"c1": 26.25, "c2": 11.40, "c3": 15.90, "c4": 5.40})
     h100 = panel_rows(influxd, "capmon-fleet", "Idle value ($currency)", model=[H100])
-    assert value(h100) == pytest.approx(26.25)
+    assert value(h100) == pytest.approx(31.65)
     ams1 = panel_rows(influxd, "capmon-fleet", "Idle value ($currency)", site=["ams1"])
-    assert value(ams1) == pytest.approx(26.25 + 11.40)
+    assert value(ams1) == pytest.approx(26.25 + 11.40 + 5.40)
 
 
 def test_breakdowns_by_model_and_labels(filled):
     influxd, fleet_api = filled
     rows = panel_rows(influxd, "capmon-fleet", "Idle capacity by model")
-    got = {r["model"]: r["idle device-hours"] for r in rows}
+    got = {r["model"]: r["idle GPU-hours"] for r in rows}
     want: dict[str, float] = {}
     for d in EXPECTED:
-        want[d.model] = want.get(d.model, 0) + (d.seconds["free"] + d.seconds["allocated_idle"]) / 3600
+        want[d.model] = want.get(d.model, 0) + d.gpu_seconds(*IDLE) / 3600
     assert got == pytest.approx(want)
-    assert got == pytest.approx(
-        {m: v["idle_device_hours"] for m, v in fleet_api["by_model"].items()}, abs=1e-5
+    assert got == pytest.approx({m: v["idle_gpu_hours"] for m, v in fleet_api["by_model"].items()}, abs=1e-5)
+    alloc = {r["model"]: r["allocated-idle GPU-hours"] for r in rows}
+    assert alloc == pytest.approx(
+        {m: v["gpu_hours"]["allocated_idle"] for m, v in fleet_api["by_model"].items()}, abs=1e-5
     )
+    assert alloc[H100] == pytest.approx(3 + (3 + 1) / 7)
 
     rows = panel_rows(influxd, "capmon-fleet", "Idle capacity by site / cluster / pool")
-    by_cluster = {r["cluster"]: r["idle device-hours"] for r in rows}
+    by_cluster = {r["cluster"]: r["idle GPU-hours"] for r in rows}
     api = fleet_api["by_label"]["cluster"]
-    assert by_cluster == pytest.approx({c: v["idle_device_hours"] for c, v in api.items()}, abs=1e-5)
+    assert by_cluster == pytest.approx({c: v["idle_gpu_hours"] for c, v in api.items()}, abs=1e-5)
+    share = {r["cluster"]: r["idle share"] for r in rows}
+    assert share["c4"] == pytest.approx(100 * (6 / 7) / 2)
 
     counts = {}
     for ref, state in zip("ABCD", ("busy", "allocated_idle", "free", "unavailable"), strict=True):
@@ -286,14 +331,14 @@ def test_filters_narrow_with_grafana_regex_forms(filled):
     influxd, _ = filled
 
     def hours(devices):
-        return sum(d.seconds["free"] + d.seconds["allocated_idle"] for d in devices) / 3600
+        return gpu_hours(devices, *IDLE)
 
-    got = value(panel_rows(influxd, "capmon-fleet", "Idle device-hours", site=["ams1"], cluster=["c1", "c2"]))
-    assert got == pytest.approx(hours([d for d in EXPECTED if d.labels["site"] == "ams1"]))
-    got = value(panel_rows(influxd, "capmon-fleet", "Idle device-hours", model=["NVIDIA H100 80GB HBM3"]))
+    got = value(panel_rows(influxd, "capmon-fleet", "Idle GPU-hours", site=["ams1"], cluster=["c1", "c2"]))
+    assert got == pytest.approx(hours([d for d in EXPECTED if d.labels["cluster"] in ("c1", "c2")]))
+    got = value(panel_rows(influxd, "capmon-fleet", "Idle GPU-hours", model=["NVIDIA H100 80GB HBM3"]))
     assert got == pytest.approx(hours([d for d in EXPECTED if d.model == "NVIDIA H100 80GB HBM3"]))
     got = value(panel_rows(influxd, "capmon-fleet", "Devices free", host=["npu-c01", "gpu-b01"]))
-    assert got == sum(d.state_now == "free" and d.host != GPU_A for d in EXPECTED)
+    assert got == sum(d.state_now == "free" and d.host in ("npu-c01", "gpu-b01") for d in EXPECTED)
 
 
 def test_longest_idle_table_order(filled):
@@ -304,7 +349,17 @@ def test_longest_idle_table_order(filled):
     rows.sort(key=lambda r: r[sort["displayName"]], reverse=sort["desc"])  # what the table panel shows
     got = [(r["host"], r["device"], r["idle for"], r["idle since"] / 1000) for r in rows]
     idle = sorted((d for d in EXPECTED if d.idle_since is not None), key=lambda d: d.idle_since)
-    assert len(got) == len(idle) == 14
+    assert len(got) == len(idle) == 14 + 6
+    by_device = {(r["host"], r["device"]): r for r in rows}
+    for d in idle:
+        r = by_device[(d.host, d.device)]
+        assert r["in this state for"] == TO_S - d.state_since, d.device
+        assert r["GPU share"] == pytest.approx(d.fraction), d.device
+        assert r["state"] == d.state_now
+    # Free for 2 h, then a notebook took it: idle for 3 h, but allocated idle only for the last hour.
+    taken = by_device[(MIG_HOST, "MIG-d01-0-4")]
+    assert (taken["idle for"], taken["in this state for"]) == (3 * 3600, 3600)
+    assert taken["reason"] == "1 process(es)"
     assert [g[2] for g in got] == [float(TO_S - d.idle_since) for d in idle]
     assert {(g[0], g[1], g[3]) for g in got} == {(d.host, d.device, d.idle_since) for d in idle}
     assert got[-4:] == [(d.host, d.device, float(TO_S - d.idle_since), d.idle_since) for d in idle[-4:]]
@@ -313,17 +368,9 @@ def test_longest_idle_table_order(filled):
     assert [d["idle_since"] for d in api] == [g[3] for g in got]
 
 
-def idle_devices_in_window(end: int) -> int:
-    """Devices idle through the window ending at `end`, from the phase lists."""
-    n = 0
-    for h in FLEET:
-        for spec in h.profiles:
-            t = 0
-            for name, secs in _phases(spec):
-                if t < end - T0 <= t + secs:
-                    n += name in ("idle", "notebook")
-                t += secs
-    return n
+def idle_gpus_in_window(end: int) -> float:
+    """GPU-equivalents idle through the window ending at `end`, from the phase lists."""
+    return sum(d.fraction for d in EXPECTED if d.profile_at(end - T0) in ("idle", "notebook"))
 
 
 def test_idle_share_over_time_follows_the_script(filled):
@@ -334,12 +381,33 @@ def test_idle_share_over_time_follows_the_script(filled):
     assert len(rows) == DURATION_S // WINDOW_S
     for r in rows:
         # $__interval is 1m: the bucket starting at t holds the points stamped t, the window ending at t.
-        assert r["idle share"] == pytest.approx(100 * idle_devices_in_window(r["time"]) / len(EXPECTED)), r[
-            "time"
-        ]
-    rows = panel_rows(influxd, "capmon-fleet", "Idle devices by model (average per interval)")
+        assert r["idle share"] == pytest.approx(100 * idle_gpus_in_window(r["time"]) / (24 + 2)), r["time"]
+    rows = panel_rows(influxd, "capmon-fleet", "Idle GPUs by model (average per interval)")
     last = {r["model"]: r for r in rows if r["time"] == TO_S}
-    assert sum(r["sum"] for r in last.values()) == pytest.approx(14)
+    assert sum(r["sum"] for r in last.values()) == pytest.approx(14 + 6 / 7)
+    rows = panel_rows(influxd, "capmon-fleet", "Idle GPU-hours by site (per interval)")
+    assert sum(r["sum"] for r in rows if r["sum"] is not None) == pytest.approx(gpu_hours(EXPECTED, *IDLE))
+
+
+def test_spin_is_busy_doing_nothing(filled):
+    """GPU-d01-1 hangs for 1.5 h at 100 % utilisation and 2 % SM activity: busy, and spin."""
+    influxd, _ = filled
+    assert value(panel_rows(influxd, "capmon-fleet", "Busy but doing nothing (spin)")) == pytest.approx(
+        SPIN_S / 3600
+    )
+    assert value(panel_rows(influxd, "capmon-fleet", "Busy but doing nothing (spin)", host=[GPU_A])) == 0
+    rows = panel_rows(influxd, "capmon-host", "Busy but doing nothing (spin)", host=MIG_HOST)
+    spin = {r["time"]: r["sum"] for r in rows if r["device"] == "GPU-d01-1" and r["sum"] is not None}
+    assert len(spin) == DURATION_S // WINDOW_S
+    # "training:3600,spin:5400,training:1800"; the bucket starting at t holds the window ending at t.
+    assert {t for t, v in spin.items() if v == 100} == set(
+        range(T0 + 3600 + WINDOW_S, T0 + 9000 + 1, WINDOW_S)
+    )
+    assert {v for t, v in spin.items() if not T0 + 3600 < t <= T0 + 9000} == {0}
+    others = {r["sum"] for r in rows if r["device"] != "GPU-d01-1" and r["sum"] is not None}
+    assert others == {0}
+    (now,) = panel_rows(influxd, "capmon-host", "Devices now", host=MIG_HOST, device=["GPU-d01-1"])
+    assert (now["state"], now["spin"], now["in this state for"]) == ("busy", 0, DURATION_S)
 
 
 # -- Host detail -----------------------------------------------------------------------------------
@@ -357,6 +425,14 @@ def test_host_state_timeline_follows_the_script(filled):
     assert devices == {f"MOCK-000-{i:02d}" for i in range(8)}
     now = panel_rows(influxd, "capmon-host", "Devices now", host=GPU_A, device=["MOCK-000-02", "MOCK-000-05"])
     assert {r["device"]: r["state"] for r in now} == {"MOCK-000-02": "free", "MOCK-000-05": "busy"}
+    mig = {r["device"]: r for r in panel_rows(influxd, "capmon-host", "Devices now", host=MIG_HOST)}
+    assert len(mig) == 8  # the 7 instances and the whole GPU; the split GPU itself is no capacity
+    assert {d: round(r["GPU share"], 6) for d, r in mig.items()} == {
+        d.device: round(d.fraction, 6) for d in EXPECTED if d.host == MIG_HOST
+    }
+    assert mig["MIG-d01-0-5"]["reason"] == "1 process(es)"
+    assert (mig["MIG-d01-0-4"]["in this state for"], mig["MIG-d01-0-4"]["idle for"]) == (3600, 3 * 3600)
+    assert mig["MIG-d01-0-0"]["reason"] is None and mig["MIG-d01-0-0"]["state"] == "free"
     util = panel_rows(influxd, "capmon-host", "Utilisation", host=GPU_A, device=["MOCK-000-00"])
     assert all(90 <= r["mean"] <= 100 for r in util if r["mean"] is not None)
 
@@ -370,6 +446,11 @@ def test_agents_counters(filled):
     assert value(panel_rows(influxd, "capmon-agents", "Agents seen in the range")) == len(FLEET)
     assert value(panel_rows(influxd, "capmon-agents", "Dropped reports")) == 2
     assert value(panel_rows(influxd, "capmon-agents", "Dead-lettered reports")) == 1
+    assert value(panel_rows(influxd, "capmon-agents", "Lost windows")) == LOST_WINDOWS
+    assert value(panel_rows(influxd, "capmon-agents", "Lost windows", agent=[GPU_A])) == 0
+    lost = panel_rows(influxd, "capmon-agents", "Dropped reports, lost windows and dead letters")
+    assert sum(r["lost"] or 0 for r in lost if r["agent"] == "npu-c01") == LOST_WINDOWS
+    assert sum(r["dropped"] or 0 for r in lost if r["agent"] == "npu-c01") == 2
     assert value(panel_rows(influxd, "capmon-agents", "Probe errors")) == PROBE_ERRORS_EXPECTED
     assert value(panel_rows(influxd, "capmon-agents", "Probe timeouts")) == PROBE_TIMEOUTS_EXPECTED
     spool = panel_rows(influxd, "capmon-agents", "Spool depth")
@@ -379,6 +460,9 @@ def test_agents_counters(filled):
     assert set(last) == {h.host for h in FLEET}
     assert {r["time"] for r in last.values()} == {TO_S}
     assert last["npu-c01"]["seq"] == DURATION_S // WINDOW_S
+    assert {a: r["lost windows (total)"] for a, r in last.items()} == {
+        h.host: LOST_WINDOWS if h.host == "npu-c01" else 0 for h in FLEET
+    }
     assert {r["version"] for r in last.values()} == {__version__}
     probes = {(r["agent"], r["probe"]): r for r in panel_rows(influxd, "capmon-agents", "Probes")}
     assert probes[("npu-c01", "flaky_driver")]["errors"] == PROBE_ERRORS_EXPECTED

@@ -70,6 +70,9 @@ def test_schema_comes_from_the_collector():
     assert "probe" in SCHEMA.tags["capmon_agent"]
     assert SCHEMA.fields["capmon_agent"]["version"] == "string"
     assert SCHEMA.fields["capmon_device"]["idle_value"] == "float"
+    gpu_equivalents = {"gpu_fraction", "idle_gpu_s", "allocated_idle_gpu_s", "window_gpu_s"}
+    assert gpu_equivalents | {"spin_s", "in_state_s", "reason"} <= set(SCHEMA.fields["capmon_device"])
+    assert SCHEMA.fields["capmon_agent"]["lost_windows"] == "float"
 
 
 def test_the_schema_check_catches_a_misspelt_field():
