@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pluggy
 
+from capmon.agent.allocation import Allocation, AllocationSource
 from capmon.agent.probe import (
     CommandRunner,
     DeviceSample,
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker("capmon")
 
 __all__ = [
+    "Allocation",
+    "AllocationSource",
     "CommandRunner",
     "DeviceSample",
     "HostSample",

@@ -29,3 +29,19 @@ def capmon_probe_types() -> list[type]:
         def capmon_probe_types():
             return [MyProbe]
     """
+
+
+@hookspec
+def capmon_allocation_sources() -> list[type]:
+    """Return the allocation-source classes this plugin provides (subclasses of
+    `capmon.agent.AllocationSource`), found through the entry-point group `capmon.allocations`.
+
+    A source says which scheduler holder (a Kubernetes pod, a Slurm job) was given which device; the
+    agent constructs, schedules and closes it like a probe.
+
+    Example::
+
+        @capmon.agent.hookimpl
+        def capmon_allocation_sources():
+            return [MySchedulerSource]
+    """
