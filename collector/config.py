@@ -123,7 +123,9 @@ class AuthConfig:
 class StorageConfig:
     """`[storage]`: where accepted reports go. kind "none" keeps only the live view."""
 
-    kind: Literal["none", "influxdb_v2", "influxdb_v1"] = "none"
+    kind: Literal["none", "influxdb_v2", "influxdb_v1", "prometheus_remote_write"] = "none"
+    # prometheus_remote_write: the receiver's full URL, e.g. http://prometheus:9090/api/v1/write
+    # (Prometheus, VictoriaMetrics), .../api/v1/push (Mimir), .../api/v1/receive (Thanos).
     url: str = "http://127.0.0.1:8086"
     # influxdb_v2: needs a token; `token` falls back to $CAPMON_INFLUX_TOKEN.
     token: str = field(default="", repr=False)
@@ -135,6 +137,12 @@ class StorageConfig:
     user: str = ""
     password: str = field(default="", repr=False)
     create_database: bool = False
+    # prometheus_remote_write: basic auth with `user`/`password` (falls back to
+    # $CAPMON_REMOTE_WRITE_PASSWORD), or a bearer `token` (falls back to $CAPMON_REMOTE_WRITE_TOKEN);
+    # `ca_file` a PEM bundle to verify the receiver's certificate ("" = the system's); `headers`
+    # sent with every write (a tenant: X-Scope-OrgID for Mimir, THANOS-TENANT for Thanos).
+    ca_file: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
     # Group commit: lines per storage write, and how long a write waits for more requests to join.
     batch_size: int = field(default=5000, metadata=bounds(ge=1, le=100_000))
     flush_interval_s: float = field(default=0.05, metadata=bounds(ge=0))
@@ -243,8 +251,60 @@ def _require_influxdb_client(where: Where) -> None:
         ) from None
 
 
+_OWN_HEADERS = frozenset(
+    {
+        "authorization",
+        "content-encoding",
+        "content-type",
+        "content-length",
+        "x-prometheus-remote-write-version",
+    }
+)
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _check_remote_write(s: StorageConfig, where: Where, env: Mapping[str, str]) -> StorageConfig:
+    s = dataclasses.replace(
+        s,
+        token=s.token or env.get("CAPMON_REMOTE_WRITE_TOKEN", ""),
+        password=s.password or env.get("CAPMON_REMOTE_WRITE_PASSWORD", ""),
+    )
+    url = where.child("url")
+    if s.url == StorageConfig.url:
+        raise url.error(
+            "storage.kind prometheus_remote_write needs the receiver's URL, e.g. "
+            "http://127.0.0.1:9090/api/v1/write (Prometheus, VictoriaMetrics), .../api/v1/push (Mimir)"
+        )
+    if not re.match(r"https?://[^/\s]+", s.url):
+        raise url.error(f"must be an http:// or https:// URL, got {s.url!r}")
+    if s.user and s.token:
+        raise where.child("token").error("give either user/password (basic auth) or a bearer token, not both")
+    if s.ca_file:
+        try:
+            Path(s.ca_file).read_bytes()
+        except OSError as exc:
+            raise where.child("ca_file").error(f"cannot read {s.ca_file}: {exc.strerror}") from None
+    for name, value in s.headers.items():
+        spot = where.child("headers").child(name)
+        if not _HEADER_NAME.fullmatch(name) or name.lower() in _OWN_HEADERS:
+            raise spot.error("not a header the collector lets you set (it sets auth and encoding itself)")
+        if any(c in value for c in "\r\n\0"):
+            raise spot.error("a header value cannot hold a line break")
+    for module, package in (("cramjam", "cramjam"), ("google.protobuf", "protobuf")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise where.error(
+                f"storage.kind prometheus_remote_write needs the {package} package: "
+                "pip install 'capmon[collector]'"
+            ) from None
+    return s
+
+
 def _check_storage(s: StorageConfig, where: Where, env: Mapping[str, str]) -> StorageConfig:
     """Name exactly what the chosen kind misses; fill secrets from the environment."""
+    if s.kind == "prometheus_remote_write":
+        return _check_remote_write(s, where, env)
     if s.kind == "influxdb_v2":
         s = dataclasses.replace(s, token=s.token or env.get("CAPMON_INFLUX_TOKEN", ""))
         missing = [f"storage.{name}" for name in ("org", "bucket") if not getattr(s, name)]

@@ -288,6 +288,10 @@ def make_writer(cfg: StorageConfig) -> StorageWriter:
         return InfluxV1Writer(cfg)
     if cfg.kind == "influxdb_v2":
         return InfluxV2Writer(cfg)
+    if cfg.kind == "prometheus_remote_write":
+        from .remote_write import RemoteWriteWriter
+
+        return RemoteWriteWriter(cfg)
     return NullWriter()
 
 

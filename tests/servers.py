@@ -1,4 +1,5 @@
-"""Real storage servers for integration tests: `influxd` (InfluxDB 1.x) and `victoria-metrics`.
+"""Real storage servers for integration tests: `influxd` (InfluxDB 1.x), `victoria-metrics` and
+`prometheus` (Debian's 2.42, with the remote-write receiver).
 
 Each starts the installed binary on free loopback ports in a temp dir, waits until it answers its
 health endpoint, and stops it at teardown (terminate, then kill). A missing binary skips the test.
@@ -20,9 +21,17 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["InfluxdServer", "VictoriaMetricsServer", "influxd", "influxd_small_tags", "victoria_metrics"]
+__all__ = [
+    "InfluxdServer",
+    "PrometheusServer",
+    "VictoriaMetricsServer",
+    "influxd",
+    "influxd_small_tags",
+    "prometheus",
+    "victoria_metrics",
+]
 
-_INSTALL_HINT = "apt-get install influxdb victoria-metrics"
+_INSTALL_HINT = "apt-get install influxdb victoria-metrics prometheus"
 
 
 def free_port() -> int:
@@ -224,6 +233,22 @@ class VictoriaMetricsServer(_Process):
             "-search.disableCache",
         ]
 
+    @property
+    def remote_write_url(self) -> str:
+        """Prometheus remote write (snappy protobuf) into VictoriaMetrics."""
+        return f"{self.url}/api/v1/write"
+
+    def query(self, promql: str, at: float | None = None) -> list[dict]:
+        """A PromQL (MetricsQL) instant query: [{"metric": {...}, "value": [ts, "v"]}, ...]."""
+        self.flush()
+        params = {"query": promql}
+        if at is not None:
+            params["time"] = str(at)
+        status, body = _http("GET", f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}")
+        if status != 200:
+            raise RuntimeError(f"victoria-metrics query {promql!r}: {status} {body[:500]!r}")
+        return json.loads(body)["data"]["result"]
+
     def flush(self) -> None:
         """Make just-written samples visible to queries (`/internal/force_flush`)."""
         _http("GET", f"{self.url}/internal/force_flush")
@@ -236,6 +261,87 @@ class VictoriaMetricsServer(_Process):
         if status != 200:
             raise RuntimeError(f"victoria-metrics export: {status} {body[:500]!r}")
         return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+class PrometheusServer(_Process):
+    """Prometheus with `--web.enable-remote-write-receiver` (POST /api/v1/write) and a reloadable
+    scrape config (`scrape()`), queried with PromQL through the HTTP API (`query()`)."""
+
+    name = "prometheus"
+    health_path = "/-/ready"
+
+    def __init__(self, workdir: Path, binary: str) -> None:
+        super().__init__(workdir)
+        self.binary = binary
+        self.config_path = workdir / "prometheus.yml"
+        self.remote_write_url = f"{self.url}/api/v1/write"
+        self.write_config([])
+
+    def write_config(self, targets: list[str], interval_s: float = 1.0) -> None:
+        scrape = ""
+        if targets:
+            listed = ", ".join(f'"{t}"' for t in targets)
+            scrape = f"""
+scrape_configs:
+  - job_name: capmon-agent
+    scrape_interval: {int(interval_s * 1000)}ms
+    static_configs:
+      - targets: [{listed}]
+"""
+        self.config_path.write_text(f"global:\n  scrape_interval: {int(interval_s * 1000)}ms\n{scrape}")
+
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.workdir}/data",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-remote-write-receiver",
+            "--web.enable-lifecycle",
+            "--log.level=warn",
+        ]
+
+    def scrape(self, targets: list[str], interval_s: float = 1.0) -> None:
+        """Scrape `targets` ("host:port", path /metrics) from now on (config reload, no restart)."""
+        self.write_config(targets, interval_s)
+        status, body = _http("POST", f"{self.url}/-/reload", data=b"")
+        if status != 200:
+            raise RuntimeError(f"prometheus reload: {status} {body[:500]!r}")
+
+    def query(self, promql: str, at: float | None = None) -> list[dict]:
+        """An instant query: [{"metric": {...}, "value": [ts, "v"]}, ...]."""
+        params = {"query": promql}
+        if at is not None:
+            params["time"] = str(at)
+        status, body = _http("GET", f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}")
+        data = json.loads(body)
+        if status != 200 or data.get("status") != "success":
+            raise RuntimeError(f"prometheus query {promql!r}: {status} {body[:500]!r}")
+        return data["data"]["result"]
+
+    def values(self, promql: str, at: float | None = None, by: str = "device") -> dict[str, float]:
+        """An instant query's values keyed by one label."""
+        return {r["metric"].get(by, ""): float(r["value"][1]) for r in self.query(promql, at)}
+
+    def wait_for(self, promql: str, timeout: float = 30.0, at: float | None = None) -> list[dict]:
+        """Poll until the query returns something (a scrape has landed); raises after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.query(promql, at)
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus: no result for {promql!r} in {timeout}s: {self.log_tail()}")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory):
+    """A running Prometheus 2.x: remote-write receiver at `.remote_write_url`, `scrape()`, `query()`."""
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), _find("prometheus"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
