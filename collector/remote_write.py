@@ -40,6 +40,7 @@ protobuf's runtime (no generated code, no protoc):
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import ssl
 from collections.abc import Sequence
@@ -226,7 +227,6 @@ class RemoteWriteWriter:
         self.already_stored = 0
 
     async def start(self) -> None:
-        auth = aiohttp.BasicAuth(self.cfg.user, self.cfg.password) if self.cfg.user else None
         headers = {
             "Content-Encoding": "snappy",
             "Content-Type": "application/x-protobuf",
@@ -236,11 +236,14 @@ class RemoteWriteWriter:
         }
         if self.cfg.token:
             headers["Authorization"] = f"Bearer {self.cfg.token}"
+        elif self.cfg.user:
+            # By hand: aiohttp 3.14 deprecates BasicAuth, and its replacement is not in 3.9.
+            pair = f"{self.cfg.user}:{self.cfg.password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         connector = None
         if self.cfg.ca_file:
             connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=self.cfg.ca_file))
         self.session = aiohttp.ClientSession(
-            auth=auth,
             headers=headers,
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
