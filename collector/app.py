@@ -22,7 +22,7 @@ from capmon.agent.wire import IDLE_STATES, STATES
 
 from .auth import AuthFailureLog, Principal, TokenStore, credentials_kind
 from .config import Config
-from .fleet import FleetView, Pricing
+from .fleet import HOLDER_KEYS, FleetView, Pricing
 from .ingest import ClientDisconnected, IngestLimits, IngestService, Refusal
 from .metrics import Metrics
 from .storage import GroupCommitWriter, StorageWriter, make_writer
@@ -131,6 +131,23 @@ def parse_states(text: str) -> frozenset[str] | None:
     return frozenset(wanted)
 
 
+def min_idle_and_limit(query: Mapping[str, str]) -> tuple[float, int]:
+    """The `min_idle` and `limit` parameters of the live-view lists."""
+    try:
+        min_idle = parse_duration(query.get("min_idle", "0"))
+    except ValueError:
+        raise Refusal(
+            400, "invalid parameter", "min_idle: seconds, or a duration like 90s, 15m, 2h, 1d"
+        ) from None
+    try:
+        limit = int(query.get("limit", "100"))
+        if not 1 <= limit <= 100_000:
+            raise ValueError
+    except ValueError:
+        raise Refusal(400, "invalid parameter", "limit: an integer 1..100000") from None
+    return min_idle, limit
+
+
 async def devices(request: web.Request) -> web.Response:
     """`GET /api/v1/devices?state=free&min_idle=15m&model=…&site=…&limit=100`: longest idle first."""
     authenticate(request, "read")
@@ -146,21 +163,41 @@ async def devices(request: web.Request) -> web.Response:
         raise Refusal(
             400, "invalid parameter", f"state {str(exc)[:64]!r}: one of {', '.join(STATES)}, idle, all"
         ) from None
-    try:
-        min_idle = parse_duration(query.get("min_idle", "0"))
-    except ValueError:
-        raise Refusal(
-            400, "invalid parameter", "min_idle: seconds, or a duration like 90s, 15m, 2h, 1d"
-        ) from None
-    try:
-        limit = int(query.get("limit", "100"))
-        if not 1 <= limit <= 100_000:
-            raise ValueError
-    except ValueError:
-        raise Refusal(400, "invalid parameter", "limit: an integer 1..100000") from None
+    min_idle, limit = min_idle_and_limit(query)
     filters = {k: v for k, v in query.items() if k not in ("state", "min_idle", "limit")}
     found = fleet.devices(states, min_idle, filters, limit)
     return json_response({"devices": found, "count": len(found), "currency": fleet.pricing.currency})
+
+
+_HOLDER_STATES: dict[str, frozenset[str] | None] = {
+    "allocated_idle": frozenset({"allocated_idle"}),
+    "busy": frozenset({"busy"}),
+    "all": None,
+}
+
+
+async def holders(request: web.Request) -> web.Response:
+    """`GET /api/v1/holders?by=user&state=allocated_idle&min_idle=1h&model=…&site=…`: reclaim candidates."""
+    authenticate(request, "read")
+    fleet = request.app[FLEET]
+    query: Mapping[str, str] = request.query
+    known = {"by", "state", "min_idle", "limit", "model", "host", "agent", *fleet.label_keys}
+    unknown = sorted({key[:64] for key in query if key not in known})
+    if unknown:
+        raise Refusal(
+            400,
+            "unknown parameter",
+            f"{', '.join(map(repr, unknown[:8]))}; known: {', '.join(sorted(known))}",
+        )
+    by = query.get("by", "user")
+    if by not in HOLDER_KEYS:
+        raise Refusal(400, "invalid parameter", f"by {by[:64]!r}: one of {', '.join(HOLDER_KEYS)}")
+    state = query.get("state", "allocated_idle")
+    if state not in _HOLDER_STATES:
+        raise Refusal(400, "invalid parameter", f"state {state[:64]!r}: one of {', '.join(_HOLDER_STATES)}")
+    min_idle, limit = min_idle_and_limit(query)
+    filters = {k: v for k, v in query.items() if k not in ("by", "state", "min_idle", "limit")}
+    return json_response(fleet.holders(by, _HOLDER_STATES[state], min_idle, filters, limit))
 
 
 async def fleet_summary(request: web.Request) -> web.Response:
@@ -341,6 +378,7 @@ def create_app(
     app.router.add_post("/api/v1/reports", ingest)
     app.router.add_get("/api/v1/fleet", fleet_summary)
     app.router.add_get("/api/v1/devices", devices)
+    app.router.add_get("/api/v1/holders", holders)
     app.router.add_get("/api/v1/agents", agents)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/healthz", healthz)

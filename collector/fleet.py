@@ -21,6 +21,13 @@ device as one.
 Refusals (reports the collector answered 4xx/5xx) are recorded per agent, even for an agent that never
 delivered a valid report, so an agent whose clock is off is visible in `GET /api/v1/agents`.
 
+Who holds each device (`DeviceWindow.holders`, the latest window's) is kept with it, and `holders()`
+groups the devices held now by user, namespace, pod, Slurm job or container: the reclaim candidates,
+most wasteful first. A device's value and its allocated-idle seconds are split evenly over its listed
+holders (as in `capmon_holder`), so the holders' shares sum to the fleet's; since-start allocated-idle
+seconds are kept per agent per holder key, at most `MAX_HOLDER_KEYS_PER_AGENT` per grouping, the least
+recently active folded into "(other)" and counted.
+
 Memory matters at 100,000 devices: per-device state is a `__slots__` object whose repeated strings
 (vendor, model, host, labels) are interned, so thousands of devices share one copy.
 """
@@ -31,7 +38,7 @@ import logging
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from capmon.agent.wire import (
@@ -44,6 +51,7 @@ from capmon.agent.wire import (
     STATES,
     Batch,
     DeviceWindow,
+    HolderWindow,
     Report,
 )
 
@@ -52,6 +60,8 @@ from .config import PricingConfig
 _STATE_INDEX = {s: i for i, s in enumerate(STATES)}
 _UNAVAILABLE = _STATE_INDEX["unavailable"]
 _IDLE_INDEXES = frozenset(_STATE_INDEX[s] for s in IDLE_STATES)
+_ALLOCATED_IDLE = _STATE_INDEX["allocated_idle"]
+_HELD_STATES = frozenset({_ALLOCATED_IDLE, _STATE_INDEX["busy"]})
 UNKNOWN_MODEL = "unknown"
 NO_LABEL = "(none)"
 # Where what is beyond a bound goes: breakdown keys, per-agent models, refusal reasons.
@@ -72,6 +82,10 @@ MAX_REFUSAL_REASONS = 16
 MAX_REFUSED_ONLY_AGENTS = 1000
 MAX_MISSING_DEVICES = MAX_DEVICES_PER_REPORT
 MAX_PRICE_CACHE = 4096
+# Since-start allocated-idle seconds per holder key, per agent and grouping (pods come and go: the
+# least recently active keys fold into "(other)"); devices listed per holder in `holders()`.
+MAX_HOLDER_KEYS_PER_AGENT = 256
+MAX_HELD_LISTED = 50
 
 log = logging.getLogger("capmon.collector.fleet")
 
@@ -149,6 +163,8 @@ class DeviceState:
         "end",
         "error",
         "fraction",
+        "holders",
+        "holders_omitted",
         "idle_since",
         "memory_total_bytes",
         "memory_used_bytes",
@@ -188,6 +204,9 @@ class DeviceState:
         # Repeated across a fleet ("simulated XID 79: fallen off the bus"): one copy.
         self.error: str | None = _intern(d.error)
         self.reason: str | None = _intern(d.reason)
+        # The latest window's holders; None: the probe cannot tell who holds it.
+        self.holders: Sequence[HolderWindow] | None = d.holders
+        self.holders_omitted: int = d.holders_omitted
         self.missing: bool = False
         self.end: int = end
 
@@ -200,6 +219,8 @@ class AgentState:
     __slots__ = (
         "devices",
         "folded_models",
+        "held",
+        "held_folded",
         "host",
         "id",
         "instance",
@@ -232,6 +253,10 @@ class AgentState:
         # collector started.
         self.seconds: dict[str, list[float]] = {}
         self.folded_models = 0
+        # grouping (`HOLDER_KEYS`) → holder key (None: not known) → model → [allocated-idle seconds,
+        # the same in GPU-equivalents] since the collector started; least recently active first.
+        self.held: dict[str, OrderedDict[str | None, dict[str, list[float]]]] | None = None
+        self.held_folded: dict[str, int] | None = None
         self.refusals: dict[str, list[Any]] | None = None
 
 
@@ -256,6 +281,126 @@ def _refusals_dict(refusals: dict[str, list[Any]] | None) -> dict[str, dict[str,
         reason: {"count": count, "last_detail": detail, "last_at": at}
         for reason, (count, detail, at) in sorted(refusals.items())
     }
+
+
+def _pod(h: HolderWindow) -> str | None:
+    if h.pod:
+        return f"{h.namespace}/{h.pod}" if h.namespace else h.pod
+    return h.pod_uid
+
+
+def _container(h: HolderWindow) -> str | None:
+    if h.container and (h.pod or h.pod_uid):
+        return f"{_pod(h)}/{h.container}"
+    return h.container_id or h.container
+
+
+# `GET /api/v1/holders?by=…`: what a holder is, per grouping. Pods by namespace/name (else their
+# UID), containers by pod/name (else their runtime id).
+HOLDER_KEYS: dict[str, Callable[[HolderWindow], str | None]] = {
+    "user": lambda h: h.user,
+    "namespace": lambda h: h.namespace,
+    "pod": _pod,
+    "job": lambda h: h.slurm_job_id,
+    "container": _container,
+}
+
+
+def _shares(holders: Sequence[HolderWindow] | None, key_of: Callable[[HolderWindow], str | None]):
+    """Holder key → (share of the device, its holders): the device split evenly over its listed
+    holders; a device held by nobody known is all None's."""
+    if not holders:
+        return {None: (1.0, [])}
+    by_key: dict[str | None, list[HolderWindow]] = {}
+    for h in holders:
+        by_key.setdefault(key_of(h), []).append(h)
+    n = len(holders)
+    return {key: (len(hs) / n, hs) for key, hs in by_key.items()}
+
+
+def _count_held(agent: AgentState, d: DeviceWindow, model: str, fraction: float) -> None:
+    if agent.held is None:
+        agent.held = {by: OrderedDict() for by in HOLDER_KEYS}
+        agent.held_folded = dict.fromkeys(HOLDER_KEYS, 0)
+    seconds = d.allocated_idle_s
+    for by, key_of in HOLDER_KEYS.items():
+        keys = agent.held[by]
+        for key, (share, _) in _shares(d.holders, key_of).items():
+            per_model = keys.get(key)
+            if per_model is None:
+                if len(keys) >= MAX_HOLDER_KEYS_PER_AGENT:
+                    _fold_oldest(agent, by, keys)
+                per_model = keys[key] = {}
+            else:
+                keys.move_to_end(key)
+            acc = per_model.get(model)
+            if acc is None:
+                acc = per_model[model] = [0.0, 0.0]
+            acc[0] += seconds * share
+            acc[1] += seconds * share * fraction
+
+
+def _fold_oldest(agent: AgentState, by: str, keys: OrderedDict[str | None, dict[str, list[float]]]) -> None:
+    """Make room for a new key (and "(other)"): the least recently active keys' seconds go to
+    "(other)", so nothing is lost, only who it was."""
+    other = keys.pop(OTHER, None) or {}
+    while len(keys) >= MAX_HOLDER_KEYS_PER_AGENT - 1:
+        _, per_model = keys.popitem(last=False)
+        for model, (s, gs) in per_model.items():
+            acc = other.setdefault(model, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += gs
+        if agent.held_folded is not None:
+            agent.held_folded[by] += 1
+    keys[OTHER] = other
+    keys.move_to_end(OTHER, last=False)  # "(other)" is never the one folded
+
+
+def holder_dict(h: HolderWindow) -> dict[str, Any]:
+    """A holder as the API shows it: every field, None where not known."""
+    return {
+        "source": h.source,
+        "pid": h.pid,
+        "user": h.user,
+        "uid": h.uid,
+        "command": h.command,
+        "runtime": h.runtime,
+        "container_id": h.container_id,
+        "pod_uid": h.pod_uid,
+        "namespace": h.namespace,
+        "pod": h.pod,
+        "container": h.container,
+        "slurm_job_id": h.slurm_job_id,
+        "partition": h.partition,
+        "memory_bytes": h.memory_bytes,
+        "held_s": h.held_s,
+        "since": h.since,
+    }
+
+
+class _HolderTally:
+    __slots__ = (
+        "alloc_idle_value",
+        "devices",
+        "gpu",
+        "gpu_seconds",
+        "held",
+        "longest",
+        "seconds",
+        "states",
+        "value",
+    )
+
+    def __init__(self) -> None:
+        self.devices = 0
+        self.gpu = 0.0
+        self.states = [0, 0, 0, 0]
+        self.value = 0.0
+        self.alloc_idle_value = 0.0
+        self.longest = -1.0
+        self.seconds = 0.0
+        self.gpu_seconds = 0.0
+        self.held: list[tuple[Any, ...]] = []
 
 
 class _Tally:
@@ -405,6 +550,8 @@ class FleetView:
             for i, s in enumerate((d.busy_s, d.allocated_idle_s, d.free_s, d.unavailable_s)):
                 acc[i] += s
                 acc[4 + i] += s * share
+            if d.allocated_idle_s > 0:
+                _count_held(agent, d, model, share)
 
     def _replace_devices(self, agent: AgentState, report: Report) -> None:
         old = agent.devices
@@ -660,6 +807,147 @@ class FleetView:
         found.sort(key=lambda f: (-f[0], f[1].id, f[2].device_id))
         return [self._device_dict(*f[1:]) for f in found[:limit]]
 
+    def holders(
+        self,
+        by: str = "user",
+        states: frozenset[str] | None = frozenset({"allocated_idle"}),
+        min_idle_s: float = 0.0,
+        filters: Mapping[str, str] | None = None,
+        limit: int = 100,
+    ) -> dict[str, Any]:
+        """`GET /api/v1/holders`: per holder (`by`: user, namespace, pod, job, container), the devices
+        it holds now, their state, how long, their value per hour and its allocated-idle hours since
+        the collector started; most wasteful first (allocated-idle value per hour, then time).
+
+        Devices, states and `gpu_equivalents` count each device a holder holds; values and hours are
+        its share of the device (split evenly over the device's listed holders). "How long" and
+        `min_idle` go by the time in the state for a single state, by the idle streak for `all`.
+        """
+        key_of = HOLDER_KEYS[by]
+        now = self.clock()
+        filters = dict(filters or {})
+        want_model = filters.pop("model", None)
+        want_host = filters.pop("host", None)
+        want_agent = filters.pop("agent", None)
+        label_filters = [(self.label_keys.index(k), v) for k, v in filters.items()]
+        state_idx = None if states is None else frozenset(_STATE_INDEX[s] for s in states)
+        by_state = state_idx is not None and len(state_idx) == 1
+        tallies: dict[str | None, _HolderTally] = {}
+        agents = []
+        for agent in self._select_agents(want_agent, now):
+            if want_host is not None and agent.host != want_host:
+                continue
+            if any((agent.labels[i] if agent.labels else None) != v for i, v in label_filters):
+                continue
+            agents.append(agent)
+            is_stale = self.is_stale(agent, now)
+            for dev in agent.devices.values():
+                state = _UNAVAILABLE if is_stale or dev.missing else dev.state
+                if state_idx is not None and state not in state_idx:
+                    continue
+                if want_model is not None and dev.model != want_model:
+                    continue
+                if not dev.holders and dev.state not in _HELD_STATES:
+                    continue  # nobody held it in its latest window
+                idle_for = (
+                    max(0.0, now - dev.idle_since)
+                    if state in _IDLE_INDEXES and dev.idle_since is not None
+                    else -1.0
+                )
+                since = _state_since(dev, state)
+                in_state_for = max(0.0, now - since) if since is not None else -1.0
+                rank = in_state_for if by_state else idle_for
+                if min_idle_s > 0 and rank < min_idle_s:
+                    continue
+                for key, (share, hs) in _shares(dev.holders, key_of).items():
+                    t = tallies.get(key)
+                    if t is None:
+                        t = tallies[key] = _HolderTally()
+                    value = dev.value_per_hour * share
+                    t.devices += 1
+                    t.gpu += dev.share
+                    t.states[state] += 1
+                    t.value += value
+                    if state == _ALLOCATED_IDLE:
+                        t.alloc_idle_value += value
+                    t.longest = max(t.longest, rank)
+                    t.held.append(
+                        (value, rank, agent, dev, state, idle_for, in_state_for, is_stale, share, hs)
+                    )
+        folded = 0
+        other_s = other_gpu_s = 0.0
+        for agent in agents:
+            if agent.held is None or agent.held_folded is None:
+                continue
+            folded += agent.held_folded[by]
+            for key, per_model in agent.held[by].items():
+                t = tallies.get(key)
+                if t is None and key != OTHER:
+                    continue
+                for model, (s, gs) in per_model.items():
+                    if want_model is not None and model != want_model:
+                        continue
+                    if t is not None:
+                        t.seconds += s
+                        t.gpu_seconds += gs
+                    else:
+                        other_s += s
+                        other_gpu_s += gs
+        ranked = sorted(
+            tallies.items(),
+            key=lambda kv: (-kv[1].alloc_idle_value, -kv[1].longest, kv[0] is None, kv[0] or ""),
+        )
+        return {
+            "generated_at": now,
+            "since": self.started_at,
+            "by": by,
+            "currency": self.pricing.currency,
+            "holders": [self._holder_dict(key, t) for key, t in ranked[:limit]],
+            "count": len(ranked),
+            # Keys folded into "(other)" in the since-start hours (the least recently active first).
+            "folded": {
+                "holders": folded,
+                "allocated_idle_device_hours": round(other_s / 3600, 6),
+                "allocated_idle_gpu_hours": round(other_gpu_s / 3600, 6),
+            },
+        }
+
+    def _holder_dict(self, key: str | None, t: _HolderTally) -> dict[str, Any]:
+        t.held.sort(key=lambda f: (-f[0], -f[1], f[2].id, f[3].device_id))
+        held = []
+        for value, _rank, agent, dev, state, idle_for, in_state_for, is_stale, share, hs in t.held[
+            :MAX_HELD_LISTED
+        ]:
+            held.append(
+                {
+                    "host": agent.host,
+                    "agent": agent.id,
+                    "device_id": dev.device_id,
+                    "model": dev.model,
+                    "fraction": dev.share,
+                    "state": STATES[state],
+                    "idle_for_s": round(idle_for, 3) if idle_for >= 0 else None,
+                    "in_state_for_s": round(in_state_for, 3) if in_state_for >= 0 else None,
+                    "share": round(share, 6),
+                    "value_per_hour": round(value, 6),
+                    "stale": is_stale,
+                    "holders": [holder_dict(h) for h in hs],
+                }
+            )
+        return {
+            "holder": key,
+            "devices": t.devices,
+            "gpu_equivalents": round(t.gpu, 6),
+            "states": dict(zip(STATES, t.states, strict=True)),
+            "longest_for_s": round(t.longest, 3) if t.longest >= 0 else None,
+            "value_per_hour": round(t.value, 6),
+            "allocated_idle_value_per_hour": round(t.alloc_idle_value, 6),
+            "allocated_idle_device_hours": round(t.seconds / 3600, 6),
+            "allocated_idle_gpu_hours": round(t.gpu_seconds / 3600, 6),
+            "held": held,
+            "held_omitted": max(0, len(t.held) - MAX_HELD_LISTED),
+        }
+
     def _select_agents(self, agent_id: str | None, now: float) -> Iterable[AgentState]:
         if agent_id is None:
             return self.live_agents(now)
@@ -707,6 +995,8 @@ class FleetView:
             "value_per_hour": round(dev.value_per_hour, 6),
             "window_end": dev.end,
             "stale": is_stale,
+            "holders": None if dev.holders is None else [holder_dict(h) for h in dev.holders],
+            "holders_omitted": dev.holders_omitted,
         }
 
 
