@@ -144,10 +144,11 @@ def _check_classifier(classifier: ClassifierConfig, where: Where) -> None:
                 raise where.child(name).child(key).error(f"must be ≥ 0, got {value}")
 
 
-def listen_address(listen: str) -> tuple[str, int]:
-    """`"127.0.0.1:9477"` → ("127.0.0.1", 9477); `"[::1]:9477"` → ("::1", 9477). Raises ValueError."""
+def listen_address(listen: str, any_port: bool = False) -> tuple[str, int]:
+    """`"127.0.0.1:9477"` → ("127.0.0.1", 9477); `"[::1]:9477"` → ("::1", 9477). Raises ValueError.
+    Port 0 (any free port: tests) only with `any_port`; a scraper needs to know the port."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+    if not sep or not port.isdigit() or not (0 if any_port else 1) <= int(port) <= 65535:
         raise ValueError(
             f"must be host:port with a port 1-65535 (e.g. 127.0.0.1:{EXPORTER_PORT}), got {listen!r}"
         )
