@@ -12,6 +12,7 @@ from capmon.agent.allocation import Allocation, AllocationSource
 from capmon.agent.probe import (
     CommandRunner,
     DeviceSample,
+    Holder,
     HostSample,
     Probe,
     ProbeConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "AllocationSource",
     "CommandRunner",
     "DeviceSample",
+    "Holder",
     "HostSample",
     "Probe",
     "ProbeConfig",

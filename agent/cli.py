@@ -4,6 +4,7 @@ the `capmon.commands` entry-point group, so the agent never imports the collecto
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import importlib.metadata
 import json
@@ -132,6 +133,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             rec = {"probe": probe, "state": obs.state}
             rec.update({k: getattr(d, k) for k in d.__slots__})
             rec["extra"], rec["info"] = dict(d.extra), dict(d.info)
+            rec["holders"] = None if d.holders is None else [dataclasses.asdict(h) for h in d.holders]
             rec["util_unknown"], rec["ghost"], rec["spin"] = obs.util_unknown, obs.ghost, obs.spin
             rec["why"] = obs.reason
             records.append(rec)

@@ -92,6 +92,9 @@ class Probe:
     default_timeout_s: ClassVar[float] = 5.0
     # Probes with `auto = False` (the mock) run only when the configuration asks for them.
     auto: ClassVar[bool] = True
+    # Where the PIDs in this probe's `holders` live: None is the host's `/proc`. The mock probe points
+    # it at the simulated /proc tree it writes, so its holders resolve like real ones.
+    proc_root: str | None = None
     # Seconds after `setup()` before a sample has every field (a rate needs two readings):
     # `capmon agent probe` waits this long before its one sample.
     warmup_s: ClassVar[float] = 0.0
