@@ -4,8 +4,8 @@ the `capmon.commands` entry-point group, so the agent never imports the collecto
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import importlib.metadata
 import json
 import logging
