@@ -302,9 +302,21 @@ def _read(path: str) -> str:
 
 
 def _start_time(proc_root: str, pid: int) -> int:
-    text = _read(f"{proc_root}/{pid}/stat")
+    """Field 22 of `/proc/<pid>/stat`. The warm path of every tick: one open, one read."""
+    try:
+        fd = os.open(f"{proc_root}/{pid}/stat", os.O_RDONLY)
+    except (FileNotFoundError, ProcessLookupError):
+        raise _Gone(REASON_EXITED) from None
+    except PermissionError:
+        raise _Gone(REASON_NOT_READABLE) from None
+    try:
+        data = os.read(fd, 4096)  # the whole file: comm is at most 64 bytes, 52 short numbers after it
+    except ProcessLookupError:
+        raise _Gone(REASON_EXITED) from None
+    finally:
+        os.close(fd)
     # `pid (comm) state ppid …`: comm may hold spaces and parentheses; fields follow the last ')'.
-    rest = text[text.rfind(")") + 1 :].split()
+    rest = data[data.rfind(b")") + 2 :].split(b" ", 20)
     try:
         return int(rest[19])  # field 22; `rest` starts at field 3
     except (IndexError, ValueError):

@@ -403,17 +403,15 @@ def test_resolve_process_gone_and_not_visible(proc, tmp_path):
 
 def test_pid_vanishing_between_listing_and_reading(proc, monkeypatch):
     d = proc.add(77)
-    import capmon.agent.holders as holders
+    real_open = os.open
 
-    real_read = holders._read
-
-    def read(path):
-        text = real_read(path)
-        if path.endswith("/stat") and "/77/" in path:
+    def open_(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if str(path).endswith("/77/stat") and (d / "cgroup").exists():
             (d / "cgroup").unlink()  # exits after its stat was read
-        return text
+        return fd
 
-    monkeypatch.setattr(holders, "_read", read)
+    monkeypatch.setattr(os, "open", open_)
     assert resolve_process(77, str(proc.root)) == ProcessOwner(77, reason=REASON_EXITED)
 
 
@@ -461,10 +459,12 @@ def test_cache_hits_rereads_only_stat_and_resolves_a_reused_pid(proc, monkeypatc
     proc.add(100, comm="train", start=1000, uid=1000)
     resolver = HolderResolver(HoldersConfig(), str(proc.root), user_name=names)
     reads = []
-    import capmon.agent.holders as holders
-
-    real_read = holders._read
-    monkeypatch.setattr(holders, "_read", lambda p: reads.append(p.rsplit("/", 1)[-1]) or real_read(p))
+    real_open = os.open
+    monkeypatch.setattr(
+        os,
+        "open",
+        lambda path, *a, **k: reads.append(str(path).rsplit("/", 1)[-1]) or real_open(path, *a, **k),
+    )
 
     first = resolver.resolve_devices({"GPU-0": (Holder(100),), "GPU-1": (Holder(100),)})
     assert first["GPU-0"][0].owner.user == "alice"
