@@ -204,7 +204,13 @@ class DeviceState:
         # Repeated across a fleet ("simulated XID 79: fallen off the bus"): one copy.
         self.error: str | None = _intern(d.error)
         self.reason: str | None = _intern(d.reason)
-        # The latest window's holders; None: the probe cannot tell who holds it.
+        # The latest window's holders; None: the probe cannot tell who holds it. Their names repeat
+        # across devices and windows (a user on eight GPUs, `python3`): one copy each.
+        for h in d.holders or ():
+            h.user = _intern(h.user)
+            h.command = _intern(h.command)
+            h.namespace = _intern(h.namespace)
+            h.runtime = _intern(h.runtime)
         self.holders: Sequence[HolderWindow] | None = d.holders
         self.holders_omitted: int = d.holders_omitted
         self.missing: bool = False

@@ -192,3 +192,16 @@ def test_since_start_holders_per_agent_are_bounded_and_nothing_is_lost(clock, mo
     assert answer["folded"]["allocated_idle_device_hours"] == round(33 * 60 / 3600, 6)
     # By user nothing folds: one user.
     assert view.holders("user")["holders"][0]["allocated_idle_device_hours"] == round(40 * 60 / 3600, 6)
+
+
+def test_holder_names_are_kept_once_across_devices(clock):
+    """At 100,000 devices a user's name and `python3` are one string each, not one per holder."""
+    view = make_view(clock)
+    payload = batch(
+        [report(devices=[device(f"GPU-{i}", "allocated_idle", holders=[h(i, "alice")]) for i in range(2)])]
+    )
+    view.apply(
+        msgspec.json.decode(msgspec.json.encode(payload), type=wire.Batch)
+    )  # fresh strings, as ingest decodes
+    a, b = (dev.holders[0] for dev in view.by_id["node-1"].devices.values())
+    assert a.user is b.user and a.command is b.command
