@@ -238,9 +238,15 @@ class ProbeContract:
         probe = self.make_absent_probe()
         if probe is None:
             pytest.skip("make_absent_probe() gives no probe without its boundary")
-        with pytest.raises(ProbeUnavailable) as caught:
+        try:
             probe.setup()
-        reason = str(caught.value).strip()
+        except ProbeUnavailable as exc:
+            reason = str(exc).strip()
+        else:
+            probe.close()
+            raise AssertionError(
+                "setup() without its boundary returned: it must raise ProbeUnavailable with a reason"
+            )
         # "npu-smi not on PATH": words for the person reading `capmon agent probes`.
         assert len(reason.split()) >= 2, f"ProbeUnavailable({reason!r}) does not say why, for people"
         probe.close()  # after a refused setup too
