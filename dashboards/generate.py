@@ -634,6 +634,7 @@ def fleet() -> dict:
         24,
         8,
     )
+    holder_panels(lay)
     variables = [
         datasource_var(),
         tag_var("site", "capmon_device"),
@@ -658,6 +659,144 @@ def fleet() -> dict:
         "Which accelerators are idle, where, since when, and what that idle time is worth.",
         lay,
         variables,
+    )
+
+
+# -- Who holds the idle devices (capmon_holder) -----------------------------------------------------
+
+# capmon_holder: one point per device per holder per window. Tags: the agent's, vendor, model, device,
+# user, namespace, runtime, slot (numbers holders with the same tags); pod, job, container, pid and
+# command are fields. allocated_idle_s, allocated_idle_gpu_s and idle_value are the holder's share of
+# the device's (split evenly over its listed holders), so a SUM by user adds up to the devices'.
+HOLDER_SERIES = '"user", "namespace", "runtime", "host", "device", "model", "slot"'
+SHARE_NOTE = (
+    "A device held by several processes counts each its share (split evenly); devices whose agent "
+    "cannot tell who holds them are not here."
+)
+HOLDER_COLS = [
+    unit_override("allocated-idle GPU-hours", "h", decimals=2),
+    {
+        "matcher": {"id": "byRegexp", "options": "allocated-idle value.*"},
+        "properties": [{"id": "unit", "value": "short"}, {"id": "decimals", "value": 2}],
+    },
+]
+
+
+def allocated_idle_by(tag: str) -> str:
+    return (
+        'SELECT SUM("allocated_idle_gpu_s") / 3600 AS "allocated-idle GPU-hours", '
+        'SUM("idle_value") AS "allocated-idle value ($currency)" FROM "capmon_holder" '
+        f'WHERE $timeFilter {FLEET_FILTER} GROUP BY "{tag}"'
+    )
+
+
+def holder_panels(lay: Layout) -> None:
+    lay.row("Who holds them (over the time range; reclaim candidates now)")
+    merge = [{"id": "merge", "options": {}}, {"id": "organize", "options": {"excludeByName": {"Time": True}}}]
+    for title, tag, what in (
+        (
+            "Allocated idle by user",
+            "user",
+            "the holding process's user (or uid, as the agent's [holders] users says)",
+        ),
+        (
+            "Allocated idle by namespace",
+            "namespace",
+            "the Kubernetes namespace of the holding pod (empty: not a pod)",
+        ),
+    ):
+        lay.add(
+            table(
+                title,
+                f"Allocated-idle GPU-hours and their value per {tag}: {what}. In {GPU_EQ}. {SHARE_NOTE}",
+                [target(allocated_idle_by(tag), fmt="table")],
+                "h",
+                HOLDER_COLS,
+                sort_by="allocated-idle value ($currency)",
+                transformations=merge,
+            ),
+            8,
+            8,
+        )
+    # The job is a field (unbounded), and InfluxQL groups by tags only: each holder series with a job
+    # is summed in InfluxDB, the series of one job are added up by Grafana's groupBy transformation.
+    lay.add(
+        table(
+            "Allocated idle by job",
+            f"Allocated-idle GPU-hours and their value per Slurm job, in {GPU_EQ}. {SHARE_NOTE} Each "
+            "device of a job counts under the job it was last held by in the range.",
+            [
+                target(
+                    'SELECT SUM("allocated_idle_gpu_s") / 3600 AS "allocated-idle GPU-hours", '
+                    'SUM("idle_value") AS "allocated-idle value ($currency)", LAST("slurm_job_id") AS "job" '
+                    f'FROM "capmon_holder" WHERE $timeFilter AND "slurm_job_id" =~ /./ {FLEET_FILTER} '
+                    f"GROUP BY {HOLDER_SERIES}",
+                    fmt="table",
+                )
+            ],
+            "h",
+            HOLDER_COLS,
+            sort_by="allocated-idle value ($currency) (sum)",
+            transformations=[
+                {"id": "merge", "options": {}},
+                {
+                    "id": "groupBy",
+                    "options": {
+                        "fields": {
+                            "job": {"aggregations": [], "operation": "groupby"},
+                            "user": {"aggregations": [], "operation": "groupby"},
+                            "allocated-idle GPU-hours": {"aggregations": ["sum"], "operation": "aggregate"},
+                            "allocated-idle value ($currency)": {
+                                "aggregations": ["sum"],
+                                "operation": "aggregate",
+                            },
+                        }
+                    },
+                },
+            ],
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        table(
+            "Reclaim candidates",
+            "Devices allocated idle at the end of the range, and who holds them: the holder (user, "
+            "namespace, pod, job, process), the device, how long it has been allocated idle (the time in "
+            "this state, which the list is ranked by: a GPU free for days that a job took an hour ago is "
+            "an hour), its idle streak, and what the device is worth per hour idle (the collector's "
+            f"[pricing]; a MIG instance its share of the GPU). {SHARE_NOTE}",
+            [
+                target(
+                    'SELECT "allocated idle for", "idle for", "idle_value" * 3600 / "allocated_idle_s" AS '
+                    '"value ($currency/h)", "pod", "job", "command", "pid", "GPU share" FROM (SELECT '
+                    'LAST("state_code") AS "code", "in_state_s" AS "allocated idle for", "idle_for_s" AS "idle for", '
+                    '"idle_value", "allocated_idle_s", "pod", "slurm_job_id" AS "job", "command", "pid", '
+                    f'"gpu_fraction" AS "GPU share" FROM "capmon_holder" WHERE {NOW} {FLEET_FILTER} '
+                    f'GROUP BY {HOLDER_SERIES}) WHERE "code" = 1 GROUP BY {HOLDER_SERIES}',
+                    fmt="table",
+                )
+            ],
+            "s",
+            [
+                unit_override("allocated idle for", "dtdurations"),
+                unit_override("idle for", "dtdurations"),
+                unit_override("GPU share", "percentunit", decimals=0),
+                {
+                    "matcher": {"id": "byRegexp", "options": "value .*"},
+                    "properties": [{"id": "unit", "value": "short"}, {"id": "decimals", "value": 2}],
+                },
+                unit_override("Time", "dateTimeAsIso", displayName="last report"),
+            ],
+            sort_by="allocated idle for",
+            steps=thresholds((None, "green"), (3600, "yellow"), (86400, "red")),
+            transformations=[
+                {"id": "merge", "options": {}},
+                {"id": "organize", "options": {"excludeByName": {"slot": True, "runtime": True}}},
+            ],
+        ),
+        24,
+        9,
     )
 
 
@@ -742,6 +881,43 @@ def host() -> dict:
             transformations=[
                 {"id": "merge", "options": {}},
                 {"id": "organize", "options": {"excludeByName": {"code": True}}},
+            ],
+        ),
+        24,
+        8,
+    )
+    lay.add(
+        table(
+            "Holders now",
+            "Who holds each device, from each device's latest window in the now window ($now_window): the "
+            "process (pid, user, name — never its command line), its container, pod or Slurm job, the "
+            "device memory it used (peak in the window) and how many seconds of that window it held the "
+            "device. Devices whose agent cannot tell who holds them are not listed.",
+            [
+                target(
+                    'SELECT LAST("state") AS "state", "pid", "command", "container_id" AS "container id", "pod", '
+                    '"container", "slurm_job_id" AS "job", "partition", "memory_bytes" AS "memory", '
+                    f'"held_s" AS "held" FROM "capmon_holder" WHERE {NOW} {HOST_FILTER} '
+                    'GROUP BY "device", "user", "namespace", "runtime", "slot"',
+                    fmt="table",
+                )
+            ],
+            "none",
+            [
+                unit_override("memory", "bytes"),
+                unit_override("held", "s"),
+                unit_override("Time", "dateTimeFromNow", displayName="last report"),
+                {
+                    "matcher": {"id": "byName", "options": "state"},
+                    "properties": [
+                        {"id": "mappings", "value": state_mappings()},
+                        {"id": "custom.cellOptions", "value": {"type": "color-background"}},
+                    ],
+                },
+            ],
+            transformations=[
+                {"id": "merge", "options": {}},
+                {"id": "organize", "options": {"excludeByName": {"slot": True}}},
             ],
         ),
         24,
@@ -890,7 +1066,7 @@ def host() -> dict:
     return dashboard(
         "capmon-host",
         "capmon — Host detail",
-        "One host's devices: state over time and why, utilisation, spin, memory, power, temperature, processes.",
+        "One host's devices: state over time and why, who holds them, utilisation, spin, memory, power, temperature, processes.",
         lay,
         variables,
     )

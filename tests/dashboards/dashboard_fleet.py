@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from capmon.agent import wire
 from capmon.agent.config import AgentConfig, AgentSection
 from capmon.agent.daemon import Agent, identity_of
+from capmon.agent.holders import HolderWindows
 from capmon.agent.probe import DeviceSample, Probe
 from capmon.collector.app import FLEET as FLEET_VIEW
 from capmon.collector.app import create_app
@@ -79,8 +80,8 @@ def storage_schema() -> Schema:
         model="NVIDIA H100 80GB HBM3",
         index=0,
         parent_id="GPU-0",
-        state="free",
-        free_s=60.0,
+        state="allocated_idle",
+        allocated_idle_s=60.0,
         util_mean_pct=1.0,
         util_max_pct=2.0,
         memory_used_bytes=1,
@@ -93,6 +94,25 @@ def storage_schema() -> Schema:
         fraction=1 / 7,
         error="x",
         reason="y",
+        holders=[
+            wire.HolderWindow(
+                pid=1,
+                user="u",
+                uid=1000,
+                command="c",
+                runtime="containerd",
+                container_id="0123456789ab",
+                pod_uid="p",
+                namespace="n",
+                pod="p",
+                container="c",
+                slurm_job_id="1",
+                partition="gpu",
+                memory_bytes=1,
+                held_s=60.0,
+                since=1_760_000_000,
+            )
+        ],
     )
     report = wire.Report(
         seq=1,
@@ -285,6 +305,7 @@ def expand(
 # The scripted fleet: 3 hosts × 8 mock devices and one host with a MIG GPU and a spinning GPU, over 3
 # hours of simulated time, sampled every 30 s, reported in 60 s windows. Phase lists run on the
 # absolute clock; T0 is a multiple of every cycle, so each phase starts exactly at T0 + its offset.
+# HOLDERS says who holds which device; the agent's HolderWindows turns them into window records.
 
 T0 = 1_760_054_400  # a multiple of 86 400 s
 DURATION_S = 3 * 3600
@@ -383,6 +404,83 @@ FLEET = (
 )
 
 MIG_HOST = FLEET[3].host
+
+
+@dataclass(frozen=True)
+class ScriptedHolder:
+    """Who holds a scripted device while its profile holds it (notebook, training, spin): a holder
+    record as the agent's `HolderWindows` accumulates them (`capmon.agent.holders.HolderRecord`),
+    with the names an allocation source adds (namespace, pod, Slurm job)."""
+
+    user: str
+    pid: int
+    command: str
+    memory_bytes: int
+    runtime: str | None = None
+    namespace: str | None = None
+    pod: str | None = None
+    container: str | None = None
+    container_id: str | None = None
+    slurm_job_id: str | None = None
+    partition: str | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return ("process", self.pid)
+
+    def window(self, held_s: float, memory_bytes: int | None) -> wire.HolderWindow:
+        return wire.HolderWindow(
+            pid=self.pid,
+            user=self.user,
+            uid=1000 + self.pid % 1000,
+            command=self.command,
+            runtime=self.runtime,
+            container_id=self.container_id,
+            namespace=self.namespace,
+            pod=self.pod,
+            container=self.container,
+            slurm_job_id=self.slurm_job_id,
+            partition=self.partition,
+            memory_bytes=memory_bytes,
+            held_s=held_s,
+            since=T0 - 3600,
+        )
+
+
+_ALICE = {"user": "alice", "runtime": "containerd", "namespace": "research", "container": "jupyter"}
+_BOB_JOB = {"user": "bob", "runtime": "slurm", "slurm_job_id": "81234", "partition": "gpu"}
+_CAROL = {"user": "carol", "runtime": "containerd", "namespace": "inference", "pod": "llm-serve-7f9"}
+# (host, device) → who holds it whenever its profile holds it; every other device: holders unknown.
+HOLDERS: dict[tuple[str, str], tuple[ScriptedHolder, ...]] = {
+    (FLEET[0].host, "MOCK-000-00"): (
+        ScriptedHolder("erin", 9001, "torchrun", 60 * GIB, "slurm", slurm_job_id="90001", partition="gpu"),
+    ),
+    (FLEET[0].host, "MOCK-000-03"): (
+        ScriptedHolder(pid=4242, command="python3", memory_bytes=20 * GIB, pod="nb-alice-0", **_ALICE),
+    ),
+    (FLEET[1].host, "MOCK-001-03"): (
+        ScriptedHolder(pid=777, command="python", memory_bytes=8 * GIB, **_BOB_JOB),
+    ),
+    # The same job holds a second GPU: training for 30 min, then idle with its memory held.
+    (FLEET[1].host, "MOCK-001-04"): (
+        ScriptedHolder(pid=778, command="python", memory_bytes=8 * GIB, **_BOB_JOB),
+    ),
+    # Two processes of one user on one NPU: the device's idle time is split between them.
+    (FLEET[2].host, "MOCK-002-04"): (
+        ScriptedHolder(pid=100, command="vllm", memory_bytes=12 * GIB, container="engine", **_CAROL),
+        ScriptedHolder(pid=101, command="vllm-worker", memory_bytes=4 * GIB, container="engine", **_CAROL),
+    ),
+    (MIG_HOST, "MIG-d01-0-4"): (
+        ScriptedHolder("dave", 31337, "python", 2 * GIB, "docker", container_id="4f3c2b1a0e9d8c7b6a5f"),
+    ),
+    (MIG_HOST, "MIG-d01-0-5"): (
+        ScriptedHolder(pid=4343, command="python3", memory_bytes=2 * GIB, pod="nb-alice-1", **_ALICE),
+    ),
+    (MIG_HOST, "GPU-d01-1"): (
+        ScriptedHolder("frank", 5150, "torchrun", 64 * GIB, "slurm", slurm_job_id="90002", partition="gpu"),
+    ),
+}
+HOLDING_PROFILES = ("notebook", "training", "spin")
 SPIN_S = 5400  # GPU-d01-1's spin phase
 PROFILE_STATE = {
     "idle": "free",
@@ -597,6 +695,10 @@ async def _run_agent(h: ScriptedHost) -> tuple[wire.AgentIdentity, list[wire.Rep
     config = AgentConfig(agent=AgentSection(id=h.host, host=h.host, labels=h.labels, window_s=WINDOW_S))
     sink = ScriptedSpool(h.host)
     agent = Agent(config, sink=sink, probes=probes, clock=clock)
+    specs = {f"MOCK-{h.host_index:03d}-{i:02d}": spec for i, spec in enumerate(h.profiles)}
+    specs.update((d.device_id, d.profile) for d in h.scripted)
+    held = {device: holders for (host, device), holders in HOLDERS.items() if host == h.host}
+    windows = HolderWindows()
     tasks = agent.sampler.tasks
     start = T0
     for k in range(DURATION_S // SAMPLE_S):
@@ -613,12 +715,26 @@ async def _run_agent(h: ScriptedHost) -> tuple[wire.AgentIdentity, list[wire.Rep
             if name == "slow_driver" and task._inflight is not None:
                 # Let the hung call return, so that the next tick times out again instead of skipping.
                 await asyncio.wait([task._inflight])
+        for device, holders in held.items():
+            holding = profile_at(specs[device], clock.now) in HOLDING_PROFILES
+            windows.observe(device, clock.now, holders if holding else ())
         if end % WINDOW_S == 0:
             clock.now = end
-            await sink.put(agent.close_window(sink.next_seq(), start, end))
+            report = agent.close_window(sink.next_seq(), start, end)
+            await sink.put(_with_holders(report, windows.close(None, end)))
             start = end
     # The agent's own identity (id, host, labels, version), with the spool instance a spool would give.
     return msgspec.structs.replace(identity_of(config), instance="spool-1"), sink.reports
+
+
+def _with_holders(report: wire.Report, closed: Mapping[str, tuple[list[wire.HolderWindow] | None, int]]):
+    """The report with the script's holders: what the agent's holder windows made of them, and
+    "cannot tell" for every other device, whatever the mock reports."""
+    devices = []
+    for d in report.devices:
+        records, omitted = closed.get(d.device_id, (None, 0))
+        devices.append(msgspec.structs.replace(d, holders=records, holders_omitted=omitted))
+    return msgspec.structs.replace(report, devices=devices)
 
 
 AGENT_TOKEN = "dashboard-agent-token"
@@ -665,6 +781,14 @@ async def run_pipeline(influx_url: str, db: str) -> dict[str, Any]:
         )
         assert resp.status == 200, await resp.text()
         fleet["_devices"] = await resp.json()
+        fleet["_holders"] = {}
+        for by in ("user", "namespace", "job"):
+            resp = await client.get(
+                f"/api/v1/holders?by={by}&state=all&limit=1000",
+                headers={"Authorization": f"Bearer {READ_TOKEN}"},
+            )
+            assert resp.status == 200, await resp.text()
+            fleet["_holders"][by] = await resp.json()
     return fleet
 
 

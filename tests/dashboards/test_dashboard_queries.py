@@ -14,6 +14,7 @@ from dashboard_fleet import (
     DURATION_S,
     FLEET,
     H100,
+    HOLDERS,
     LOST_WINDOWS,
     MIG_HOST,
     PRICES,
@@ -471,3 +472,161 @@ def test_agents_counters(filled):
     only_c = panel_rows(influxd, "capmon-agents", "Probe errors", site=["fra2"])
     assert value(only_c) == PROBE_ERRORS_EXPECTED
     assert not math.isnan(value(panel_rows(influxd, "capmon-agents", "Probe errors", agent=[GPU_A])))
+
+
+# -- Who holds them (capmon_holder) ----------------------------------------------------------------
+
+
+def _price(model: str) -> float:
+    return next(p for key, p in PRICES.items() if key in model)
+
+
+def allocated_idle_by(key) -> dict[str | None, tuple[float, float]]:
+    """Holder key → (allocated-idle GPU-hours, their value), from the script alone: each device's
+    allocated-idle time split evenly over its holders."""
+    devices = {(d.host, d.device): d for d in EXPECTED}
+    out: dict[str | None, tuple[float, float]] = {}
+    for (host, device), holders in HOLDERS.items():
+        d = devices[(host, device)]
+        hours = d.gpu_seconds("allocated_idle") / 3600 / len(holders)
+        for h in holders:
+            k = key(h)
+            h0, v0 = out.get(k, (0.0, 0.0))
+            out[k] = (h0 + hours, v0 + hours * _price(d.model))
+    return out
+
+
+def flat(pairs: dict) -> dict:
+    """{key: (hours, value)} → {(key, 0): hours, (key, 1): value}: what pytest.approx compares."""
+    return {(k, i): v for k, vs in pairs.items() for i, v in enumerate(vs)}
+
+
+def test_allocated_idle_by_user_namespace_and_job(filled):
+    influxd, fleet_api = filled
+    by_user = allocated_idle_by(lambda h: h.user)
+    # alice: an H100 notebook for 3 h and a 1/7 MIG notebook for 3 h; bob: a job holding two A100s
+    # (3 h + 2.5 h idle); carol: one NPU, two processes; dave: 1/7 of an H100 for 1 h; erin and
+    # frank: busy (frank's GPU spinning) — held, never allocated idle.
+    assert flat(by_user) == pytest.approx(
+        flat(
+            {
+                "alice": (3 + 3 / 7, 2.10 * (3 + 3 / 7)),
+                "bob": (5.5, 1.20 * 5.5),
+                "carol": (3, 0.90 * 3),
+                "dave": (1 / 7, 2.10 / 7),
+                "erin": (0, 0),
+                "frank": (0, 0),
+            }
+        )
+    )
+    hours, value_ = "allocated-idle GPU-hours", "allocated-idle value (USD)"
+    rows = panel_rows(influxd, "capmon-fleet", "Allocated idle by user")
+    got = {r["user"]: (r[hours], r[value_] or 0) for r in rows}
+    assert flat(got) == pytest.approx(flat(by_user))
+    api = {h["holder"]: h for h in fleet_api["_holders"]["user"]["holders"]}
+    assert {u: api[u]["allocated_idle_gpu_hours"] for u in by_user} == pytest.approx(
+        {u: v[0] for u, v in by_user.items()}, abs=1e-5
+    )
+    # Every device allocated idle in the script has known holders: their shares add up to the
+    # devices' allocated-idle time, and each device's value to the device's.
+    assert {d.device for d in EXPECTED if d.seconds["allocated_idle"]} <= {dev for _, dev in HOLDERS}
+    device_total = value(panel_rows(influxd, "capmon-fleet", "Allocated-idle GPU-hours"))
+    assert sum(h for h, _ in got.values()) == pytest.approx(device_total)
+
+    rows = panel_rows(influxd, "capmon-fleet", "Allocated idle by namespace")
+    got = {r["namespace"]: (r[hours], r[value_] or 0) for r in rows}
+    want = allocated_idle_by(lambda h: h.namespace or "")  # a holder outside a pod: no namespace tag
+    assert flat(got) == pytest.approx(flat(want))
+    assert got["research"] == pytest.approx((3 + 3 / 7, 2.10 * (3 + 3 / 7)))
+    api = {h["holder"]: h for h in fleet_api["_holders"]["namespace"]["holders"]}
+    assert api["research"]["allocated_idle_gpu_hours"] == pytest.approx(got["research"][0], abs=1e-5)
+    assert api["inference"]["allocated_idle_gpu_hours"] == pytest.approx(got["inference"][0], abs=1e-5)
+
+    # By job: InfluxDB sums each holder series, Grafana's groupBy transformation adds up a job's.
+    p = panel_by_title("capmon-fleet", "Allocated idle by job")
+    (group,) = [t for t in p["transformations"] if t["id"] == "groupBy"]
+    fields = group["options"]["fields"]
+    assert fields["job"]["operation"] == "groupby" and fields[hours]["aggregations"] == ["sum"]
+    jobs: dict[str, tuple[float, float]] = {}
+    for r in panel_rows(influxd, "capmon-fleet", "Allocated idle by job"):
+        h0, v0 = jobs.get(r["job"], (0.0, 0.0))
+        jobs[r["job"]] = (h0 + r[hours], v0 + (r[value_] or 0))
+    want = {k: v for k, v in allocated_idle_by(lambda h: h.slurm_job_id).items() if k is not None}
+    assert flat(jobs) == pytest.approx(flat(want))
+    assert jobs["81234"] == pytest.approx((5.5, 6.6))  # bob's job, two A100s
+    api = {h["holder"]: h for h in fleet_api["_holders"]["job"]["holders"]}
+    assert {j: api[j]["allocated_idle_gpu_hours"] for j in jobs} == pytest.approx(
+        {j: v[0] for j, v in jobs.items()}, abs=1e-5
+    )
+
+
+def test_reclaim_candidates(filled):
+    influxd, fleet_api = filled
+    p = panel_by_title("capmon-fleet", "Reclaim candidates")
+    (sort,) = p["options"]["sortBy"]
+    rows = panel_rows(influxd, "capmon-fleet", "Reclaim candidates")
+    rows.sort(key=lambda r: r[sort["displayName"]], reverse=sort["desc"])
+    devices = {(d.host, d.device): d for d in EXPECTED}
+    want = {
+        (h.user, h.pid): (host, device)
+        for (host, device), holders in HOLDERS.items()
+        for h in holders
+        if devices[(host, device)].state_now == "allocated_idle"
+    }
+    assert {(r["user"], int(r["pid"])): (r["host"], r["device"]) for r in rows} == want
+    assert len(rows) == 7  # erin and frank are busy: no candidates
+    for r in rows:
+        d = devices[(r["host"], r["device"])]
+        assert r["allocated idle for"] == TO_S - d.state_since, r["device"]
+        assert r["idle for"] == TO_S - d.idle_since, r["device"]
+        assert r["model"] == d.model and r["GPU share"] == pytest.approx(d.fraction)
+        assert r["value (USD/h)"] == pytest.approx(_price(d.model) * d.fraction), r["device"]
+    # Ranked by the time allocated idle: dave's MIG slice, free for 2 h and taken 1 h ago, comes
+    # last, though it has been idle for 3 h; bob's second GPU (allocated idle for 2.5 h) before it.
+    assert [(r["user"], r["device"]) for r in rows[-2:]] == [("bob", "MOCK-001-04"), ("dave", "MIG-d01-0-4")]
+    dave = rows[-1]
+    assert (dave["allocated idle for"], dave["idle for"]) == (3600, 3 * 3600)
+    assert dave["value (USD/h)"] == pytest.approx(0.30)
+    bob = {r["device"]: r for r in rows if r["user"] == "bob"}
+    assert {r["job"] for r in bob.values()} == {"81234"}
+    carol = [r for r in rows if r["user"] == "carol"]
+    assert {(r["pod"], r["command"], r["namespace"]) for r in carol} == {
+        ("llm-serve-7f9", "vllm", "inference"),
+        ("llm-serve-7f9", "vllm-worker", "inference"),
+    }
+    # The collector's reclaim list names the same holders for the devices allocated idle now.
+    api = fleet_api["_holders"]["user"]["holders"]
+    held_now = {
+        (h["holder"], d["device_id"]) for h in api for d in h["held"] if d["state"] == "allocated_idle"
+    }
+    assert held_now == {(r["user"], r["device"]) for r in rows}
+
+
+def test_host_lists_holders_per_device(filled):
+    influxd, _ = filled
+    rows = panel_rows(influxd, "capmon-host", "Holders now", host=MIG_HOST)
+    got = {(r["device"], r["user"], int(r["pid"])): r for r in rows}
+    assert set(got) == {
+        (device, h.user, h.pid) for (host, device), hs in HOLDERS.items() if host == MIG_HOST for h in hs
+    }
+    frank = got[("GPU-d01-1", "frank", 5150)]
+    assert (frank["state"], frank["job"], frank["partition"], frank["command"]) == (
+        "busy",
+        "90002",
+        "gpu",
+        "torchrun",
+    )
+    assert frank["memory"] == 64 * 1024**3 and frank["held"] == WINDOW_S
+    dave = got[("MIG-d01-0-4", "dave", 31337)]
+    assert (dave["runtime"], dave["container id"], dave["state"]) == (
+        "docker",
+        "4f3c2b1a0e9d8c7b6a5f",
+        "allocated_idle",
+    )
+    alice = got[("MIG-d01-0-5", "alice", 4343)]
+    assert (alice["namespace"], alice["pod"], alice["container"]) == ("research", "nb-alice-1", "jupyter")
+    # The free instances have nobody; the host's other devices are not listed where nobody is known.
+    assert not {r["device"] for r in rows} & {f"MIG-d01-0-{k}" for k in range(4)}
+    npu = panel_rows(influxd, "capmon-host", "Holders now", host="npu-c01")
+    assert sorted(int(r["pid"]) for r in npu) == [100, 101]
+    assert {r["held"] for r in npu} == {WINDOW_S}

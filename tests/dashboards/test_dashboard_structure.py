@@ -63,7 +63,7 @@ def all_queries():
 
 
 def test_schema_comes_from_the_collector():
-    assert set(SCHEMA.fields) == {"capmon_device", "capmon_host", "capmon_agent"}
+    assert set(SCHEMA.fields) == {"capmon_device", "capmon_host", "capmon_agent", "capmon_holder"}
     assert SCHEMA.fields["capmon_device"]["state"] == "string"
     assert {"idle_s", "idle_since", "idle_for_s", "state_code"} <= set(SCHEMA.fields["capmon_device"])
     assert {"site", "cluster", "pool", "host", "model", "device"} <= SCHEMA.tags["capmon_device"]
@@ -73,6 +73,12 @@ def test_schema_comes_from_the_collector():
     gpu_equivalents = {"gpu_fraction", "idle_gpu_s", "allocated_idle_gpu_s", "window_gpu_s"}
     assert gpu_equivalents | {"spin_s", "in_state_s", "reason"} <= set(SCHEMA.fields["capmon_device"])
     assert SCHEMA.fields["capmon_agent"]["lost_windows"] == "float"
+    # Who holds a device: bounded identities are tags, the rest fields (a pid is a string, never summed).
+    assert {"user", "namespace", "runtime", "device", "model", "host"} <= SCHEMA.tags["capmon_holder"]
+    assert SCHEMA.fields["capmon_holder"]["pid"] == SCHEMA.fields["capmon_holder"]["slurm_job_id"] == "string"
+    assert {"allocated_idle_gpu_s", "idle_value", "in_state_s", "pod", "command"} <= set(
+        SCHEMA.fields["capmon_holder"]
+    )
 
 
 def test_the_schema_check_catches_a_misspelt_field():
@@ -118,9 +124,8 @@ def test_now_panels_use_the_now_window_variable():
             var = variables["now_window"]
             assert var["type"] in ("custom", "constant", "textbox") and not var.get("multi")
             assert var["current"]["value"] == "3m" and "3 × the agents' window_s" in var["description"]
-    assert (
-        now_queries == 4 + 2 * 4 + 1 + 1 + 1
-    )  # fleet stats, the two by-state tables, longest-idle, host, agents
+    # fleet stats, the two by-state tables, longest-idle, reclaim candidates, host devices and holders, agents
+    assert now_queries == 4 + 2 * 4 + 1 + 1 + 2 + 1
 
 
 def test_dashboards_are_what_generate_py_writes():
