@@ -712,7 +712,7 @@ def holder_panels(lay: Layout) -> None:
                 [target(allocated_idle_by(tag), fmt="table")],
                 "h",
                 HOLDER_COLS,
-                sort_by="allocated-idle value ($currency)",
+                sort_by="allocated-idle GPU-hours",
                 transformations=merge,
             ),
             8,
@@ -720,15 +720,16 @@ def holder_panels(lay: Layout) -> None:
         )
     # The job is a field (unbounded), and InfluxQL groups by tags only: each holder series with a job
     # is summed in InfluxDB, the series of one job are added up by Grafana's groupBy transformation.
+    # Its field names are literal (no $currency: transformations and sortBy do not interpolate variables).
     lay.add(
         table(
             "Allocated idle by job",
-            f"Allocated-idle GPU-hours and their value per Slurm job, in {GPU_EQ}. {SHARE_NOTE} Each "
+            f"Allocated-idle GPU-hours and their value ($currency) per Slurm job, in {GPU_EQ}. {SHARE_NOTE} Each "
             "device of a job counts under the job it was last held by in the range.",
             [
                 target(
                     'SELECT SUM("allocated_idle_gpu_s") / 3600 AS "allocated-idle GPU-hours", '
-                    'SUM("idle_value") AS "allocated-idle value ($currency)", LAST("slurm_job_id") AS "job" '
+                    'SUM("idle_value") AS "allocated-idle value", LAST("slurm_job_id") AS "job" '
                     f'FROM "capmon_holder" WHERE $timeFilter AND "slurm_job_id" =~ /./ {FLEET_FILTER} '
                     f"GROUP BY {HOLDER_SERIES}",
                     fmt="table",
@@ -736,7 +737,7 @@ def holder_panels(lay: Layout) -> None:
             ],
             "h",
             HOLDER_COLS,
-            sort_by="allocated-idle value ($currency) (sum)",
+            sort_by="allocated-idle value (sum)",
             transformations=[
                 {"id": "merge", "options": {}},
                 {
@@ -746,7 +747,7 @@ def holder_panels(lay: Layout) -> None:
                             "job": {"aggregations": [], "operation": "groupby"},
                             "user": {"aggregations": [], "operation": "groupby"},
                             "allocated-idle GPU-hours": {"aggregations": ["sum"], "operation": "aggregate"},
-                            "allocated-idle value ($currency)": {
+                            "allocated-idle value": {
                                 "aggregations": ["sum"],
                                 "operation": "aggregate",
                             },

@@ -548,9 +548,10 @@ def test_allocated_idle_by_user_namespace_and_job(filled):
     fields = group["options"]["fields"]
     assert fields["job"]["operation"] == "groupby" and fields[hours]["aggregations"] == ["sum"]
     jobs: dict[str, tuple[float, float]] = {}
+    assert set(fields) == {"job", "user", hours, "allocated-idle value"}  # literal names, no $currency
     for r in panel_rows(influxd, "capmon-fleet", "Allocated idle by job"):
         h0, v0 = jobs.get(r["job"], (0.0, 0.0))
-        jobs[r["job"]] = (h0 + r[hours], v0 + (r[value_] or 0))
+        jobs[r["job"]] = (h0 + r[hours], v0 + (r["allocated-idle value"] or 0))
     want = {k: v for k, v in allocated_idle_by(lambda h: h.slurm_job_id).items() if k is not None}
     assert flat(jobs) == pytest.approx(flat(want))
     assert jobs["81234"] == pytest.approx((5.5, 6.6))  # bob's job, two A100s
