@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 # 2025-10-09T08:54:00Z, a whole minute: windows of any length that divides 60 s start on it.
 START = 1_760_000_040.0
@@ -21,6 +22,7 @@ class CapmonClock:
         self._check(start)
         self.now = float(start)
         self._mono = 0.0
+        self._followers: list[Callable[[float], object]] = []
 
     def __call__(self) -> float:
         return self.now
@@ -31,12 +33,20 @@ class CapmonClock:
             raise ValueError(f"advance(seconds): a finite number ≥ 0, got {seconds!r}")
         self.now += seconds
         self._mono += seconds
+        for follow in self._followers:
+            follow(seconds)
         return self.now
+
+    def on_advance(self, follow: Callable[[float], object]) -> None:
+        """Call `follow(seconds)` whenever time passes, so a fake boundary keeps the test's time
+        (`capmon_clock.on_advance(fake_nvml.advance)`)."""
+        self._followers.append(follow)
 
     def set(self, t: float) -> float:
         """Step the wall clock to `t` (forward or back); the monotonic clock moves forward only."""
         self._check(t)
-        self._mono += max(0.0, t - self.now)
+        if t > self.now:
+            return self.advance(t - self.now)
         self.now = float(t)
         return self.now
 

@@ -100,3 +100,43 @@ def test_without_the_plugin_the_fixtures_are_missing(tmp_path):
         timeout=120,
     )
     assert result.returncode != 0 and "fixture 'capmon_clock' not found" in result.stdout
+
+
+def test_installed_capmon_registers_the_plugin_and_no_turns_it_off(tmp_path):
+    (tmp_path / "test_user.py").write_text("def test_clock(capmon_clock):\n    assert capmon_clock() > 0\n")
+    base = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-c",
+        os.devnull,
+        "--rootdir",
+        str(tmp_path),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_DISABLE_PLUGIN_AUTOLOAD"}
+    on = subprocess.run(
+        [*base, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert on.returncode == 0, on.stdout + on.stderr
+    # `-p capmon.testing` on top of the entry point loads it once, not twice.
+    both = subprocess.run(
+        [*base, "-p", "capmon.testing", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert both.returncode == 0, both.stdout + both.stderr
+    off = subprocess.run(
+        [*base, "-p", "no:capmon.testing", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert off.returncode != 0 and "fixture 'capmon_clock' not found" in off.stdout
