@@ -140,6 +140,8 @@ _ALREADY_STORED = re.compile(
     re.IGNORECASE,
 )
 
+_WRONG_PATH = re.compile(r"unsupported path", re.IGNORECASE)
+
 
 def _name(measurement: str, key: str) -> tuple[str, float] | None:
     if measurement == "capmon_device" and key in _DEVICE:
@@ -252,7 +254,10 @@ class RemoteWriteWriter:
     async def ready(self) -> None:
         """An empty write: the endpoint, the auth and the receiver (Prometheus needs
         --web.enable-remote-write-receiver) all answer it as they would a real one."""
-        await self._post(encode_write_request(()))
+        try:
+            await self._post(encode_write_request(()))
+        except StorageRejected as exc:
+            raise StorageUnavailable(exc.detail) from None
 
     async def write(self, lines: Sequence[str]) -> None:
         await self._write(list(lines))
@@ -287,6 +292,9 @@ class RemoteWriteWriter:
             ) from None
         if status in (400, 409, 422) and _ALREADY_STORED.search(text):
             raise _AlreadyStored(text)
+        if _WRONG_PATH.search(text):
+            # VictoriaMetrics answers 400 for a wrong path: that is the URL, not the data.
+            raise StorageUnavailable(f"{self.name} answered {status}: {text}", self.cfg.retry_after_s)
         if 400 <= status < 500 and status not in (401, 403, 404, 408, 413, 429):
             raise StorageRejected(f"{self.name} answered {status}: {text}")
         raise classify(status, text, retry_after, self.cfg.retry_after_s)

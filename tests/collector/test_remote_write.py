@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 from collector_helpers import AGENT_TOKEN, JSON, auth, batch, body, device, make_config, report
 
 from capmon.collector.app import create_app
-from capmon.collector.config import StorageConfig
+from capmon.collector.config import StorageConfig, parse
+from capmon.collector.storage import StorageUnavailable, make_writer
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +136,36 @@ async def test_a_receiver_that_is_not_enabled_is_a_storage_error_not_a_refusal(a
     resp = await post(client, fleet_batch(window_end()))
     assert resp.status in (503, 429), await resp.text()
     assert "Retry-After" in resp.headers
+
+
+# The README's "With Prometheus" section shows this text (the url there is a real Prometheus's).
+COLLECTOR_TOML = """
+[storage]
+kind = "prometheus_remote_write"
+url = "{url}"
+"""
+
+
+async def test_the_documented_remote_write_config_writes_to_prometheus(aiohttp_client, prometheus):
+    storage = parse(COLLECTOR_TOML.format(url=prometheus.remote_write_url), "collector.toml", env={}).storage
+    client = await aiohttp_client(create_app(dataclasses.replace(make_config(), storage=storage)))
+    end = window_end() - 60
+    assert (await post(client, fleet_batch(end, devices=[device("DOC-0")]))).status == 200
+    assert prometheus.values('capmon_device_state{state="free",device="DOC-0"}', at=end) == {"DOC-0": 1.0}
+
+
+@pytest.mark.parametrize("server", ["prometheus", "victoria_metrics"])
+async def test_readiness_is_an_empty_write(request, server):
+    url = request.getfixturevalue(server).remote_write_url
+    for target, ok in ((url, True), (url.replace("/api/v1/write", "/api/v1/nowhere"), False)):
+        writer = make_writer(StorageConfig(kind="prometheus_remote_write", url=target))
+        await writer.start()
+        try:
+            if ok:
+                await writer.ready()
+            else:
+                # Prometheus: 404; VictoriaMetrics: 400 "unsupported path". Either is the URL's fault.
+                with pytest.raises(StorageUnavailable, match=r"answered 40[04]"):
+                    await writer.ready()
+        finally:
+            await writer.close()

@@ -97,6 +97,8 @@ async def test_basic_auth(receiver):
         (500, "boom", StorageUnavailable, 7),
         (401, "unauthorized", StorageUnavailable, 7),
         (400, 'invalid metric name "1x"', StorageRejected, None),
+        # VictoriaMetrics at a wrong path: the URL is wrong, the windows are fine (kept, retried).
+        (400, 'unsupported path requested: "/api/v1/wrte"', StorageUnavailable, 4),
         # Older than Prometheus's head: it can never take it; the agent dead-letters it, with why.
         (400, "out of bounds", StorageRejected, None),
     ],
