@@ -340,13 +340,16 @@ def test_the_hook_registers_the_source():
 
 
 def test_the_sample_decodes_to_the_defaults():
-    import tomllib
     from pathlib import Path
 
+    from capmon.agent.configfile import parse_toml
     from capmon.agent.probe import config_from_mapping
 
-    sample = tomllib.loads((Path(__file__).parents[2] / "plugins" / "kubernetes" / "sample.toml").read_text())
-    config = config_from_mapping(KubernetesConfig, sample["allocations"]["kubernetes"], "allocations.kubernetes")
+    path = Path(__file__).parents[2] / "plugins" / "kubernetes" / "sample.toml"
+    sample = parse_toml(path.read_text(), str(path))
+    config = config_from_mapping(
+        KubernetesConfig, sample["allocations"]["kubernetes"], "allocations.kubernetes"
+    )
     assert config == KubernetesConfig()
     with pytest.raises(ValueError, match="unknown key 'sockt'"):
         config_from_mapping(KubernetesConfig, {"sockt": "/x"}, "allocations.kubernetes")
