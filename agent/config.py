@@ -21,6 +21,7 @@ import msgspec
 from capmon.agent import wire
 from capmon.agent.classifier import ClassifierConfig
 from capmon.agent.configfile import ConfigError, Where, bounds, check_sections, decode, read_toml
+from capmon.agent.holders import HoldersConfig
 from capmon.agent.spool import SpoolConfig
 from capmon.agent.transport import TransportConfig
 
@@ -28,8 +29,10 @@ __all__ = [
     "EXPORTER_PORT",
     "AgentConfig",
     "AgentSection",
+    "AllocationsSection",
     "ConfigError",
     "ExporterSection",
+    "HoldersConfig",
     "ProbesSection",
     "load_config",
     "sample_config",
@@ -73,6 +76,19 @@ class ProbesSection:
 
 
 @dataclass(frozen=True, slots=True)
+class AllocationsSection:
+    """`[allocations]`: which allocation sources run (`kubernetes`, `slurm`, third-party ones). Each
+    source's own options live in `[allocations.<name>]`."""
+
+    # Sources that run only when asked for. Env: CAPMON_ALLOCATIONS_ENABLE=a,b
+    enable: tuple[str, ...] = ()
+    # Sources never to run, even where their scheduler is present. Env: CAPMON_ALLOCATIONS_DISABLE=a,b
+    disable: tuple[str, ...] = ()
+    # `[allocations.<name>]` tables, decoded by the registry onto each source's own config class.
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class ExporterSection:
     """`[exporter]`: the agent's devices for a Prometheus scrape (`capmon.agent.exporter`)."""
 
@@ -90,6 +106,9 @@ class AgentConfig:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     exporter: ExporterSection = field(default_factory=ExporterSection)
+    # `[holders]`: who holds each device, and what of it leaves the host (`capmon.agent.holders`).
+    holders: HoldersConfig = field(default_factory=HoldersConfig)
+    allocations: AllocationsSection = field(default_factory=AllocationsSection)
     source: str = "<defaults>"
 
     @property
@@ -101,7 +120,7 @@ class AgentConfig:
         return self.agent.host or socket.gethostname()
 
 
-_SECTIONS = ("agent", "classifier", "exporter", "probes", "spool", "transport")
+_SECTIONS = ("agent", "allocations", "classifier", "exporter", "holders", "probes", "spool", "transport")
 
 
 _KEY = re.compile(wire.KEY_PATTERN)
@@ -181,19 +200,25 @@ def _names(value: str) -> tuple[str, ...]:
 
 
 def _decode_probes(table: Any, where: Where, env: Mapping[str, str]) -> ProbesSection:
+    return _decode_plugins(ProbesSection, "probes", table, where, env)
+
+
+def _decode_plugins(cls: type, section: str, table: Any, where: Where, env: Mapping[str, str]) -> Any:
+    """`[probes]` or `[allocations]`: enable/disable lists plus a `[<section>.<name>]` table each."""
     if not isinstance(table, Mapping):
-        return decode(ProbesSection, table, where)  # names the wrong type
+        return decode(cls, table, where)  # names the wrong type
     options = {k: v for k, v in table.items() if isinstance(v, Mapping)}
     own = {k: v for k, v in table.items() if k not in options}
     for key in own:
         if key not in ("enable", "disable"):
             raise where.error(
-                f"unknown key 'probes.{key}' (known: disable, enable, and [probes.<name>] tables)"
+                f"unknown key '{section}.{key}' (known: disable, enable, and [{section}.<name>] tables)"
             )
-    probes = decode(ProbesSection, own, where)
-    return ProbesSection(
-        enable=probes.enable + _names(env.get("CAPMON_PROBES_ENABLE", "")),
-        disable=probes.disable + _names(env.get("CAPMON_PROBES_DISABLE", "")),
+    decoded = decode(cls, own, where)
+    prefix = f"CAPMON_{section.upper()}"
+    return cls(
+        enable=decoded.enable + _names(env.get(f"{prefix}_ENABLE", "")),
+        disable=decoded.disable + _names(env.get(f"{prefix}_DISABLE", "")),
         options=options,
     )
 
@@ -221,6 +246,10 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
         spool=decode(SpoolConfig, data.get("spool", {}), Where(source, "spool")),
         transport=decode(TransportConfig, transport, Where(source, "transport")),
         exporter=exporter,
+        holders=decode(HoldersConfig, data.get("holders", {}), Where(source, "holders")),
+        allocations=_decode_plugins(
+            AllocationsSection, "allocations", data.get("allocations", {}), Where(source, "allocations"), env
+        ),
         source=source,
     )
 
@@ -237,7 +266,7 @@ def sample_config() -> str:
     except ImportError:  # pragma: no cover - the distribution always ships them
         pass
     if plugins is not None:
-        for name in ("host", "nvml", "ascend", "mock"):
+        for name in ("host", "nvml", "ascend", "mock", "kubernetes", "slurm"):
             sample = plugins / name / "sample.toml"
             if sample.exists():
                 parts.append(sample.read_text())

@@ -36,12 +36,14 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from capmon.agent import wire
-from capmon.agent.probe import Holder
+from capmon.agent.allocation import Allocation
+from capmon.agent.probe import Holder, Probe
 
 __all__ = [
     "REASON_EXITED",
     "REASON_NOT_READABLE",
     "REASON_NOT_VISIBLE",
+    "AllocationHolder",
     "CgroupOwner",
     "HolderRecord",
     "HolderResolver",
@@ -51,6 +53,7 @@ __all__ = [
     "ResolvedHolder",
     "parse_cgroup",
     "resolve_process",
+    "resolver_for",
 ]
 
 REASON_NOT_VISIBLE = "process not visible in this PID namespace"
@@ -466,6 +469,8 @@ class ResolvedHolder:
     # The vendor tool's name for the process (npu-smi prints one), used where `comm` is unknown.
     name: str | None = None
     source: str = "process"
+    # The scheduler allocation this process runs under (same pod UID or Slurm job): its names.
+    allocation: Allocation | None = None
 
     @property
     def pid(self) -> int:
@@ -495,6 +500,50 @@ class ResolvedHolder:
             memory_bytes=_in(memory_bytes, 0, 2**53),
             held_s=round(min(max(held_s, 0.0), float(wire.MAX_WINDOW_S)), 3),
             since=_in(o.started_at, 1_000_000_000, 4_102_444_800),
+            **_allocation_names(self.allocation),
+        )
+
+
+def _allocation_names(a: Allocation | None) -> dict[str, str | None]:
+    if a is None:
+        return {}
+    return {
+        "namespace": _bounded(a.namespace, wire.MAX_NAME_LEN),
+        "pod": _bounded(a.pod, wire.MAX_NAME_LEN),
+        "container": _bounded(a.container, wire.MAX_NAME_LEN),
+        "partition": _bounded(a.partition, wire.MAX_NAME_LEN),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationHolder:
+    """A scheduler's allocation holding a device with no process of its own on it (a pod or job
+    given the device, nothing running yet or any more). `send_user` applies `[holders] users`: the
+    scheduler names a user, never a uid, so only "name" sends it."""
+
+    allocation: Allocation
+    send_user: bool = True
+
+    @property
+    def key(self) -> Hashable:
+        a = self.allocation
+        return (a.source, a.namespace, a.pod, a.container, a.pod_uid, a.job_id)
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return None
+
+    def window(self, held_s: float, memory_bytes: int | None) -> wire.HolderWindow:
+        a = self.allocation
+        since = int(a.since) if isinstance(a.since, (int, float)) and a.since == a.since else None
+        return wire.HolderWindow(
+            source=_bounded(a.source, wire.MAX_ID_LEN) or "allocation",
+            user=_bounded(a.user, wire.MAX_NAME_LEN) if self.send_user else None,
+            pod_uid=_bounded(a.pod_uid, wire.MAX_ID_LEN),
+            slurm_job_id=_bounded(a.job_id, wire.MAX_ID_LEN),
+            held_s=round(min(max(held_s, 0.0), float(wire.MAX_WINDOW_S)), 3),
+            since=_in(since, 1_000_000_000, 4_102_444_800),
+            **_allocation_names(a),
         )
 
 
@@ -584,6 +633,20 @@ class HolderResolver:
             return {device_id: self.resolve(h) for device_id, h in holders.items()}
         finally:
             self.prune()
+
+
+def resolver_for(probe: Probe, config: HoldersConfig) -> HolderResolver:
+    """The resolver for one probe's PIDs: its own `proc_root` where it says one (the mock's
+    simulated tree, taken as the namespace of its PIDs, with its uid → name table), else `/proc`."""
+    root = getattr(probe, "proc_root", None)
+    if not root:
+        return HolderResolver(config, "/proc")
+    users: Mapping[int, str] = getattr(probe, "users", None) or {}
+
+    def user_name(uid: int) -> str:
+        return users.get(uid) or _passwd_name(uid)
+
+    return HolderResolver(config, root, user_name=user_name, host_pids=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 Containment (STYLE.md): a probe that raises, hangs or returns garbage is counted and its known
 devices are reported `unavailable` with the reason; the other probes' tasks never notice. A probe
 whose last `sample()` has not returned is not called again until it does.
+
+A task may carry a post-processing step (`post`, e.g. resolving who holds each device from
+`/proc`): it runs on the same worker thread right after `sample()`, under the same timeout, so its
+blocking file reads never run on the event loop. Allocation sources (`AllocationTask`) are run the
+same way: own thread, timeout, never two calls in flight.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from capmon.agent.allocation import Allocation, AllocationSource
 from capmon.agent.probe import DeviceSample, HostSample, Probe
 
 log = logging.getLogger("capmon.agent.sampler")
@@ -37,8 +43,11 @@ class ProbeHealth:
     devices: set[str] = field(default_factory=set)
 
 
-# (probe name, monotonic-free wall time of the tick, device samples, host sample or None)
-SampleCallback = Callable[[str, float, list[DeviceSample], HostSample | None], None]
+# (probe name, wall time of the tick, device samples, host sample or None); a task with a `post`
+# step passes its result as a fifth argument (None when the probe failed or the step raised).
+SampleCallback = Callable[..., None]
+# Runs on the probe's worker thread after `sample()`, over the checked device samples.
+PostStep = Callable[[list[DeviceSample]], object]
 
 
 class GarbageSample(ValueError):
@@ -179,11 +188,16 @@ class ProbeTask:
     """Samples one probe on its interval, forever, surviving whatever the probe does."""
 
     def __init__(
-        self, probe: Probe, on_samples: SampleCallback, clock: Callable[[], float] = time.time
+        self,
+        probe: Probe,
+        on_samples: SampleCallback,
+        clock: Callable[[], float] = time.time,
+        post: PostStep | None = None,
     ) -> None:
         self.probe = probe
         self.on_samples = on_samples
         self.clock = clock
+        self.post = post
         self.health = ProbeHealth(probe.name)
         self._inflight: asyncio.Future | None = None
         self._inflight_since = 0.0
@@ -206,13 +220,17 @@ class ProbeTask:
             return
         started = time.perf_counter()
         self._inflight_since = now
-        fut = self._inflight = _call_in_thread(self.probe.sample, loop)
+        fut = self._inflight = _call_in_thread(self._work, loop)
         try:
-            result = await asyncio.wait_for(asyncio.shield(fut), self.probe.timeout_s)
+            devices, host, notes, extra = await asyncio.wait_for(asyncio.shield(fut), self.probe.timeout_s)
         except asyncio.TimeoutError:
             self.health.timeouts += 1
             fut.add_done_callback(_consume)
             self._report_failure(now, f"sample() timed out after {self.probe.timeout_s:g}s")
+            return
+        except GarbageSample as exc:
+            self.health.errors += 1
+            self._report_failure(now, f"garbage from probe: {exc}")
             return
         except Exception as exc:
             self.health.errors += 1
@@ -220,19 +238,32 @@ class ProbeTask:
             return
         finally:
             self.health.last_duration_s = time.perf_counter() - started
-        try:
-            devices, host, notes = check_samples(self.probe, result)
-        except GarbageSample as exc:
-            self.health.errors += 1
-            self._report_failure(now, f"garbage from probe: {exc}")
-            return
         for note in notes:
             self._warn_once(note)
         self.health.samples += 1
         self.health.last_error = None
         self._last = {d.device_id: d for d in devices}
         self.health.devices = set(self._last)
-        self.on_samples(self.probe.name, now, devices, host)
+        self._deliver(now, devices, host, extra)
+
+    def _work(self) -> tuple[list[DeviceSample], HostSample | None, list[str], object]:
+        """The worker thread's part: sample, check, then the post step over the checked devices."""
+        devices, host, notes = check_samples(self.probe, self.probe.sample())
+        extra = None
+        if self.post is not None:
+            try:
+                extra = self.post(devices)
+            except Exception as exc:  # the agent's own step: the samples still count
+                notes.append(f"probe {self.probe.name}: post-processing failed: {type(exc).__name__}: {exc}")
+        return devices, host, notes, extra
+
+    def _deliver(
+        self, now: float, devices: list[DeviceSample], host: HostSample | None, extra: object = None
+    ) -> None:
+        if self.post is None:
+            self.on_samples(self.probe.name, now, devices, host)
+        else:
+            self.on_samples(self.probe.name, now, devices, host, extra)
 
     def _report_failure(self, now: float, reason: str) -> None:
         self.health.last_error = reason
@@ -240,7 +271,7 @@ class ProbeTask:
         vendor = self.probe.vendor or self.probe.name
         devices = [unavailable(d, vendor, reason, last) for d, last in self._last.items()]
         if devices:
-            self.on_samples(self.probe.name, now, devices, None)
+            self._deliver(now, devices, None)
 
     def _warn_once(self, message: str, key: str | None = None) -> None:
         key = key or message
@@ -251,19 +282,111 @@ class ProbeTask:
             log.debug("%s", message)
 
     async def run(self, stop: asyncio.Event) -> None:
-        interval = self.probe.interval_s
-        while not stop.is_set():
-            began = self.clock()
-            try:
-                await self.tick()
-            except Exception:  # the agent's own bug must not silence a probe forever
-                log.exception("probe %s: unexpected error in the sampling loop", self.probe.name)
-            # Sleep to the next multiple of the interval so ticks do not drift.
-            delay = interval - ((self.clock() - began) % interval)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
+        await _every(self.probe.interval_s, self.tick, self.clock, stop, f"probe {self.probe.name}")
+
+
+async def _every(
+    interval: float,
+    tick: Callable[[], Awaitable[None]],
+    clock: Callable[[], float],
+    stop: asyncio.Event,
+    what: str,
+) -> None:
+    """Call `tick` every `interval` seconds until `stop`, surviving whatever it raises."""
+    while not stop.is_set():
+        began = clock()
+        try:
+            await tick()
+        except Exception:  # the agent's own bug must not silence a probe forever
+            log.exception("%s: unexpected error in the sampling loop", what)
+        # Sleep to the next multiple of the interval so ticks do not drift.
+        delay = interval - ((clock() - began) % interval)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+
+NO_ANSWER_YET = "no answer yet"
+
+
+class AllocationTask:
+    """Asks one allocation source for its allocations on its interval, contained like a probe: on a
+    worker thread, under its timeout, never two calls in flight. `allocations` is the last answer;
+    `error` says why there is no current one (raised, timed out, hung, garbage, not asked yet), and
+    then the devices the source covers are "allocation unknown"."""
+
+    def __init__(self, source: AllocationSource, clock: Callable[[], float] = time.time) -> None:
+        self.source = source
+        self.clock = clock
+        self.health = ProbeHealth(f"alloc:{source.name}")
+        self.allocations: tuple[Allocation, ...] = ()
+        self.error: str | None = NO_ANSWER_YET
+        self._inflight: asyncio.Future | None = None
+        self._inflight_since = 0.0
+        self._warned: set[str] = set()
+
+    @property
+    def probe(self) -> AllocationSource:
+        """The source, under the name a scheduler of tasks reads `interval_s` from (as for probes)."""
+        return self.source
+
+    @property
+    def busy(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
+    async def tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = self.clock()
+        if self.busy:
+            self.health.skipped_ticks += 1
+            self._fail(f"allocations() still running after {now - self._inflight_since:.1f}s (hung)")
+            return
+        started = time.perf_counter()
+        self._inflight_since = now
+        fut = self._inflight = _call_in_thread(self._work, loop)
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(fut), self.source.timeout_s)
+        except asyncio.TimeoutError:
+            self.health.timeouts += 1
+            fut.add_done_callback(_consume)
+            self._fail(f"allocations() timed out after {self.source.timeout_s:g}s")
+            return
+        except Exception as exc:
+            self.health.errors += 1
+            self._fail(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return
+        finally:
+            self.health.last_duration_s = time.perf_counter() - started
+        self.health.samples += 1
+        self.health.last_error = None
+        if self.error is not None and self.error != NO_ANSWER_YET:
+            log.info("allocation source %s answers again", self.source.name)
+        self.allocations, self.error = answer, None
+
+    def _work(self) -> tuple[Allocation, ...]:
+        result = self.source.allocations()
+        if not isinstance(result, (list, tuple)):
+            raise GarbageSample(f"allocations() returned {type(result).__name__}, not a list of Allocation")
+        for item in result:
+            if not isinstance(item, Allocation):
+                raise GarbageSample(f"allocations() returned a {type(item).__name__} among its allocations")
+        return tuple(result)
+
+    def _fail(self, reason: str) -> None:
+        self.health.last_error = reason
+        self.error = reason
+        key = reason.split(" after ")[0]
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("allocation source %s: %s", self.source.name, reason)
+        else:
+            log.debug("allocation source %s: %s", self.source.name, reason)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await _every(
+            self.source.interval_s, self.tick, self.clock, stop, f"allocation source {self.source.name}"
+        )
 
 
 def _consume(fut: asyncio.Future) -> None:
@@ -272,12 +395,32 @@ def _consume(fut: asyncio.Future) -> None:
 
 
 class Sampler:
-    """Runs every active probe's task; hands every result to one callback."""
+    """Runs every active probe's task (and every allocation source's); hands every result to one
+    callback. `post_for(probe)` gives a probe's post step, run on its thread after each `sample()`.
+
+    `tasks` lists the sources' tasks first, so whoever steps them in order (the test kit) has each
+    source's answer before the probes' samples of the same tick.
+    """
 
     def __init__(
-        self, probes: Sequence[Probe], on_samples: SampleCallback, clock: Callable[[], float] = time.time
+        self,
+        probes: Sequence[Probe],
+        on_samples: SampleCallback,
+        clock: Callable[[], float] = time.time,
+        *,
+        sources: Sequence[AllocationSource] = (),
+        post_for: Callable[[Probe], PostStep | None] | None = None,
     ) -> None:
-        self.tasks = [ProbeTask(p, on_samples, clock) for p in probes]
+        self.sources = [AllocationTask(s, clock) for s in sources]
+        self.probe_tasks = [
+            ProbeTask(p, on_samples, clock, post_for(p) if post_for else None) for p in probes
+        ]
+        self.tasks: list[ProbeTask | AllocationTask] = [*self.sources, *self.probe_tasks]
+
+    async def prime(self) -> None:
+        """Ask every source once (each under its timeout), so the first samples are classified
+        knowing the allocations."""
+        await asyncio.gather(*(t.tick() for t in self.sources))
 
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.gather(*(t.run(stop) for t in self.tasks))
