@@ -1,6 +1,7 @@
 # Two commands set up and run everything on a fresh Debian machine:
 #   make demo   create the venv, install capmon, run the zero-setup demo
-#   make test   create the venv, install what tests need (influxd, victoria-metrics), run the suite
+#   make test   create the venv, install what tests need (influxd, victoria-metrics, prometheus,
+#               slurm + munge), run the suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,13 +19,15 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 # The integration tests run real InfluxDB 1.x and VictoriaMetrics from Debian's packages.
+SERVER_PACKAGES := influxdb victoria-metrics prometheus slurm-wlm munge
 servers:
-	@if command -v influxd >/dev/null && command -v victoria-metrics >/dev/null; then :; \
+	@if command -v influxd >/dev/null && command -v victoria-metrics >/dev/null && command -v prometheus >/dev/null \
+		&& command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing influxdb and victoria-metrics (Debian packages) for the integration tests"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq influxdb victoria-metrics >/dev/null; \
+		echo "installing $(SERVER_PACKAGES) (Debian packages) for the integration tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SERVER_PACKAGES) >/dev/null; \
 	else \
-		echo "integration tests need influxd and victoria-metrics: sudo apt-get install influxdb victoria-metrics"; \
+		echo "integration tests need real servers: sudo apt-get install $(SERVER_PACKAGES)"; \
 		echo "(without them those tests are skipped)"; \
 	fi
 

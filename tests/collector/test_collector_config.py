@@ -58,7 +58,7 @@ def test_example_token_refused_from_the_environment_too():
         ),
         (
             "[storage]\nkind = 'influx'\n",
-            "collector.toml: [storage] kind: must be one of 'none', 'influxdb_v2', 'influxdb_v1', got 'influx'",
+            "collector.toml: [storage] kind: must be one of 'none', 'influxdb_v2', 'influxdb_v1', 'prometheus_remote_write', got 'influx'",
         ),
         ("[collector]\nport = 'x'\n", "collector.toml: [collector] port: must be an integer, got 'x'"),
         ("[collector]\nport = 65536\n", "collector.toml: [collector] port: must be 0..65535, got 65536"),
