@@ -97,6 +97,16 @@ class CollectorConfig:
     # Let several collector processes share host:port (SO_REUSEPORT; Linux spreads connections
     # across them). They keep no state that matters, so this is how one host uses more cores.
     reuse_port: bool = False
+    # Where /api/v1/fleet, /devices, /holders and /agents (and the fleet gauges of /metrics) answer
+    # from: "memory", what this process received (right for one collector process), or "storage",
+    # the store's latest window per device (InfluxQL; storage.kind influxdb_v1 or influxdb_v2), so
+    # every collector process gives the same, whole-fleet answer. Required with reuse_port or
+    # `--workers` above 1.
+    live_view: Literal["memory", "storage"] = "memory"
+    # live_view = "storage": how long an answer is reused (concurrent requests share one query), and
+    # how long one set of queries may take before the answer is 503.
+    live_view_cache_s: float = field(default=2.0, metadata=bounds(ge=0))
+    live_view_query_timeout_s: float = field(default=10.0, metadata=bounds(gt=0))
 
 
 @dataclass(frozen=True)
@@ -321,6 +331,25 @@ def _check_storage(s: StorageConfig, where: Where, env: Mapping[str, str]) -> St
     return s
 
 
+# The one wording of "several processes need the storage view", for reuse_port and `--workers`.
+SEVERAL_PROCESSES_NEED_STORAGE = (
+    'needs live_view = "storage": with the memory view each process answers from only the agents '
+    "that happen to connect to it, so every fleet answer would be a random part of the fleet"
+)
+LIVE_VIEW_STORES = ("influxdb_v1", "influxdb_v2")
+
+
+def _check_live_view(c: CollectorConfig, storage: StorageConfig, where: Where) -> None:
+    if c.reuse_port and c.live_view != "storage":
+        raise where.child("reuse_port").error(SEVERAL_PROCESSES_NEED_STORAGE)
+    if c.live_view == "storage" and storage.kind not in LIVE_VIEW_STORES:
+        raise where.child("live_view").error(
+            f'"storage" answers from InfluxQL, which storage.kind {storage.kind!r} cannot serve: '
+            f"use {' or '.join(LIVE_VIEW_STORES)} (InfluxDB 1.x, 2.x with a DBRP mapping, 3.x), or "
+            '"memory" with one collector process'
+        )
+
+
 def validate(config: Config, env: Mapping[str, str] | None = None) -> Config:
     """Check what one value alone cannot; fill secrets from the environment. Returns the final config."""
     env = os.environ if env is None else env
@@ -328,6 +357,7 @@ def validate(config: Config, env: Mapping[str, str] | None = None) -> Config:
     _check_collector(config.collector, Where(src, "collector"))
     _check_auth(config.auth, Where(src, "auth"), env)
     storage = _check_storage(config.storage, Where(src, "storage"), env)
+    _check_live_view(config.collector, storage, Where(src, "collector"))
     return dataclasses.replace(config, storage=storage)
 
 
