@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from capmon.agent.configfile import parse_toml
 from capmon.collector.demo import default_args, run_demo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +79,10 @@ def test_readme_install_commands_work_from_a_copy_of_the_repository(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("agent", "plugins", "collector"):
+    # Every folder the distribution maps a package from, read from pyproject.toml so none is missed.
+    pyproject = parse_toml((ROOT / "pyproject.toml").read_text(), "pyproject.toml")
+    package_dirs = pyproject["tool"]["setuptools"]["package-dir"]
+    for name in sorted(set(package_dirs.values())):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "capmon"
 
