@@ -52,6 +52,8 @@ Bytes = Annotated[int, Meta(ge=0, le=2**53)]
 Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 Finite = Annotated[float, Meta(ge=-1e15, le=1e15)]
 Watts = Annotated[float, Meta(ge=0, le=100_000)]
+# A day at 100 kW is 8.64e9 J: anything beyond is a broken counter, not energy.
+Joules = Annotated[float, Meta(ge=0, le=1e10)]
 Celsius = Annotated[float, Meta(ge=-100, le=300)]
 Identifier = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN)]
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LEN)]
@@ -119,6 +121,10 @@ class DeviceWindow(_Record, kw_only=True):
     memory_used_bytes: Bytes | None = None
     memory_total_bytes: Bytes | None = None
     power_mean_w: Watts | None = None
+    # Energy the device used in the window (NVML's total-energy counter where supported, else power
+    # x time, sample-and-hold), and the part spent while allocated_idle or free. None: not known.
+    energy_j: Joules | None = None
+    idle_energy_j: Joules | None = None
     temp_max_c: Celsius | None = None
     processes: Count | None = None
     # Start of the current idle streak (unix seconds), None when the device is not idle.
@@ -269,6 +275,8 @@ def check_report(report: Report, where: str = "$") -> tuple[str, str] | None:
             and d.memory_used_bytes > d.memory_total_bytes
         ):
             return "memory_used_bytes exceeds memory_total_bytes", f"{dw}.memory_used_bytes"
+        if d.energy_j is not None and d.idle_energy_j is not None and d.idle_energy_j > d.energy_j + 0.01:
+            return "idle_energy_j is part of energy_j and cannot exceed it", f"{dw}.idle_energy_j"
         if d.idle_since is not None and d.idle_since > report.end + slack:
             return "idle_since after the window's end", f"{dw}.idle_since"
         if d.state_since is not None and d.state_since > report.end + slack:
