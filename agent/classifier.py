@@ -1,8 +1,10 @@
 """The idle classifier: every device, every tick, in exactly one state; folded into report windows.
 
 States (DESIGN.md): `busy` (utilisation at or above the threshold), `allocated_idle` (below it, but a
-process or memory beyond the idle baseline holds the device), `free` (below it and nothing holds it),
-`unavailable` (unreadable, unhealthy, its parent GPU unhealthy, or no longer listed by its probe).
+process, memory beyond the idle baseline, or a scheduler allocation holds the device), `free` (below
+it and nothing holds it), `unavailable` (unreadable, unhealthy, its parent GPU unhealthy, no longer
+listed by its probe, or nothing visibly holding it while an allocation source that covers it cannot
+answer: "allocation unknown" is never offered as free).
 Time is passed in, never read, so traces replay in microseconds.
 
 Accounting is sample-and-hold: a state observed at `t` holds until the next observation or the end
@@ -288,12 +290,27 @@ class IdleClassifier:
 
     # -- one tick ---------------------------------------------------------------------------
 
-    def classify(self, sample: DeviceSample, baseline_bytes: int | None = None) -> Observation:
-        """The state of one sample, with no history (history only affects the idle streak)."""
+    def classify(
+        self,
+        sample: DeviceSample,
+        baseline_bytes: int | None = None,
+        *,
+        allocated_to: str | None = None,
+        allocation_unknown: str | None = None,
+    ) -> Observation:
+        """The state of one sample, with no history (history only affects the idle streak).
+
+        `allocated_to` names the scheduler holder a source says has the device ("pod ns/name",
+        "job 42"): below the threshold it is `allocated_idle` even with no process. `allocation_unknown`
+        ("<source>: <why>") says a source that covers the device cannot answer now: then a device
+        nothing visibly holds is `unavailable`, never `free` (it may be allocated).
+        """
         cfg = self.config
         if not sample.healthy:
             return Observation("unavailable", reason=sample.error or "unhealthy")
         held, why = self._held(sample, baseline_bytes)
+        if not held and allocated_to is not None:
+            held, why = True, f"allocated to {allocated_to}, no process"
         util = sample.util_pct
         sm = sample.extra.get(SM_ACTIVE_KEY)
         if util is None and sm is None:
@@ -301,6 +318,10 @@ class IdleClassifier:
             # utilisation at all; a held device is reserved whatever it does.
             if held:
                 return Observation("allocated_idle", util_unknown=True, reason=f"utilisation unknown, {why}")
+            if allocation_unknown is not None:
+                return Observation(
+                    "unavailable", util_unknown=True, reason=f"allocation unknown: {allocation_unknown}"
+                )
             return Observation("free", util_unknown=True, reason="utilisation unknown, nothing holds it")
         ghost = sample.processes == 0
         if util is not None and sm is not None and util >= cfg.spin_util_pct and sm < cfg.spin_sm_pct:
@@ -316,6 +337,8 @@ class IdleClassifier:
             return Observation("busy", ghost=ghost, reason="busy with no process (ghost)" if ghost else None)
         if held:
             return Observation("allocated_idle", reason=why)
+        if allocation_unknown is not None:
+            return Observation("unavailable", reason=f"allocation unknown: {allocation_unknown}")
         return Observation("free")
 
     def _held(self, sample: DeviceSample, baseline_bytes: int | None) -> tuple[bool, str]:
@@ -362,13 +385,21 @@ class IdleClassifier:
         return None
 
     def observe_probe(
-        self, probe: str, t: float, devices: Iterable[DeviceSample], mono: float | None = None
+        self,
+        probe: str,
+        t: float,
+        devices: Iterable[DeviceSample],
+        mono: float | None = None,
+        *,
+        allocated_to: Mapping[str, str] | None = None,
+        allocation_unknown: Mapping[str, str] | None = None,
     ) -> None:
         """Record everything one probe listed at `t`: the unit in which devices appear and vanish.
 
         A GPU split into MIG instances is capacity only through its instances: it is counted once,
         and its instances inherit its health. A device listed last time and not now is unavailable
-        until it is known to be gone (see `ClassifierConfig.forget_vanished_s`).
+        until it is known to be gone (see `ClassifierConfig.forget_vanished_s`). `allocated_to` and
+        `allocation_unknown` map device ids to what `classify` takes of the allocation sources.
         """
         a = self._clock(t, mono)
         devices = list(devices)
@@ -387,8 +418,16 @@ class IdleClassifier:
             else:
                 self._vanish(track, a)
         self._listed[probe] = listed
+        allocated_to = allocated_to or {}
+        allocation_unknown = allocation_unknown or {}
         for d in counted:
-            self._observe(a, t, d)
+            self._observe(
+                a,
+                t,
+                d,
+                allocated_to=allocated_to.get(d.device_id),
+                allocation_unknown=allocation_unknown.get(d.device_id),
+            )
 
     @staticmethod
     def counted(devices: Iterable[DeviceSample]) -> list[DeviceSample]:
@@ -438,14 +477,24 @@ class IdleClassifier:
                 track.runs[state] = state_since - self._offset
         return track
 
-    def _observe(self, a: float, wall: float, sample: DeviceSample) -> Observation:
+    def _observe(
+        self,
+        a: float,
+        wall: float,
+        sample: DeviceSample,
+        *,
+        allocated_to: str | None = None,
+        allocation_unknown: str | None = None,
+    ) -> Observation:
         track = self._track(sample.device_id, wall)
         # A result that arrives after a later one (a slow probe; a window already closed past it)
         # must not move the track's clock back: that time would be credited twice.
         if track.last_t is not None and a < track.last_t:
             a = track.last_t
         track.hold(a, self._keep_s())
-        obs = self.classify(sample, track.baseline_bytes)
+        obs = self.classify(
+            sample, track.baseline_bytes, allocated_to=allocated_to, allocation_unknown=allocation_unknown
+        )
         self._learn(track, sample, obs)
         self._advance(track, a, obs.state)
         track.last_state = obs.state

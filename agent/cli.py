@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -20,7 +19,7 @@ from capmon.agent import __version__
 from capmon.agent.classifier import IdleClassifier
 from capmon.agent.config import AgentConfig, ConfigError, load_config, sample_config
 from capmon.agent.probe import DeviceSample, HostSample
-from capmon.agent.registry import ProbeRegistry, ProbeStatus
+from capmon.agent.registry import ProbeRegistry, ProbeStatus, SourceStatus
 from capmon.agent.sampler import ProbeTask
 
 log = logging.getLogger("capmon")
@@ -52,10 +51,35 @@ def _load(args: argparse.Namespace) -> AgentConfig:
     return config
 
 
-def _activate(config: AgentConfig) -> list[ProbeStatus]:
-    return ProbeRegistry().activate(
+def _activate_all(config: AgentConfig) -> tuple[list[ProbeStatus], list[SourceStatus]]:
+    """Probes and allocation sources, from one registry."""
+    registry = ProbeRegistry()
+    probes = registry.activate(
         config.probes.enable, config.probes.disable, config.probes.options, where=config.source
     )
+    try:
+        sources = registry.activate_sources(
+            config.allocations.enable,
+            config.allocations.disable,
+            config.allocations.options,
+            where=config.source,
+        )
+    except BaseException:
+        _close_all(probes, [])
+        raise
+    return probes, sources
+
+
+def _close_all(probes: Sequence[ProbeStatus], sources: Sequence[SourceStatus]) -> None:
+    for s in probes:
+        if s.probe is not None:
+            s.probe.close()
+    for src in sources:
+        if src.source is not None:
+            try:
+                src.source.close()
+            except Exception:
+                log.exception("allocation source %s: close() failed", src.name)
 
 
 # -- capmon agent probes ---------------------------------------------------------------------
@@ -63,81 +87,152 @@ def _activate(config: AgentConfig) -> list[ProbeStatus]:
 
 def cmd_probes(args: argparse.Namespace) -> int:
     config = _load(args)
-    statuses = _activate(config)
+    statuses, sources = _activate_all(config)
     try:
         if args.json:
             print(
                 json.dumps(
-                    [
-                        {"name": s.name, "status": s.status, "reason": s.reason, "plugin": s.source}
-                        for s in statuses
-                    ],
+                    [_status_json(s.name, "probe", s.status, s.reason, s.source) for s in statuses]
+                    + [_status_json(s.name, "allocations", s.status, s.reason, s.plugin) for s in sources],
                     indent=2,
                 )
             )
         else:
             rows = [(s.name, s.status, s.source, s.reason) for s in statuses]
             print(_table(("PROBE", "STATUS", "PLUGIN", "WHY"), rows))
+            if sources:
+                rows = [(s.name, s.status, s.plugin, s.reason) for s in sources]
+                print()
+                print(_table(("ALLOCATION SOURCE", "STATUS", "PLUGIN", "WHY"), rows))
     finally:
-        for s in statuses:
-            if s.probe is not None:
-                s.probe.close()
+        _close_all(statuses, sources)
     return 0
+
+
+def _status_json(name: str, kind: str, status: str, reason: str, plugin: str) -> dict[str, str]:
+    return {"name": name, "kind": kind, "status": status, "reason": reason, "plugin": plugin}
 
 
 # -- capmon agent probe ----------------------------------------------------------------------
 
 
+# (devices, host, error, resolved holders per device)
+_Result = tuple[list[DeviceSample], HostSample | None, str | None, Any]
+
+
 async def _sample_once(
-    statuses: list[ProbeStatus],
-) -> dict[str, tuple[list[DeviceSample], HostSample | None, str | None]]:
-    results: dict[str, tuple[list[DeviceSample], HostSample | None, str | None]] = {}
+    statuses: list[ProbeStatus], config: AgentConfig | None = None, sources: Sequence[Any] = ()
+) -> dict[str, _Result]:
+    """One sample of every active probe, with its holders resolved on its worker thread as the
+    agent does, after one answer of every allocation source (`sources`: their `AllocationTask`s)."""
+    from capmon.agent.daemon import ProbeHolders
 
-    def collect(name: str, t: float, devices: list[DeviceSample], host: HostSample | None) -> None:
-        results[name] = (devices, host, None)
+    holders = config.holders if config is not None else None
+    results: dict[str, _Result] = {}
 
-    tasks = [ProbeTask(s.probe, collect) for s in statuses if s.probe is not None]
+    def collect(
+        name: str, t: float, devices: list[DeviceSample], host: HostSample | None, resolved: Any = None
+    ) -> None:
+        results[name] = (devices, host, None, resolved)
+
+    tasks = [
+        ProbeTask(
+            s.probe,
+            collect,
+            post=ProbeHolders(s.probe, holders) if holders is not None and holders.enabled else None,
+        )
+        for s in statuses
+        if s.probe is not None
+    ]
     # A rate (host CPU %) needs time between setup() and the sample; without it the figure is absent.
     warmup_s = max((float(getattr(t.probe, "warmup_s", 0.0)) for t in tasks), default=0.0)
+    await asyncio.gather(*(t.tick() for t in sources))
     if warmup_s > 0:
         await asyncio.sleep(min(warmup_s, 2.0))
     await asyncio.gather(*(t.tick() for t in tasks))
     for t in tasks:
         if t.health.last_error:
-            devices, host, _ = results.get(t.probe.name, ([], None, None))
-            results[t.probe.name] = (devices, host, t.health.last_error)
+            devices, host, _, resolved = results.get(t.probe.name, ([], None, None, None))
+            results[t.probe.name] = (devices, host, t.health.last_error, resolved)
     return results
 
 
+def _holder_record(record: Any, reason: str | None) -> dict[str, Any]:
+    """One holder for `--json`: the fields the agent would send (never a command line), without the
+    window's seconds, and why only the pid is known where that is so."""
+    import msgspec
+
+    out = msgspec.to_builtins(record.window(0.0, record.memory_bytes))
+    out.pop("held_s", None)
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def _held_by(h: dict[str, Any]) -> str:
+    """The owner column of the holders table: pod, job, container, session or why unknown."""
+    if h.get("pod"):
+        who = f"pod {h['namespace']}/{h['pod']}" if h.get("namespace") else f"pod {h['pod']}"
+        return who + (f" ({h['container']})" if h.get("container") else "")
+    if h.get("slurm_job_id"):
+        return f"job {h['slurm_job_id']}" + (f" ({h['partition']})" if h.get("partition") else "")
+    if h.get("pod_uid"):
+        return f"pod uid {h['pod_uid']}"
+    if h.get("container_id"):
+        return f"{h.get('runtime') or 'container'} {h['container_id'][:12]}"
+    if h.get("runtime") in ("systemd-session", "systemd-service"):
+        return h["runtime"].removeprefix("systemd-")
+    return h.get("reason") or "-"
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
+    from capmon.agent.daemon import describe, match_allocations, merge_holders
+    from capmon.agent.sampler import AllocationTask
+
     config = _load(args)
-    statuses = _activate(config)
+    statuses, source_statuses = _activate_all(config)
+    source_tasks = [AllocationTask(s.source) for s in source_statuses if s.source is not None]
     try:
-        results = asyncio.run(_sample_once(statuses))
+        results = asyncio.run(_sample_once(statuses, config, source_tasks))
     finally:
-        for s in statuses:
-            if s.probe is not None:
-                s.probe.close()
+        _close_all(statuses, source_statuses)
     classifier = IdleClassifier(config.classifier)
     records: list[dict[str, Any]] = []
     host_record: dict[str, Any] | None = None
     errors: dict[str, str] = {}
-    for probe, (devices, host, error) in results.items():
+    for probe, (devices, host, error, resolved) in results.items():
         if error:
             errors[probe] = error
         if host is not None:
             host_record = {"host": config.host, **{k: getattr(host, k) for k in host.__slots__}}
+        allocations, unknown = match_allocations(devices, source_tasks)
         # What the agent would report: a MIG parent only through its instances, which share its health.
         for d in IdleClassifier.counted(devices):
-            obs = classifier.classify(d)
+            held = allocations.get(d.device_id, ())
+            obs = classifier.classify(
+                d,
+                allocated_to=describe(held) if held else None,
+                allocation_unknown=unknown.get(d.device_id),
+            )
             rec = {"probe": probe, "state": obs.state}
             rec.update({k: getattr(d, k) for k in d.__slots__})
             rec["extra"], rec["info"] = dict(d.extra), dict(d.info)
-            rec["holders"] = None if d.holders is None else [dataclasses.asdict(h) for h in d.holders]
+            owners = None
+            if config.holders.enabled:
+                owners = merge_holders(resolved.get(d.device_id) if resolved else None, held, config.holders)
+            rec["holders"] = (
+                None
+                if owners is None
+                else [_holder_record(h, getattr(getattr(h, "owner", None), "reason", None)) for h in owners]
+            )
             rec["util_unknown"], rec["ghost"], rec["spin"] = obs.util_unknown, obs.ghost, obs.spin
             rec["why"] = obs.reason
             records.append(rec)
     not_running = {s.name: f"{s.status}: {s.reason}" for s in statuses if s.status != "active"}
+    sources_not_running = {
+        s.name: f"{s.status}: {s.reason}" for s in source_statuses if s.status != "active"
+    }
+    source_errors = {t.source.name: t.error for t in source_tasks if t.error}
     if args.json:
         print(
             json.dumps(
@@ -146,6 +241,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
                     "devices": records,
                     "probe_errors": errors,
                     "probes_not_running": not_running,
+                    "allocation_errors": source_errors,
+                    "allocations_not_running": sources_not_running,
                 },
                 indent=2,
             )
@@ -180,10 +277,29 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 ("DEVICE", "MODEL", "IDX", "STATE", "UTIL", "MEM MiB", "POWER", "TEMP", "PROCS", "WHY"), rows
             )
         )
+        rows = []
+        for r in records:
+            for h in r["holders"] or ():
+                mem = f"{h['memory_bytes'] / MIB:.0f}" if h.get("memory_bytes") is not None else "-"
+                rows.append(
+                    (
+                        r["device_id"],
+                        _num(h.get("pid")),
+                        h.get("user") or "-",
+                        h.get("command") or "-",
+                        mem,
+                        _held_by(h),
+                    )
+                )
+        if rows:
+            print()
+            print(_table(("DEVICE", "PID", "USER", "COMMAND", "MEM MiB", "HELD BY"), rows))
     else:
         print("no accelerators found (see `capmon agent probes` for why each probe is not running)")
     for probe, error in errors.items():
         print(f"probe {probe}: {error}")
+    for source, error in source_errors.items():
+        print(f"allocation source {source}: {error}")
     return 0
 
 

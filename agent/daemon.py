@@ -1,33 +1,60 @@
-"""The agent daemon: probes → sampler → idle classifier → report windows → a sink (spool + transport).
+"""The agent daemon: probes → sampler → holders → idle classifier → report windows → a sink (spool +
+transport).
 
 Windows end on multiples of `window_s` of the wall clock, so every host's points share timestamps
-and a resent window rewrites the same points.
+and a resent window rewrites the same points. Who holds each device is resolved on each probe's
+worker thread (`capmon.agent.holders`), joined here with what the allocation sources last said, and
+folded per window on the classifier's clock.
+
+Allocation matching: an `Allocation` with `device_id` holds that device (a GPU split into MIG
+instances: each of its instances); one with `vendor` and `index` holds the device of that vendor
+whose minor number (`info["minor_number"]` where the probe reports it, else its `index`) is `index`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from capmon.agent import wire
+from capmon.agent.allocation import Allocation, AllocationSource
 from capmon.agent.classifier import IdleClassifier
 from capmon.agent.config import AgentConfig
+from capmon.agent.holders import (
+    AllocationHolder,
+    HolderResolver,
+    HoldersConfig,
+    HolderWindows,
+    ResolvedHolder,
+    resolver_for,
+)
 from capmon.agent.probe import DeviceSample, HostSample, Probe
-from capmon.agent.registry import ProbeRegistry, ProbeStatus
-from capmon.agent.sampler import Sampler
+from capmon.agent.registry import ProbeRegistry, ProbeStatus, SourceStatus
+from capmon.agent.sampler import AllocationTask, Sampler
 from capmon.agent.sinks import JsonLinesSink, ReportSink, identity_of, make_sink
 from capmon.agent.streaks import StreakFile
 
 # Re-exported: other modules and the tests import these from here.
-__all__ = ["Agent", "JsonLinesSink", "ReportSink", "StreakFile", "checked_report", "identity_of", "make_sink"]
+__all__ = [
+    "Agent",
+    "JsonLinesSink",
+    "ReportSink",
+    "StreakFile",
+    "checked_report",
+    "identity_of",
+    "make_sink",
+    "match_allocations",
+]
 
 log = logging.getLogger("capmon.agent")
 
@@ -61,6 +88,118 @@ class _HostWindow:
         )
 
 
+class ProbeHolders:
+    """A probe's post step: its devices' holders resolved from `/proc` on its worker thread. The
+    resolver follows the probe's `proc_root` (the mock writes its tree in `setup()`)."""
+
+    def __init__(self, probe: Probe, config: HoldersConfig) -> None:
+        self.probe = probe
+        self.config = config
+        self._resolver: HolderResolver | None = None
+        self._root: object = None
+
+    def __call__(self, devices: list[DeviceSample]) -> dict[str, list[ResolvedHolder] | None]:
+        root = getattr(self.probe, "proc_root", None)
+        if self._resolver is None or root != self._root:
+            self._resolver, self._root = resolver_for(self.probe, self.config), root
+        return self._resolver.resolve_devices({d.device_id: d.holders for d in devices})
+
+
+def _minor(d: DeviceSample) -> int | None:
+    raw = d.info.get("minor_number")
+    if raw is not None:
+        try:
+            return int(str(raw).strip())
+        except ValueError:
+            pass
+    return d.index
+
+
+def _covers(source: AllocationSource, vendor: str) -> bool:
+    try:
+        return bool(source.covers(vendor))
+    except Exception:  # a source that cannot say what it covers might cover anything
+        return True
+
+
+def match_allocations(
+    devices: Sequence[DeviceSample], tasks: Iterable[AllocationTask]
+) -> tuple[dict[str, list[Allocation]], dict[str, str]]:
+    """What the allocation sources say of `devices` (one probe's listing): per device id, the
+    allocations holding it, and for devices a source covers while it cannot answer, "<source>: <why>".
+    The matching rule is in the module docstring."""
+    by_id = {d.device_id: d for d in devices}
+    by_minor: dict[tuple[str, int], DeviceSample] = {}
+    children: dict[str, list[str]] = defaultdict(list)
+    for d in devices:
+        if d.parent_id:
+            children[d.parent_id].append(d.device_id)
+        minor = _minor(d)
+        if minor is not None and not d.parent_id:
+            by_minor.setdefault((d.vendor, minor), d)
+    held: dict[str, list[Allocation]] = defaultdict(list)
+    unknown: dict[str, str] = {}
+    for task in tasks:
+        if task.error is not None:
+            for d in devices:
+                if d.device_id not in unknown and _covers(task.source, d.vendor):
+                    unknown[d.device_id] = f"{task.source.name}: {task.error}"
+            continue
+        for a in task.allocations:
+            if a.device_id is not None:
+                d = by_id.get(a.device_id)
+            elif a.vendor is not None and a.index is not None:
+                d = by_minor.get((a.vendor, a.index))
+            else:
+                d = None
+            if d is None:
+                continue
+            for device_id in children.get(d.device_id) or [d.device_id]:
+                held[device_id].append(a)
+    return dict(held), unknown
+
+
+def describe(allocations: Sequence[Allocation]) -> str:
+    """Who a scheduler gave the device to, for people: "ml/train-0", "job 4242", several joined."""
+    names = []
+    for a in allocations:
+        if a.pod:
+            name = f"{a.namespace}/{a.pod}" if a.namespace else a.pod
+        elif a.job_id:
+            name = f"job {a.job_id}"
+        else:
+            name = f"{a.source} allocation {a.device}"
+        if name not in names:
+            names.append(name)
+    more = len(names) - 3
+    return ", ".join(names[:3]) + (f" and {more} more" if more > 0 else "")
+
+
+def merge_holders(
+    resolved: list[ResolvedHolder] | None, allocations: Sequence[Allocation], config: HoldersConfig
+) -> list[ResolvedHolder | AllocationHolder] | None:
+    """A device's processes with the allocations holding it: a process of the same pod (UID) or
+    Slurm job carries the allocation's names; an allocation with no process of its own is a holder
+    of its own. None (cannot tell) only when there is neither."""
+    if not allocations:
+        return None if resolved is None else list(resolved)
+    out: list[ResolvedHolder | AllocationHolder] = []
+    used: set[int] = set()
+    for r in resolved or ():
+        o = r.owner
+        for i, a in enumerate(allocations):
+            same_pod = a.pod_uid is not None and o.pod_uid is not None and o.pod_uid == a.pod_uid.lower()
+            same_job = a.job_id is not None and o.slurm_job_id == a.job_id
+            if same_pod or same_job:
+                r = dataclasses.replace(r, allocation=a)
+                used.add(i)
+                break
+        out.append(r)
+    send_user = config.users == "name"
+    out += [AllocationHolder(a, send_user) for i, a in enumerate(allocations) if i not in used]
+    return out
+
+
 class Agent:
     """One agent: activates its probes, samples them, and turns every window into a durable report."""
 
@@ -73,6 +212,7 @@ class Agent:
         probes: Sequence[Probe] | None = None,
         clock: Callable[[], float] = time.time,
         mono: Callable[[], float] | None = None,
+        sources: Sequence[AllocationSource] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -81,6 +221,7 @@ class Agent:
         # its own wall clock and no monotonic one gets its wall clock for both.
         self.mono = mono if mono is not None else (time.monotonic if clock is time.time else None)
         self.started = clock()
+        self.source_statuses: list[SourceStatus] = []
         if probes is None:
             registry = registry or ProbeRegistry()
             self.statuses: list[ProbeStatus] = registry.activate(
@@ -91,11 +232,35 @@ class Agent:
                 where=config.source,
             )
             probes = [s.probe for s in self.statuses if s.probe is not None]
+            if sources is None:
+                self.source_statuses = registry.activate_sources(
+                    config.allocations.enable,
+                    config.allocations.disable,
+                    config.allocations.options,
+                    boundaries,
+                    where=config.source,
+                )
+                sources = [s.source for s in self.source_statuses if s.source is not None]
         else:
             self.statuses = [ProbeStatus(p.name, "active", "", "given", p) for p in probes]
+        if sources is None:
+            sources = []  # probes given, sources not: a test's agent runs none
+        if not self.source_statuses:
+            self.source_statuses = [SourceStatus(s.name, "active", "", "given", s) for s in sources]
         self.probes = list(probes)
+        self.sources = list(sources)
         self.classifier = IdleClassifier(config.classifier)
-        self.sampler = Sampler(self.probes, self._on_samples, clock)
+        holders = config.holders
+        self.holder_windows = HolderWindows()
+        # Devices each probe listed last time, so one it stops listing holds nothing from then on.
+        self._listed: dict[str, set[str]] = {}
+        self.sampler = Sampler(
+            self.probes,
+            self._on_samples,
+            clock,
+            sources=self.sources,
+            post_for=(lambda p: ProbeHolders(p, holders)) if holders.enabled else None,
+        )
         self.sink = sink or make_sink(config)
         self._host = _HostWindow()
         # Windows a sink could not take for a reason of its own (a bug, stdout closed): the spool
@@ -110,17 +275,65 @@ class Agent:
             keep_s = max(3 * config.agent.window_s, 600)
             self.streaks = StreakFile(spool_dir / "idle-streaks.json", keep_s, clock)
 
-    def _on_samples(self, probe: str, t: float, devices: list[DeviceSample], host: HostSample | None) -> None:
-        self.classifier.observe_probe(probe, t, devices, mono=self.mono() if self.mono else None)
+    def _on_samples(
+        self,
+        probe: str,
+        t: float,
+        devices: list[DeviceSample],
+        host: HostSample | None,
+        resolved: Mapping[str, list[ResolvedHolder] | None] | None = None,
+    ) -> None:
+        mono = self.mono() if self.mono else None
+        allocations, unknown = match_allocations(devices, self.sampler.sources)
+        self.classifier.observe_probe(
+            probe,
+            t,
+            devices,
+            mono=mono,
+            allocated_to={d: describe(a) for d, a in allocations.items()},
+            allocation_unknown=unknown,
+        )
         if host is not None:
             self._host.add(host)
+        if not self.config.holders.enabled:
+            return
+        a = t if mono is None else mono
+        listed = set()
+        for d in IdleClassifier.counted(devices):
+            listed.add(d.device_id)
+            records = merge_holders(
+                resolved.get(d.device_id) if resolved else None,
+                allocations.get(d.device_id, ()),
+                self.config.holders,
+            )
+            self.holder_windows.observe(d.device_id, a, records)
+        for gone in self._listed.get(probe, set()) - listed:
+            self.holder_windows.observe(gone, a, None)
+        self._listed[probe] = listed
 
     def window_end(self, t: float) -> int:
         w = self.config.agent.window_s
         return (math.floor(t / w) + 1) * w
 
+    def _close_devices(self, start: int, end: int) -> list[wire.DeviceWindow]:
+        mono_end = self.mono() if self.mono else None
+        devices = self.classifier.close_window(start, end, mono_end=mono_end)
+        if not self.config.holders.enabled:
+            return devices
+        held = self.holder_windows.close(None, end if mono_end is None else mono_end)
+        kept = {d.device_id for d in devices}
+        for device_id in set(held) - kept:  # forgotten by the classifier: gone
+            self.holder_windows.forget(device_id)
+        out = []
+        for d in devices:
+            records, omitted = held.get(d.device_id, (None, 0))
+            if records is not None:
+                d = msgspec.structs.replace(d, holders=records, holders_omitted=min(omitted, wire.MAX_COUNT))
+            out.append(d)
+        return out
+
     def close_window(self, seq: int, start: int, end: int) -> wire.Report:
-        devices = self.classifier.close_window(start, end, mono_end=self.mono() if self.mono else None)
+        devices = self._close_devices(start, end)
         return wire.Report(
             seq=seq,
             start=start,
@@ -151,6 +364,26 @@ class Agent:
                     reason=reason[:1024] if reason else None,
                 )
             )
+        # Allocation sources report beside the probes, as "alloc:<name>".
+        source_health = {t.health.name: t.health for t in self.sampler.sources}
+        for src in self.source_statuses:
+            name = f"alloc:{src.name}"
+            h = source_health.get(name)
+            status = src.status if src.status in ("active", "skipped", "failed", "disabled") else "failed"
+            reason = (h.last_error if h and h.last_error else src.reason) or None
+            probes.append(
+                wire.ProbeStats(
+                    name=name[: wire.MAX_ID_LEN],
+                    status=status,
+                    samples=min(h.samples, wire.MAX_COUNT) if h else 0,
+                    errors=min(h.errors, wire.MAX_COUNT) if h else 0,
+                    timeouts=min(h.timeouts, wire.MAX_COUNT) if h else 0,
+                    last_duration_s=round(h.last_duration_s, 6)
+                    if h and h.last_duration_s is not None
+                    else None,
+                    reason=reason[: wire.MAX_TEXT_LEN] if reason else None,
+                )
+            )
         return wire.AgentStats(
             uptime_s=round(max(0.0, now - self.started), 3),
             spool_reports=sink.get("spool_reports", 0),
@@ -158,7 +391,7 @@ class Agent:
             dropped_reports=min(sink.get("dropped_reports", 0), wire.MAX_COUNT),
             lost_windows=min(sink.get("lost_windows", 0) + self.lost_windows, wire.MAX_COUNT),
             dead_letter_reports=sink.get("dead_letter_reports", 0),
-            probes=probes[:64],
+            probes=probes[: wire.MAX_PROBES],
         )
 
     async def _keep(self, report: wire.Report) -> None:
@@ -216,6 +449,8 @@ class Agent:
         await self.sink.start()
         if self.streaks is not None:
             self.classifier.restore(await asyncio.to_thread(self.streaks.load))
+        # The sources answer once before the first sample, so no device starts "allocation unknown".
+        await self.sampler.prime()
         sampling_stop = asyncio.Event()
         sampling = asyncio.create_task(self.sampler.run(sampling_stop))
         window = self.config.agent.window_s
@@ -241,9 +476,7 @@ class Agent:
                     # for it to reach `end` again would silence the agent for that long. Restart the
                     # windows from now; points at timestamps already written are overwritten.
                     log.warning("clock stepped back %.0fs: windows restart from now", start - now)
-                    self.classifier.close_window(
-                        start, start + window, mono_end=self.mono() if self.mono else None
-                    )
+                    self._close_devices(start, start + window)
                     start = int(now)
                     continue
                 await self._keep(self.close_window(self.sink.next_seq(), start, end))
@@ -254,7 +487,18 @@ class Agent:
             sampling.cancel()
             await asyncio.gather(sampling, return_exceptions=True)
             await self.sink.close(self.config.agent.shutdown_timeout_s)
-            busy = {t.probe.name for t in self.sampler.tasks if t.busy}
+            for task in self.sampler.sources:
+                if task.busy:
+                    log.warning(
+                        "allocation source %s: allocations() still running at exit; not closed",
+                        task.source.name,
+                    )
+                    continue
+                try:
+                    task.source.close()
+                except Exception:
+                    log.exception("allocation source %s: close() failed", task.source.name)
+            busy = {t.probe.name for t in self.sampler.probe_tasks if t.busy}
             for probe in self.probes:
                 if probe.name in busy:
                     # close() under a running sample() would free what the sample is using (NVML).

@@ -1,8 +1,11 @@
-"""Finding probes: the plugin manager, and which probes run on this host and why.
+"""Finding plugins: the plugin manager, and which probes and allocation sources run here and why.
 
 Built-in probes and third-party ones arrive the same way: modules named in the `capmon.probes`
-entry-point group whose `capmon_probe_types()` hook returns probe classes. Each entry point loads in
-its own `try`; a broken plugin is reported by `capmon agent probes`, never fatal.
+entry-point group whose `capmon_probe_types()` hook returns probe classes. Allocation sources
+(`kubernetes`, `slurm`, third-party schedulers) likewise: modules in the `capmon.allocations` group
+whose `capmon_allocation_sources()` returns source classes. Each entry point loads, and each hook
+implementation is called, in its own `try`; a broken plugin is reported by `capmon agent probes`,
+never fatal.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from typing import Any
 import pluggy
 
 from capmon.agent import hookspecs
+from capmon.agent.allocation import AllocationSource
 from capmon.agent.probe import Probe, ProbeUnavailable, config_from_mapping
 
 log = logging.getLogger("capmon.agent.registry")
 
 ENTRY_POINT_GROUP = "capmon.probes"
+ALLOCATIONS_GROUP = "capmon.allocations"
 
 
 @dataclass(slots=True)
@@ -34,17 +39,35 @@ class ProbeStatus:
     probe: Probe | None = None
 
 
+@dataclass(slots=True)
+class SourceStatus:
+    """One allocation source's line of `capmon agent probes`."""
+
+    name: str
+    status: str  # active | skipped | failed | disabled
+    reason: str = ""
+    plugin: str = ""
+    source: AllocationSource | None = None
+
+
 class ProbeRegistry:
-    """A pluggy manager holding the probe plugins of one agent (tests build their own)."""
+    """A pluggy manager holding the probe and allocation-source plugins of one agent (tests build
+    their own: a registry given `entry_points` loads no allocation entry points it was not given)."""
 
     def __init__(
         self,
         entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
         plugins: Iterable[tuple[str, object]] = (),
+        allocation_entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
     ) -> None:
         self.pm = pluggy.PluginManager("capmon")
         self.pm.add_hookspecs(hookspecs)
         self.load_errors: dict[str, str] = {}
+        self.source_load_errors: dict[str, str] = {}
+        if allocation_entry_points is None:
+            allocation_entry_points = (
+                importlib.metadata.entry_points(group=ALLOCATIONS_GROUP) if entry_points is None else ()
+            )
         if entry_points is None:
             entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
         for ep in entry_points:
@@ -54,18 +77,114 @@ class ProbeRegistry:
                 self.load_errors[ep.name] = f"plugin {ep.value!r} failed to load: {type(exc).__name__}: {exc}"
                 log.warning("%s", self.load_errors[ep.name])
                 continue
-            self._register(module, ep.name, ep.value)
+            self._register(module, ep.name, ep.value, self.load_errors)
+        for ep in allocation_entry_points:
+            try:
+                module = ep.load()
+            except Exception as exc:
+                self.source_load_errors[ep.name] = (
+                    f"plugin {ep.value!r} failed to load: {type(exc).__name__}: {exc}"
+                )
+                log.warning("%s", self.source_load_errors[ep.name])
+                continue
+            if self.pm.is_registered(module):
+                continue  # one module in both groups is one plugin
+            name = ep.name if self.pm.get_plugin(ep.name) is None else f"{ep.name} ({ALLOCATIONS_GROUP})"
+            self._register(module, name, ep.value, self.source_load_errors)
         for name, plugin in plugins:
-            self._register(plugin, name, repr(plugin))
+            self._register(plugin, name, repr(plugin), self.load_errors)
         self.pm.check_pending()
         self.types, self.sources = self._collect_types()
+        self.source_types, self.source_plugins = self._collect_sources()
 
-    def _register(self, plugin: object, name: str, source: str) -> None:
+    def _register(self, plugin: object, name: str, source: str, errors: dict[str, str]) -> None:
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:
-            self.load_errors[name] = f"plugin {source!r} could not register: {type(exc).__name__}: {exc}"
-            log.warning("%s", self.load_errors[name])
+            errors[name] = f"plugin {source!r} could not register: {type(exc).__name__}: {exc}"
+            log.warning("%s", errors[name])
+
+    def _collect_sources(self) -> tuple[dict[str, type[AllocationSource]], dict[str, str]]:
+        """`capmon_allocation_sources()` of every plugin, each implementation called on its own."""
+        types: dict[str, type[AllocationSource]] = {}
+        plugins: dict[str, str] = {}
+        for impl in self.pm.hook.capmon_allocation_sources.get_hookimpls():
+            plugin = impl.plugin_name
+            try:
+                returned = impl.function() or []
+            except Exception as exc:
+                self.source_load_errors[plugin] = (
+                    f"capmon_allocation_sources() raised {type(exc).__name__}: {exc}"
+                )
+                continue
+            for cls in returned:
+                if not (isinstance(cls, type) and issubclass(cls, AllocationSource) and cls.name):
+                    self.source_load_errors[plugin] = (
+                        f"capmon_allocation_sources() returned {cls!r}, not a named AllocationSource subclass"
+                    )
+                    continue
+                if cls.name in types:
+                    self.source_load_errors[f"{plugin}:{cls.name}"] = (
+                        f"allocation source name {cls.name!r} from {plugin} is already taken by "
+                        f"{plugins[cls.name]}; ignored"
+                    )
+                    continue
+                types[cls.name] = cls
+                plugins[cls.name] = plugin
+        return dict(sorted(types.items())), plugins
+
+    def activate_sources(
+        self,
+        enable: Iterable[str] = (),
+        disable: Iterable[str] = (),
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        boundaries: Mapping[str, Mapping[str, Any]] | None = None,
+        where: str = "configuration",
+    ) -> list[SourceStatus]:
+        """Construct and set up each allocation source that should run here, as `activate` does for
+        probes: not disabled, and auto-detecting or named in `enable`; `options[name]` is its
+        `[allocations.<name>]` table, `boundaries[name]` its boundary (tests pass fakes)."""
+        enable, disable = set(enable), set(disable)
+        options = options or {}
+        boundaries = boundaries or {}
+        known = set(self.source_types) | set(self.source_load_errors)
+        unknown = sorted((enable | disable | set(options)) - known)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown allocation source {unknown[0]!r} "
+                f"(known: {', '.join(self.source_types) or 'none'})"
+            )
+        configs = {
+            name: config_from_mapping(cls.Config, options.get(name, {}), f"{where}: [allocations.{name}]")
+            for name, cls in self.source_types.items()
+        }
+        statuses: list[SourceStatus] = []
+        for name, cls in self.source_types.items():
+            plugin = self.source_plugins[name]
+            if name in disable:
+                statuses.append(SourceStatus(name, "disabled", "disabled by configuration", plugin))
+                continue
+            if not cls.auto and name not in enable:
+                statuses.append(
+                    SourceStatus(name, "disabled", "runs only when named in allocations.enable", plugin)
+                )
+                continue
+            source = None
+            try:
+                source = cls(configs[name], **boundaries.get(name, {}))
+                source.setup()
+            except ProbeUnavailable as exc:
+                statuses.append(SourceStatus(name, "skipped", str(exc) or "unavailable", plugin))
+                _close(source)
+                continue
+            except Exception as exc:
+                statuses.append(SourceStatus(name, "failed", f"{type(exc).__name__}: {exc}", plugin))
+                _close(source)
+                continue
+            statuses.append(SourceStatus(name, "active", "", plugin, source))
+        for name, error in self.source_load_errors.items():
+            statuses.append(SourceStatus(name, "failed", error, name))
+        return statuses
 
     def _collect_types(self) -> tuple[dict[str, type[Probe]], dict[str, str]]:
         # Each implementation is called on its own: in pluggy one raising hookimpl aborts the call.
@@ -149,3 +268,13 @@ class ProbeRegistry:
         for name, error in self.load_errors.items():
             statuses.append(ProbeStatus(name, "failed", error, name))
         return statuses
+
+
+def _close(source: AllocationSource | None) -> None:
+    """A source is closed after a failed setup too (its contract says so); close() must not raise."""
+    if source is None:
+        return
+    try:
+        source.close()
+    except Exception:
+        log.exception("allocation source %s: close() failed", source.name)

@@ -23,6 +23,7 @@ def test_probes_says_why_nvml_and_ascend_are_skipped_here(capsys, monkeypatch):
     assert statuses["host"]["status"] == "active"
     assert statuses["ascend"] == {
         "name": "ascend",
+        "kind": "probe",
         "status": "skipped",
         "reason": "npu-smi not on PATH",
         "plugin": "ascend",
