@@ -177,6 +177,7 @@ async def run_demo(args: argparse.Namespace, out=None) -> None:
         )
         agents.append(Agent(agent_config, probes=[MockProbe(host.config)]))
     tasks = [asyncio.create_task(a.run(stop)) for a in agents]
+    print(f"capmon demo: live page {url}/  (read token: {READ_TOKEN})", file=out)
     print(
         f"capmon demo: collector on {url}, {args.hosts} simulated hosts × {args.devices} devices, "
         f"{args.window}s windows. Ctrl-C stops.",
