@@ -98,6 +98,10 @@ class FakeGpu:
     power_mw: int | None = 70_000
     utilisation: bool = True  # False: NVML reports NotSupported (some vGPU and passthrough setups)
     temp_c: int = 35
+    # The N of /dev/nvidiaN; None: the GPU's position in `FakeNvml.gpus`. The driver numbers the files
+    # in PCI order, so on a real host it can differ from the NVML index (CUDA_DEVICE_ORDER, hot-plug).
+    minor_number: int | None = None
+    minor_supported: bool = True  # False: NVML reports NotSupported (e.g. WSL, some vGPU guests)
     compute_pids: list[int] = field(default_factory=list)
     graphics_pids: list[int] = field(default_factory=list)
     # Device memory NVML reports per pid (usedGpuMemory); a pid not listed uses 1 GiB.
@@ -317,6 +321,15 @@ class FakeNvml(types.SimpleNamespace):
     def nvmlDeviceGetName(self, handle: _Handle) -> str:
         gpu = self._gpu(handle)
         return handle.mig.name if handle.mig else gpu.name
+
+    def nvmlDeviceGetMinorNumber(self, handle: _Handle) -> int:
+        gpu = self._gpu(handle)
+        # The probe asks only whole GPUs: a MIG instance's device file is a /dev/nvidia-caps one.
+        if handle.mig is not None or not gpu.minor_supported:
+            _raise(real.NVML_ERROR_NOT_SUPPORTED)
+        if gpu.minor_number is not None:
+            return gpu.minor_number
+        return next(i for i, g in enumerate(self.gpus) if g is gpu)
 
     def nvmlDeviceGetPciInfo(self, handle: _Handle):
         gpu = self._gpu(handle)

@@ -49,9 +49,9 @@ class NvmlConfig(ProbeConfig):
     # `fatal_xid_hold_s` seconds after the last one. Needs `xid_events`.
     fatal_xids: tuple[int, ...] = (48, 79, 95)
     fatal_xid_hold_s: float = 600.0
-    # Seconds between reads of what changes slowly (name, PCI bus id, MIG mode and layout, row-remap
-    # health); each tick reads only utilisation, memory, power, temperature and processes. An XID, or
-    # a MIG instance that stops answering, re-reads them at once.
+    # Seconds between reads of what changes slowly (name, PCI bus id, minor number, MIG mode and
+    # layout, row-remap health); each tick reads only utilisation, memory, power, temperature and
+    # processes. An XID, or a MIG instance that stops answering, re-reads them at once.
     slow_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -89,6 +89,8 @@ class _GpuState:
     uuid: str
     model: str | None = None
     bus_id: str | None = None
+    # The N of /dev/nvidiaN: what Slurm's gres.conf and GKE's device plugin name the GPU by.
+    minor_number: int | None = None
     last_util_ts: int = 0
     gpm_supported: bool | None = None
     gpm: _GpmPair = field(default_factory=_GpmPair)
@@ -285,11 +287,15 @@ class NvmlProbe(Probe):
 
     def _unreadable_gpu(self, uuid: str, error: str, index: int | None) -> list[DeviceSample]:
         gpu = self._gpus.get(uuid)
-        info = {"bus_id": gpu.bus_id} if gpu is not None and gpu.bus_id else {}
         model = gpu.model if gpu else None
-        out = [self._unreadable(uuid, error, model=model, index=index, info=info)]
+        # The last known identity stays, so a scheduler's allocation still finds the unreadable GPU.
+        out = [self._unreadable(uuid, error, model=model, index=index, info=_gpu_info(gpu))]
         for instance in gpu.instances if gpu is not None else []:
-            out.append(self._unreadable(instance.uuid, error, model=instance.model, parent_id=uuid, info=info))
+            out.append(
+                self._unreadable(
+                    instance.uuid, error, model=instance.model, parent_id=uuid, info=_instance_info(gpu)
+                )
+            )
         return out
 
     def _unreadable(
@@ -346,6 +352,9 @@ class NvmlProbe(Probe):
             if pci is not None:
                 bus_id = pci.busId
                 gpu.bus_id = bus_id.decode() if isinstance(bus_id, bytes) else str(bus_id)
+        # Read again on every slow read, not once: the driver numbers the device files at load time.
+        minor = self._field(lambda: nv.nvmlDeviceGetMinorNumber(handle))
+        gpu.minor_number = int(minor) if minor is not None else None
         gpu.healthy, gpu.error = self._health(handle)
         mig_on = False
         if self.config.mig:
@@ -361,7 +370,7 @@ class NvmlProbe(Probe):
         nv = self._nvml
         if self._slow_due(gpu, now):
             self._read_slow(handle, gpu, now)
-        info = {"bus_id": gpu.bus_id} if gpu.bus_id else {}
+        info = _gpu_info(gpu)
         extra: dict[str, float] = {}
 
         util = None if gpu.mig_on else self._utilisation(handle, gpu)
@@ -683,10 +692,14 @@ class NvmlProbe(Probe):
             except nv.NVMLError as exc:
                 if type(exc).__name__ in _REINIT_ERRORS:
                     raise
-                info = {"bus_id": gpu.bus_id} if gpu.bus_id else {}
                 children.append(
                     self._unreadable(
-                        instance.uuid, f"MIG {instance.uuid}: {exc}", instance.model, None, gpu.uuid, info
+                        instance.uuid,
+                        f"MIG {instance.uuid}: {exc}",
+                        instance.model,
+                        None,
+                        gpu.uuid,
+                        _instance_info(gpu),
                     )
                 )
         return children
@@ -711,7 +724,7 @@ class NvmlProbe(Probe):
             if "sm_active_pct" in metrics:
                 extra["sm_active_pct"] = metrics["sm_active_pct"]
             util = metrics.get("gpm_util_pct")
-        info = {"bus_id": gpu.bus_id} if gpu.bus_id else {}
+        info = _instance_info(gpu)
         # MIG has no graphics: only compute processes can hold an instance, listed by its own handle.
         holders = self._holders(instance.handle, graphics=False)
         if gi is not None:
@@ -733,6 +746,30 @@ class NvmlProbe(Probe):
             info=info,
             holders=holders,
         )
+
+
+def _gpu_info(gpu: _GpuState | None) -> dict[str, str]:
+    """A whole GPU's identity text: PCI bus id, and `minor_number` (the N of /dev/nvidiaN) where NVML tells it."""
+    info: dict[str, str] = {}
+    if gpu is not None and gpu.bus_id:
+        info["bus_id"] = gpu.bus_id
+    if gpu is not None and gpu.minor_number is not None:
+        info["minor_number"] = str(gpu.minor_number)
+    return info
+
+
+def _instance_info(gpu: _GpuState | None) -> dict[str, str]:
+    """A MIG instance's identity text: its GPU's bus id and `parent_minor_number`.
+
+    Not `minor_number`: the instance's own device file is /dev/nvidia-caps/nvidia-capN, and what
+    Slurm binds (gres.conf `MultipleFiles=`) is the parent's /dev/nvidiaN, which holds every instance.
+    """
+    info: dict[str, str] = {}
+    if gpu is not None and gpu.bus_id:
+        info["bus_id"] = gpu.bus_id
+    if gpu is not None and gpu.minor_number is not None:
+        info["parent_minor_number"] = str(gpu.minor_number)
+    return info
 
 
 class _XidWatcher:

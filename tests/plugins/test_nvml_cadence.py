@@ -30,6 +30,7 @@ SLOW = {
     "nvmlDeviceGetUUID",
     "nvmlDeviceGetName",
     "nvmlDeviceGetPciInfo",
+    "nvmlDeviceGetMinorNumber",
     "nvmlDeviceGetMigMode",
     "nvmlDeviceGetRemappedRows",
     "nvmlDeviceGetMaxMigDeviceCount",
