@@ -25,6 +25,7 @@ from .auth import AuthFailureLog, Principal, TokenStore, credentials_kind
 from .config import Config
 from .fleet import HOLDER_KEYS, FleetView, Pricing
 from .ingest import ClientDisconnected, IngestLimits, IngestService, Refusal
+from .liveview import LiveView, NoLiveView, make_live_view
 from .metrics import Metrics
 from .storage import GroupCommitWriter, StorageWriter, make_writer
 
@@ -38,10 +39,13 @@ STORAGE = web.AppKey("capmon_storage", GroupCommitWriter)
 CLOCK = web.AppKey("capmon_clock", Callable[[], float])
 INGEST = web.AppKey("capmon_ingest", IngestService)
 AUTH_LOG = web.AppKey("capmon_auth_log", AuthFailureLog)
+# What the capacity APIs answer from: this process's FleetView, or the store (live_view = "storage").
+LIVE = web.AppKey("capmon_live_view", LiveView)
+WORKER = web.AppKey("capmon_worker", str)
 
 _json = msgspec.json.Encoder()
 
-__all__ = ["CONFIG", "FLEET", "INGEST", "METRICS", "STORAGE", "Refusal", "create_app", "run"]
+__all__ = ["CONFIG", "FLEET", "INGEST", "LIVE", "METRICS", "STORAGE", "Refusal", "create_app", "run"]
 
 
 def refusal_response(refusal: Refusal) -> web.Response:
@@ -149,10 +153,26 @@ def min_idle_and_limit(query: Mapping[str, str]) -> tuple[float, int]:
     return min_idle, limit
 
 
+def since_param(query: Mapping[str, str]) -> float | None:
+    """`since`: how far back the totals reach (storage live view), a duration like 24h, 7d, 3600."""
+    text = query.get("since")
+    if text is None:
+        return None
+    try:
+        seconds = parse_duration(text)
+        if not 0 < seconds <= 366 * 86400:
+            raise ValueError
+    except ValueError:
+        raise Refusal(
+            400, "invalid parameter", "since: a duration up to 366d, like 3600, 90m, 24h, 7d"
+        ) from None
+    return seconds
+
+
 async def devices(request: web.Request) -> web.Response:
     """`GET /api/v1/devices?state=free&min_idle=15m&model=…&site=…&limit=100`: longest idle first."""
     authenticate(request, "read")
-    fleet = request.app[FLEET]
+    fleet = request.app[LIVE]
     query: Mapping[str, str] = request.query
     known = {"state", "min_idle", "limit", "model", "vendor", "host", "agent", *fleet.label_keys}
     for key in query:
@@ -166,7 +186,7 @@ async def devices(request: web.Request) -> web.Response:
         ) from None
     min_idle, limit = min_idle_and_limit(query)
     filters = {k: v for k, v in query.items() if k not in ("state", "min_idle", "limit")}
-    found = fleet.devices(states, min_idle, filters, limit)
+    found = await fleet.devices(states, min_idle, filters, limit)
     return json_response({"devices": found, "count": len(found), "currency": fleet.pricing.currency})
 
 
@@ -180,9 +200,9 @@ _HOLDER_STATES: dict[str, frozenset[str] | None] = {
 async def holders(request: web.Request) -> web.Response:
     """`GET /api/v1/holders?by=user&state=allocated_idle&min_idle=1h&model=…&site=…`: reclaim candidates."""
     authenticate(request, "read")
-    fleet = request.app[FLEET]
+    fleet = request.app[LIVE]
     query: Mapping[str, str] = request.query
-    known = {"by", "state", "min_idle", "limit", "model", "host", "agent", *fleet.label_keys}
+    known = {"by", "state", "min_idle", "limit", "since", "model", "host", "agent", *fleet.label_keys}
     unknown = sorted({key[:64] for key in query if key not in known})
     if unknown:
         raise Refusal(
@@ -197,24 +217,62 @@ async def holders(request: web.Request) -> web.Response:
     if state not in _HOLDER_STATES:
         raise Refusal(400, "invalid parameter", f"state {state[:64]!r}: one of {', '.join(_HOLDER_STATES)}")
     min_idle, limit = min_idle_and_limit(query)
-    filters = {k: v for k, v in query.items() if k not in ("by", "state", "min_idle", "limit")}
-    return json_response(fleet.holders(by, _HOLDER_STATES[state], min_idle, filters, limit))
+    since = since_param(query)
+    filters = {k: v for k, v in query.items() if k not in ("by", "state", "min_idle", "limit", "since")}
+    answer = await fleet.holders(by, _HOLDER_STATES[state], min_idle, filters, limit, since)
+    return json_response(answer)
 
 
 async def fleet_summary(request: web.Request) -> web.Response:
+    """`GET /api/v1/fleet?since=24h`: counts now, totals since start (memory) or over `since` (storage)."""
     authenticate(request, "read")
-    return json_response(request.app[FLEET].summary())
+    for key in request.query:
+        if key != "since":
+            raise Refusal(400, "unknown parameter", f"{key[:64]!r}; known: since")
+    return json_response(await request.app[LIVE].summary(since_param(request.query)))
+
+
+# Gauges that describe the fleet: the same in every worker (with the storage view), so unlabelled.
+FLEET_GAUGES = frozenset(
+    {"capmon_collector_live_devices", "capmon_collector_agents", "capmon_collector_stale_agents"}
+)
+
+
+def label_worker(text: str, worker: str) -> str:
+    """Add `worker="…"` to every sample of this process's own metrics (not to the fleet gauges), so
+    counters of several workers behind one port tell apart."""
+    pair = f'worker="{worker}"'
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
+            name = line[:name_end]
+            if name not in FLEET_GAUGES:
+                if line[name_end] == "{":
+                    line = f"{name}{{{pair},{line[name_end + 1 :]}"
+                else:
+                    line = f"{name}{{{pair}}}{line[name_end:]}"
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 async def metrics_page(request: web.Request) -> web.Response:
     authenticate(request, "read")
-    return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+    try:
+        await request.app[LIVE].refresh()
+    except Refusal as exc:  # the store is down: this process's own metrics still answer
+        log.info("metrics: fleet gauges from the last answer (%s)", exc.detail)
+    text = request.app[METRICS].render()
+    worker = request.app[WORKER]
+    if worker:
+        text = label_worker(text, worker)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
 async def agents(request: web.Request) -> web.Response:
     """`GET /api/v1/agents`: each agent's last report and its refusals (a clock far off shows here)."""
     authenticate(request, "read")
-    listed = request.app[INGEST].agents()
+    listed = await request.app[LIVE].agents()
     return json_response({"agents": listed, "count": len(listed)})
 
 
@@ -354,8 +412,10 @@ def create_app(
     writer: StorageWriter | None = None,
     clock: Callable[[], float] = time.time,
     env: Mapping[str, str] | None = None,
+    worker: str = "",
 ) -> web.Application:
-    """The collector. `writer` replaces the configured storage (unit tests); `clock` is unix seconds."""
+    """The collector. `writer` replaces the configured storage (unit tests); `clock` is unix seconds;
+    `worker` (one of `--workers N`) labels this process's own metrics."""
     import os
 
     metrics = Metrics()
@@ -377,21 +437,36 @@ def create_app(
         forget_after_s=config.collector.forget_after_s,
         on_forget=metrics.forgotten_agents.inc,
     )
+    app[WORKER] = worker
+    app[LIVE] = live = make_live_view(config, fleet, clock)
     app[STORAGE] = storage = GroupCommitWriter(writer or make_writer(config.storage), config.storage, metrics)
     pricing = fleet.pricing
     price = getattr(pricing, "for_device", None) or (lambda d: pricing.price(d.model))
     app[INGEST] = service = IngestService(
         IngestLimits.from_config(config),
-        fleet,
+        # The storage view answers from the store: nothing to keep here.
+        fleet if config.collector.live_view == "memory" else NoLiveView(),
         storage,
         metrics,
         clock,
         price,
         forget_after_s=config.collector.forget_after_s,
     )
-    metrics.gauge("live_devices", "Devices in the live view.", lambda: fleet.device_count)
-    metrics.gauge("agents", "Agents in the live view.", lambda: fleet.agent_count)
-    metrics.gauge("stale_agents", "Agents silent for more than stale_windows windows.", fleet.stale_agents)
+    metrics.gauge("live_devices", "Devices in the live view.", live.device_count)
+    metrics.gauge("agents", "Agents in the live view.", live.agent_count)
+    metrics.gauge("stale_agents", "Agents silent for more than stale_windows windows.", live.stale_agents)
+    store = getattr(live, "store", None)
+    if store is not None:
+        metrics.gauge(
+            "live_view_store_requests",
+            "Query requests this process sent the store for the live view (a counter).",
+            lambda: store.requests,
+        )
+        metrics.gauge(
+            "live_view_store_seconds",
+            "Seconds the store took to answer them (a counter).",
+            lambda: store.seconds,
+        )
     metrics.gauge(
         "pending_lines", "Lines waiting for or being written to storage.", lambda: storage.pending_lines
     )
@@ -405,12 +480,14 @@ def create_app(
     async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         # Quick: storage readiness (ping, CREATE DATABASE) runs in the background, see /healthz.
         await storage.start()
+        await live.start()  # LiveViewUnsupported: the store answers, but not InfluxQL
         service.start()
         if not len(app[TOKENS]):
             log.warning("no tokens configured in %s: every request except /healthz is refused", config.source)
         yield
         await service.close()
         await storage.close(config.collector.drain_timeout_s)
+        await live.close()
         log.info("capmon collector stopped")
 
     app.cleanup_ctx.append(storage_ctx)
@@ -427,16 +504,22 @@ def create_app(
     return app
 
 
-def run(config: Config) -> None:
-    """Serve until SIGINT/SIGTERM; then drain (stop accepting, finish requests, flush writes)."""
+def run(config: Config, worker: str = "") -> None:
+    """Serve until SIGINT/SIGTERM; then drain (stop accepting, finish requests, flush writes).
+
+    `worker`: this process is one of `--workers N`, sharing the port with the others."""
     web.run_app(
-        create_app(config),
+        create_app(config, worker=worker),
         host=config.collector.host,
         port=config.collector.port,
         shutdown_timeout=config.collector.drain_timeout_s,
-        reuse_port=config.collector.reuse_port or None,
+        reuse_port=(config.collector.reuse_port or bool(worker)) or None,
         access_log=None,
         print=lambda *a: log.info(
-            "capmon collector listening on %s:%s", config.collector.host, config.collector.port
+            "capmon collector%s listening on %s:%s (live view: %s)",
+            f" worker {worker}" if worker else "",
+            config.collector.host,
+            config.collector.port,
+            config.collector.live_view,
         ),
     )
