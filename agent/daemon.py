@@ -365,12 +365,14 @@ class Agent:
                 )
             )
         # Allocation sources report beside the probes, as "alloc:<name>".
-        source_health = {t.health.name: t.health for t in self.sampler.sources}
+        tasks = {t.health.name: t for t in self.sampler.sources}
         for src in self.source_statuses:
             name = f"alloc:{src.name}"
-            h = source_health.get(name)
+            task = tasks.get(name)
+            h = task.health if task else None
             status = src.status if src.status in ("active", "skipped", "failed", "disabled") else "failed"
-            reason = (h.last_error if h and h.last_error else src.reason) or None
+            # An active source says why it has no current answer (raised, hung, not asked yet).
+            reason = (task.error if task and task.error else src.reason) or None
             probes.append(
                 wire.ProbeStats(
                     name=name[: wire.MAX_ID_LEN],
