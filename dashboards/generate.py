@@ -1,31 +1,62 @@
 #!/usr/bin/env python3
-"""Writes the capmon Grafana dashboards (`capmon-fleet.json`, `capmon-host.json`, `capmon-agents.json`).
+"""Writes the capmon Grafana dashboards: fleet, host and agents in InfluxQL (`capmon-fleet.json`,
+`capmon-host.json`, `capmon-agents.json`), fleet and host in PromQL (`capmon-fleet-prometheus.json`,
+`capmon-host-prometheus.json`).
 
 The JSON files are committed and are what Grafana loads; this script is how they are made, so that
 every panel gets the same datasource reference, filters, units and thresholds. Edit here, run
 `python dashboards/generate.py`, commit both (tests/dashboards checks they agree). Standard library only.
 
-Queries are InfluxQL (InfluxDB 1.x, 2.x through a DBRP mapping, 3.x) over the schema in
-collector/README.md. "Now" means the end of the dashboard's time range: the latest window of each
-device in the `now_window` before it (default 3m: the collector's staleness rule, 3 windows of 60 s;
-at least 3 × the agents' window_s).
+One source of panels, two query languages: each panel is defined once, with its InfluxQL and its
+PromQL side by side (`target(influxql, promql=...)`, `Per(influxql=..., promql=...)` for anything
+else that differs, such as a table's column names); rendering picks one language. A panel without a
+PromQL query (the data is not in Prometheus, e.g. Slurm job ids) is left out of the PromQL variant.
+
+InfluxQL runs on InfluxDB 1.x, 2.x through a DBRP mapping and 3.x, over the schema in
+collector/README.md. PromQL reads the collector's remote-write series (collector/remote_write.py:
+one sample per series per window at the window's end). "Now" means the end of the dashboard's time
+range: the latest window of each device in the `now_window` before it (default 3m: the collector's
+staleness rule, 3 windows of 60 s; at least 3 × the agents' window_s).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-DS = {"type": "influxdb", "uid": "${datasource}"}
+INFLUXQL, PROMQL = "influxql", "promql"
 SCHEMA_VERSION = 39
+
+
+@dataclass(frozen=True)
+class Per:
+    """A part of a dashboard that differs between the query languages, picked when it is rendered.
+    `OMIT` in a list or dict leaves the item out; a panel left without targets is left out."""
+
+    influxql: Any
+    promql: Any
+
+
+class _Omit:
+    def __repr__(self) -> str:
+        return "OMIT"
+
+
+OMIT = _Omit()
+
+DS = Per({"type": "influxdb", "uid": "${datasource}"}, {"type": "prometheus", "uid": "${datasource}"})
 
 # Tag filters; `.*` (the custom "All" value) also matches a point without that tag.
 FLEET_FILTER = (
     'AND "site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/ '
     'AND "model" =~ /^$model$/ AND "host" =~ /^$host$/'
 )
+# The same as PromQL label matchers: Grafana's Prometheus data source regex-escapes multi-value and
+# "All"-able variables (`\\.`), inserts the custom all value `.*` as it is (which matches an absent label).
+FLEET_MATCH = 'site=~"$site", cluster=~"$cluster", pool=~"$pool", model=~"$model", host=~"$host"'
 # The end of the range: each device's latest window must lie in the `now_window` before it.
 NOW = "time > ${__to}ms - $now_window AND time <= ${__to}ms"
 NOW_WINDOW_DEFAULT = "3m"
@@ -45,6 +76,47 @@ STATE_TEXT = {
 }
 
 
+# -- PromQL over the collector's remote-write series ---------------------------------------------
+
+
+def sel(metric: str, *matchers: str, base: str = FLEET_MATCH) -> str:
+    """`metric{matchers…, the dashboard's filters}`."""
+    return metric + "{" + ", ".join((*matchers, base) if base else matchers) + "}"
+
+
+def over_range(metric: str, *matchers: str, span: str = "$__range", base: str = FLEET_MATCH) -> str:
+    """The sum of a per-window gauge's samples over `span` (the range, or one interval), per series."""
+    return f"sum_over_time({sel(metric, *matchers, base=base)}[{span}])"
+
+
+def latest(metric: str, *matchers: str, base: str = FLEET_MATCH) -> str:
+    """Each series' sample of its latest window in the now window."""
+    return f"last_over_time({sel(metric, *matchers, base=base)}[$now_window])"
+
+
+def state_now(states: str = "", base: str = FLEET_MATCH) -> str:
+    """1 per device, labelled with the state of its latest window (`states`: a regex of states)."""
+    matchers = (f'state=~"{states}"',) if states else ()
+    return f"({latest('capmon_device_state', *matchers, base=base)} == 1)"
+
+
+def with_state(expr: str, states: str = "", base: str = FLEET_MATCH) -> str:
+    """`expr` per device, for devices in `states` now, with their `state` label (× 1)."""
+    return f"{expr} * on(host, device) group_left(state) {state_now(states, base)}"
+
+
+def gpu_hours(metric: str, by: str = "", base: str = FLEET_MATCH) -> str:
+    agg = f"sum by ({by})" if by else "sum"
+    return f"{agg} ({over_range(metric, base=base)}) / 3600"
+
+
+def idle_share_prom(by: str = "", span: str = "$__range", base: str = FLEET_MATCH) -> str:
+    b = f" by ({by})" if by else ""
+    idle = over_range("capmon_device_window_idle_gpu_seconds", span=span, base=base)
+    total = over_range("capmon_device_window_gpu_seconds", span=span, base=base)
+    return f"100 * sum{b} ({idle}) / sum{b} ({total})"
+
+
 # -- building blocks -------------------------------------------------------------------------------
 
 
@@ -55,65 +127,120 @@ def thresholds(*steps: tuple[float | None, str]) -> dict:
 GREEN = thresholds((None, "green"))
 
 
-def target(query: str, ref: str = "A", fmt: str = "time_series", alias: str | None = None) -> dict:
-    t: dict[str, Any] = {
-        "datasource": DS,
-        "refId": ref,
-        "rawQuery": True,
-        "query": query,
-        "resultFormat": fmt,
-    }
-    if alias:
-        t["alias"] = alias
-    return t
+def target(
+    query: str | None,
+    ref: str = "A",
+    fmt: str = "time_series",
+    alias: str | None = None,
+    promql: str | None = None,
+    legend: str | None = None,
+) -> Per:
+    """One query in both languages; `None` for a language leaves the target out of that variant."""
+    t: dict[str, Any] | _Omit = OMIT
+    if query is not None:
+        t = {"datasource": DS, "refId": ref, "rawQuery": True, "query": query, "resultFormat": fmt}
+        if alias:
+            t["alias"] = alias
+    p: dict[str, Any] | _Omit = OMIT
+    if promql is not None:
+        p = {"datasource": DS, "refId": ref, "editorMode": "code", "expr": promql, "format": fmt}
+        if legend:
+            p["legendFormat"] = legend
+    return Per(t, p)
+
+
+def prom_target(promql: str, ref: str = "A", fmt: str = "time_series", legend: str | None = None) -> Per:
+    """A target only the PromQL variant has (InfluxQL answers it within another target)."""
+    return target(None, ref, fmt, promql=promql, legend=legend)
+
+
+def resolve(value: Any, lang: str) -> Any:
+    """`value` in one language: every `Per` replaced by its side, `OMIT` items left out."""
+    if isinstance(value, Per):
+        return resolve(getattr(value, lang), lang)
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            r = resolve(v, lang)
+            if r is not OMIT:
+                out[k] = r
+        return out
+    if isinstance(value, list):
+        return [r for r in (resolve(v, lang) for v in value) if r is not OMIT]
+    if isinstance(value, Layout):
+        return value.place(lang)
+    return value
 
 
 class Layout:
-    """Places panels left to right on Grafana's 24-column grid."""
+    """Places panels left to right on Grafana's 24-column grid, once per language (a panel one
+    language lacks leaves no hole)."""
 
     def __init__(self) -> None:
-        self.x = self.y = self.row_h = 0
-        self.next_id = 1
-        self.panels: list[dict] = []
+        self.items: list[tuple[dict | None, str | int, int]] = []
 
     def add(self, panel: dict, w: int, h: int) -> None:
-        if self.x + w > 24:
-            self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
-        panel["id"] = self.next_id
-        panel["gridPos"] = {"h": h, "w": w, "x": self.x, "y": self.y}
-        self.next_id += 1
-        self.x += w
-        self.row_h = max(self.row_h, h)
-        self.panels.append(panel)
+        self.items.append((panel, w, h))
 
     def row(self, title: str) -> None:
-        if self.x:
-            self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
-        self.panels.append(
-            {
-                "type": "row",
-                "title": title,
-                "id": self.next_id,
-                "collapsed": False,
-                "panels": [],
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
-            }
-        )
-        self.next_id += 1
-        self.y += 1
+        self.items.append((None, title, 1))
+
+    def place(self, lang: str) -> list[dict]:
+        x = y = row_h = 0
+        next_id = 1
+        panels: list[dict] = []
+        for panel, w, h in self.items:
+            if panel is None:
+                if x:
+                    x, y, row_h = 0, y + row_h, 0
+                panels.append(
+                    {
+                        "type": "row",
+                        "title": w,
+                        "id": next_id,
+                        "collapsed": False,
+                        "panels": [],
+                        "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                    }
+                )
+                next_id += 1
+                y += 1
+                continue
+            placed = resolve(panel, lang)
+            if not placed["targets"]:
+                continue
+            assert isinstance(w, int)
+            if x + w > 24:
+                x, y, row_h = 0, y + row_h, 0
+            placed["id"] = next_id
+            placed["gridPos"] = {"h": h, "w": w, "x": x, "y": y}
+            next_id += 1
+            x += w
+            row_h = max(row_h, h)
+            panels.append(placed)
+        return panels
+
+
+RANGE_PANELS = ("timeseries", "state-timeline")
 
 
 def panel(
     kind: str,
     title: str,
     description: str,
-    targets: list[dict],
+    targets: list[Per],
     unit: str,
     steps: dict = GREEN,
     options: dict | None = None,
-    overrides: list[dict] | None = None,
+    overrides: list[dict] | Per | None = None,
     **defaults: Any,
 ) -> dict:
+    # PromQL: a time series panel asks for a range query, every other panel for the value at the
+    # end of the range (an instant query).
+    instant = kind not in RANGE_PANELS
+    for t in targets:
+        if isinstance(t.promql, dict):
+            t.promql.update({"instant": instant, "range": not instant})
     return {
         "type": kind,
         "title": title,
@@ -128,12 +255,20 @@ def panel(
     }
 
 
-def stat(title: str, description: str, query: str, unit: str, steps: dict = GREEN, **kw: Any) -> dict:
+def stat(
+    title: str,
+    description: str,
+    query: str,
+    unit: str,
+    steps: dict = GREEN,
+    promql: str | None = None,
+    **kw: Any,
+) -> dict:
     return panel(
         "stat",
         title,
         description,
-        [target(query)],
+        [target(query, promql=promql)],
         unit,
         steps,
         options={
@@ -148,7 +283,7 @@ def stat(title: str, description: str, query: str, unit: str, steps: dict = GREE
 
 
 def timeseries(
-    title: str, description: str, targets: list[dict], unit: str, steps: dict = GREEN, **kw: Any
+    title: str, description: str, targets: list[Per], unit: str, steps: dict = GREEN, **kw: Any
 ) -> dict:
     p = panel(
         "timeseries",
@@ -168,12 +303,12 @@ def timeseries(
 def table(
     title: str,
     description: str,
-    targets: list[dict],
+    targets: list[Per],
     unit: str,
-    overrides: list[dict],
+    overrides: list[dict] | Per,
     sort_by: str | None = None,
     steps: dict = GREEN,
-    transformations: list[dict] | None = None,
+    transformations: list[dict] | Per | None = None,
 ) -> dict:
     p = panel(
         "table",
@@ -190,6 +325,19 @@ def table(
     )
     p["transformations"] = transformations or []
     return p
+
+
+def prom_columns(names: dict[str, str], hide: tuple[str, ...] = ()) -> list[dict]:
+    """A PromQL table's transformations: Grafana names each instant query's value `Value #<refId>`;
+    merge the queries' frames into rows (by their labels) and name the columns."""
+    exclude = {"Time": True, **dict.fromkeys(hide, True)}
+    return [
+        {"id": "merge", "options": {}},
+        {
+            "id": "organize",
+            "options": {"excludeByName": exclude, "renameByName": {f"Value #{r}": n for r, n in names.items()}},
+        },
+    ]
 
 
 def unit_override(field: str, unit: str, **more: Any) -> dict:
@@ -216,8 +364,11 @@ def datasource_var() -> dict:
         "name": "datasource",
         "label": "Data source",
         "type": "datasource",
-        "query": "influxdb",
-        "current": {"text": "capmon InfluxDB", "value": "capmon-influxdb"},
+        "query": Per("influxdb", "prometheus"),
+        "current": Per(
+            {"text": "capmon InfluxDB", "value": "capmon-influxdb"},
+            {"text": "capmon Prometheus", "value": "capmon-prometheus"},
+        ),
         "hide": 0,
         "refresh": 1,
         "regex": "",
@@ -225,12 +376,25 @@ def datasource_var() -> dict:
     }
 
 
-def tag_var(name: str, measurement: str, where: str = "", multi: bool = True, label: str = "") -> dict:
-    """A `SHOW TAG VALUES` variable. Queries use it only as `"tag" =~ /^$name$/`, the single-value one too:
-    Grafana's InfluxDB data source regex-escapes values in raw queries (all of them in 9.x–10.x, a
-    non-numeric single value in a query with any regex in 11.x), which breaks `"host" = '$host'` for
-    a host like `gpu01.fra1.example.com` and is harmless inside a regex."""
-    query = f'SHOW TAG VALUES FROM "{measurement}" WITH KEY = "{name}"' + (f" WHERE {where}" if where else "")
+def tag_var(
+    name: str,
+    measurement: str,
+    where: str = "",
+    multi: bool = True,
+    label: str = "",
+    series: str = "capmon_device_state",
+    match: str = "",
+) -> dict:
+    """A `SHOW TAG VALUES` variable (PromQL: `label_values(series{match}, name)`). InfluxQL queries use
+    it only as `"tag" =~ /^$name$/`, the single-value one too: Grafana's InfluxDB data source
+    regex-escapes values in raw queries (all of them in 9.x–10.x, a non-numeric single value in a
+    query with any regex in 11.x), which breaks `"host" = '$host'` for a host like
+    `gpu01.fra1.example.com` and is harmless inside a regex. PromQL queries use a multi-value one as
+    `name=~"$name"` (Grafana's Prometheus data source regex-escapes those) and a single-value one as
+    `name="$name"` (there it escapes only backslashes and quotes)."""
+    influxql = f'SHOW TAG VALUES FROM "{measurement}" WITH KEY = "{name}"' + (f" WHERE {where}" if where else "")
+    promql = f"label_values({series}{{{match}}}, {name})" if match else f"label_values({series}, {name})"
+    query = Per(influxql, promql)
     var: dict[str, Any] = {
         "name": name,
         "label": label or name,
@@ -296,11 +460,14 @@ def now_window_var() -> dict:
 def dashboard(
     uid: str, title: str, description: str, layout: Layout, variables: list[dict], **kw: Any
 ) -> dict:
+    """One dashboard in both languages: the PromQL one's uid ends in `-prometheus`, and each set links
+    to its own (by tag), so that a site with one store sees only its dashboards."""
+    tags = Per(["capmon"], ["capmon-prometheus"])
     return {
-        "uid": uid,
-        "title": title,
+        "uid": Per(uid, f"{uid}-prometheus"),
+        "title": Per(title, f"{title} (Prometheus)"),
         "description": description,
-        "tags": ["capmon"],
+        "tags": tags,
         "schemaVersion": SCHEMA_VERSION,
         "version": 1,
         "editable": True,
@@ -315,7 +482,7 @@ def dashboard(
         "links": [
             {
                 "type": "dashboards",
-                "tags": ["capmon"],
+                "tags": tags,
                 "asDropdown": True,
                 "title": "capmon",
                 "includeVars": False,
@@ -323,7 +490,7 @@ def dashboard(
             }
         ],
         "templating": {"list": variables},
-        "panels": layout.panels,
+        "panels": layout,
         **kw,
     }
 
@@ -1299,16 +1466,23 @@ def agents() -> dict:
     )
 
 
-DASHBOARDS = {"capmon-fleet.json": fleet, "capmon-host.json": host, "capmon-agents.json": agents}
+DASHBOARDS = {
+    "capmon-fleet.json": (fleet, INFLUXQL),
+    "capmon-host.json": (host, INFLUXQL),
+    "capmon-agents.json": (agents, INFLUXQL),
+    "capmon-fleet-prometheus.json": (fleet, PROMQL),
+    "capmon-host-prometheus.json": (host, PROMQL),
+}
 
 
-def render(build: Any) -> str:
-    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+def render(spec: tuple[Any, str]) -> str:
+    build, lang = spec
+    return json.dumps(resolve(build(), lang), indent=2, ensure_ascii=False) + "\n"
 
 
 def main() -> None:
-    for name, build in DASHBOARDS.items():
-        (HERE / name).write_text(render(build), encoding="utf-8")
+    for name, spec in DASHBOARDS.items():
+        (HERE / name).write_text(render(spec), encoding="utf-8")
         print(f"wrote {HERE / name}")
 
 
