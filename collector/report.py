@@ -347,7 +347,9 @@ def _dur(seconds: float | None) -> str:
         return f"{d}d {h}h"
     if h:
         return f"{h}h {m}m"
-    return f"{m}m {s}s" if m else f"{s}s"
+    if m:
+        return f"{m}m {s}s" if s else f"{m}m"
+    return f"{s}s"
 
 
 def _num(value: float | None, digits: int = 2) -> str:

@@ -94,7 +94,10 @@ async def screenshots(page, tmp_path: Path, name: str) -> dict[str, Path]:
         out[kind] = path
         if UPDATE_DOCS:
             DOCS.mkdir(exist_ok=True)
-            shutil.copyfile(path, DOCS / path.name)
+            # A 256-colour palette keeps the committed PNGs small.
+            from PIL import Image
+
+            Image.open(path).convert("RGB").quantize(256).save(DOCS / path.name, optimize=True)
     await page.set_viewport_size(DESKTOP)
     return out
 
