@@ -504,12 +504,20 @@ def create_app(
     return app
 
 
-def run(config: Config, worker: str = "") -> None:
+def run(config: Config, worker: str = "", worker_restarts: int = 0) -> None:
     """Serve until SIGINT/SIGTERM; then drain (stop accepting, finish requests, flush writes).
 
-    `worker`: this process is one of `--workers N`, sharing the port with the others."""
+    `worker`: this process is one of `--workers N`, sharing the port with the others; its slot was
+    restarted `worker_restarts` times."""
+    app = create_app(config, worker=worker)
+    if worker:
+        app[METRICS].gauge(
+            "worker_restarts",
+            "Times the supervisor restarted this worker after it died (--workers).",
+            lambda: worker_restarts,
+        )
     web.run_app(
-        create_app(config, worker=worker),
+        app,
         host=config.collector.host,
         port=config.collector.port,
         shutdown_timeout=config.collector.drain_timeout_s,
