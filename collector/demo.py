@@ -24,8 +24,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from capmon.agent.allocation import Allocation, AllocationSource
 from capmon.agent.config import AgentConfig, AgentSection
 from capmon.agent.daemon import Agent
+from capmon.agent.holders import parse_cgroup
 from capmon.agent.spool import SpoolConfig
 from capmon.agent.transport import TransportConfig
 from capmon.collector.app import create_app
@@ -39,6 +41,7 @@ from capmon.collector.config import (
     hash_token,
 )
 from capmon.plugins.mock import MockProbe, mock_fleet
+from capmon.plugins.mock.probe import USERS
 
 log = logging.getLogger("capmon.demo")
 
@@ -114,6 +117,97 @@ def demo_config(args: argparse.Namespace) -> Config:
     )
 
 
+class MockAllocations(AllocationSource):
+    """The simulated fleet's scheduler: the pods and Slurm jobs whose processes hold its mock devices
+    get names (namespace/pod, job and partition), and every other idle device is allocated to a pod
+    or a job that runs nothing on it — the reserved-but-wasted capacity `allocated_idle` is about."""
+
+    name = "mock-scheduler"
+    default_interval_s = 5.0
+
+    def __init__(self, probe: MockProbe, since: float | None = None) -> None:
+        super().__init__()
+        self.probe = probe
+        self.since = since if since is not None else time.time() - 3 * 3600
+        self._allocations = self._plan()
+
+    def _plan(self) -> list[Allocation]:
+        cfg = self.probe.config
+        host = cfg.host_index
+        out: list[Allocation] = []
+        idle = 0
+        for i in range(cfg.devices):
+            device_id = f"MOCK-{host:03d}-{i:02d}"
+            profile = cfg.profiles[i % len(cfg.profiles)].partition(":")[0]
+            processes = self.probe.processes(i, profile)
+            since = self.since - 600 * i
+            if processes:
+                p = processes[0]
+                owner = parse_cgroup(p.cgroup)
+                if owner.pod_uid:
+                    out.append(
+                        Allocation(
+                            self.name,
+                            device_id,
+                            device_id=device_id,
+                            namespace="inference" if profile == "inference" else "research",
+                            pod=f"{p.command}-{host}-{i}",
+                            container="main",
+                            pod_uid=owner.pod_uid,
+                            since=since,
+                        )
+                    )
+                elif owner.slurm_job_id:
+                    out.append(
+                        Allocation(
+                            self.name,
+                            device_id,
+                            device_id=device_id,
+                            job_id=owner.slurm_job_id,
+                            user=USERS.get(p.uid),
+                            partition="gpu",
+                            since=since,
+                        )
+                    )
+            elif profile == "idle":
+                idle += 1
+                if idle % 2:  # every other idle device: given away, nothing runs on it
+                    continue
+                user = sorted(USERS.values())[(host + i) % len(USERS)]
+                if (host + i) % 3:
+                    out.append(
+                        Allocation(
+                            self.name,
+                            device_id,
+                            device_id=device_id,
+                            namespace="research",
+                            pod=f"notebook-{user}-{host}-{i}",
+                            container="jupyter",
+                            pod_uid=f"00000000-0000-4000-8000-{host:06d}{i:06d}",
+                            since=since,
+                        )
+                    )
+                else:
+                    out.append(
+                        Allocation(
+                            self.name,
+                            device_id,
+                            device_id=device_id,
+                            job_id=str(900_000 + host * 64 + i),
+                            user=user,
+                            partition="gpu",
+                            since=since,
+                        )
+                    )
+        return out
+
+    def allocations(self) -> list[Allocation]:
+        return list(self._allocations)
+
+    def covers(self, vendor: str) -> bool:
+        return vendor == "mock"
+
+
 class CannotListen(Exception):
     """The demo's collector port cannot be bound; the message is the one line a person sees."""
 
@@ -175,7 +269,8 @@ async def run_demo(args: argparse.Namespace, out=None) -> None:
             ),
             source="<demo>",
         )
-        agents.append(Agent(agent_config, probes=[MockProbe(host.config)]))
+        probe = MockProbe(host.config)
+        agents.append(Agent(agent_config, probes=[probe], sources=[MockAllocations(probe)]))
     tasks = [asyncio.create_task(a.run(stop)) for a in agents]
     print(f"capmon demo: live page {url}/  (read token: {READ_TOKEN})", file=out)
     print(
@@ -199,8 +294,17 @@ async def run_demo(args: argparse.Namespace, out=None) -> None:
                 devices = await (
                     await http.get(f"{url}/api/v1/devices", params={"state": "idle", "limit": "8"})
                 ).json()
+                wasted = {}
+                for by in ("pod", "job"):
+                    params = {"by": by, "state": "allocated_idle", "limit": "5"}
+                    answer = await http.get(f"{url}/api/v1/holders", params=params)
+                    if answer.status == 200:
+                        wasted[by] = (await answer.json()).get("holders", [])
                 # A cleared screen would erase the hint printed above, so each frame carries it.
-                print(render(fleet, devices, url, clear=clear, hint=hint if clear else ""), file=out)
+                print(
+                    render(fleet, devices, url, clear=clear, hint=hint if clear else "", holders=wasted),
+                    file=out,
+                )
                 out.flush()
                 if args.seconds and time.monotonic() - started >= args.seconds:
                     break
@@ -222,9 +326,11 @@ def render(
     url: str,
     clear: bool = False,
     hint: str = "",
+    holders: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str:
-    """The demo's screen: capacity by state and model, by site, and the longest-idle devices; `hint`
-    (the curl line) below them."""
+    """The demo's screen: capacity by state and model, by site, the longest-idle devices, and the
+    pods and jobs holding devices they leave idle (`holders`: /api/v1/holders answers by pod and
+    job); `hint` (the curl line) below them."""
     lines = []
     if clear:
         lines.append("\x1b[2J\x1b[H")
@@ -255,6 +361,22 @@ def render(
             c = m.get("states", {})
             rows.append(
                 (value, *(str(c.get(s, 0)) for s in states), f"{m.get('idle_value_per_hour', 0):.2f}")
+            )
+        lines.extend(_table(rows))
+        lines.append("")
+    # The None holder is what no pod (or job) holds: not a holder to name.
+    wasted = [(by, h) for by, hs in (holders or {}).items() for h in hs if h.get("holder")]
+    if wasted:
+        rows = [("ALLOCATED IDLE BY", "HOLDER", "DEVICES", "LONGEST", f"{currency}/h")]
+        for by, h in wasted:
+            rows.append(
+                (
+                    by,
+                    str(h.get("holder") or "-"),
+                    str(h.get("devices", 0)),
+                    f"{h.get('longest_for_s') or 0:.0f}s",
+                    f"{h.get('allocated_idle_value_per_hour') or 0:.2f}",
+                )
             )
         lines.extend(_table(rows))
         lines.append("")
