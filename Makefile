@@ -19,10 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 # The integration tests run real InfluxDB 1.x and VictoriaMetrics from Debian's packages.
-SERVER_PACKAGES := influxdb victoria-metrics prometheus slurm-wlm munge
+SERVER_PACKAGES := influxdb victoria-metrics prometheus slurm-wlm munge chromium
 servers:
 	@if command -v influxd >/dev/null && command -v victoria-metrics >/dev/null && command -v prometheus >/dev/null \
-		&& command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+		&& command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v chromium >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing $(SERVER_PACKAGES) (Debian packages) for the integration tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SERVER_PACKAGES) >/dev/null; \
