@@ -262,6 +262,14 @@ class Agent:
             post_for=(lambda p: ProbeHolders(p, holders)) if holders.enabled else None,
         )
         self.sink = sink or make_sink(config)
+        # The Prometheus exporter serves what the classifier already holds: nothing extra per tick.
+        self.exporter = None
+        if config.exporter.listen:
+            from capmon.agent.exporter import AgentExporter  # only agents that export need prometheus_client
+
+            self.exporter = AgentExporter(
+                config, self.classifier.snapshot, lambda: self.agent_stats(self.clock())
+            )
         self._host = _HostWindow()
         # Windows a sink could not take for a reason of its own (a bug, stdout closed): the spool
         # counts what it cannot write itself, durably.
@@ -449,6 +457,8 @@ class Agent:
             self._stop = stop
         stop = self._stop
         await self.sink.start()
+        if self.exporter is not None:
+            await self.exporter.start()
         if self.streaks is not None:
             self.classifier.restore(await asyncio.to_thread(self.streaks.load))
         # The sources answer once before the first sample, so no device starts "allocation unknown".
@@ -488,6 +498,8 @@ class Agent:
             # A probe wedged in sample() is not waited for: its thread is a daemon and dies with us.
             sampling.cancel()
             await asyncio.gather(sampling, return_exceptions=True)
+            if self.exporter is not None:
+                await self.exporter.stop()
             await self.sink.close(self.config.agent.shutdown_timeout_s)
             for task in self.sampler.sources:
                 if task.busy:

@@ -79,11 +79,17 @@ async def test_a_real_prometheus_scrapes_a_running_agent(tmp_path, prometheus):
     probe = MockProbe(
         MockConfig(devices=4, profiles=("idle", "training", "notebook", "lost"), interval_s=0.1)
     )
+    # The agent starts its own exporter from [exporter] listen (port 0: any free one).
+    cfg = dataclasses.replace(cfg, exporter=ExporterSection(listen="127.0.0.1:0"))
     agent = Agent(cfg, probes=[probe])
-    exporter = AgentExporter(cfg, agent.classifier.snapshot, lambda: agent.agent_stats(agent.clock()))
+    exporter = agent.exporter
+    assert exporter is not None
     stop = asyncio.Event()
     running = asyncio.create_task(agent.run(stop))
-    await exporter.start()
+    for _ in range(500):
+        if exporter.address is not None:
+            break
+        await asyncio.sleep(0.01)
     try:
         assert exporter.address is not None
         target = f"127.0.0.1:{exporter.address[1]}"
@@ -117,9 +123,9 @@ async def test_a_real_prometheus_scrapes_a_running_agent(tmp_path, prometheus):
         assert labels["model"] == "NVIDIA H100 80GB HBM3"
     finally:
         prometheus.scrape([])
-        await exporter.stop()
         stop.set()
         await asyncio.wait_for(running, 30)
+    assert exporter.address is None or not _listening(exporter.address)  # stopped with the agent
 
 
 def test_state_seconds_keep_counting_across_windows():
@@ -242,3 +248,9 @@ def test_exporter_config(tmp_path):
         path.write_text(f'[exporter]\nlisten = "{bad}"\n')
         with pytest.raises(ConfigError, match=r"agent.toml: \[exporter\] listen: "):
             load_config(path, env={})
+
+
+def _listening(address: tuple) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", address[1])) == 0
