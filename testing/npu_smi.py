@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
-__all__ = ["Exit", "Hang", "NpuSmiRunner", "fixtures", "recorded"]
+__all__ = ["Exit", "Hang", "NpuSmiRunner", "fixtures", "mapping_for", "recorded"]
 
 _DIR = "fixtures/ascend"
 # The per-NPU calls (`npu-smi info -t <type> -i N`) answered by default: recorded 910B outputs.
@@ -41,6 +41,32 @@ def recorded(name: str) -> str:
             f"no recorded npu-smi output {name!r} (known: see capmon.testing.npu_smi.fixtures())"
         )
     return path.read_text(encoding="utf-8")
+
+
+def mapping_for(table: str) -> str:
+    """The `npu-smi info -m` a host printing `table` (a default `npu-smi info` output) would print:
+    logic ids in NPU order, as DCMI numbers them on a host that sees all its chips (the table's
+    `Device` column where it has one); a table without chip ids (Ascend 950) gets the 950 layout,
+    `Slot ID` and `Chip Phy-ID` with no logic id. Empty when the table lists no chips."""
+    from capmon.plugins.ascend.parser import parse_npu_smi_info
+
+    chips = parse_npu_smi_info(table).chips if isinstance(table, str) else ()
+    if not chips:
+        return ""
+    row = "{:<16}" * 4 + "{}"
+    if all(not c.chip_id_printed for c in chips):
+        lines = [row.format("NPU ID", "Slot ID", "Chip ID", "Chip Phy-ID", "Chip Name")]
+        lines += [row.format(c.npu_id, i, c.chip_id, i, c.name or "xxx") for i, c in enumerate(chips)]
+    else:
+        row = "{:<31}" * 3 + "{}"
+        lines = [row.format("NPU ID", "Chip ID", "Chip Logic ID", "Chip Name")]
+        lines += [
+            row.format(
+                c.npu_id, c.chip_id, i if c.logic_id is None else c.logic_id, f"Ascend {c.name or 'xxx'}"
+            )
+            for i, c in enumerate(chips)
+        ]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -68,13 +94,20 @@ class NpuSmiRunner:
     """A `CommandRunner` for `npu-smi`: `npu-smi info` answers come from `answers` in order (the last
     repeats), each a text (exit 0), an `Exit`, a `Hang`, an exception to raise (`OSError`), or a
     function of argv returning one of those. `npu-smi info -t <type> -i N` answers come from `t`
-    (by type), else from recorded 910B outputs. Every call is kept in `calls`, as (argv, timeout_s)."""
+    (by type), else from recorded 910B outputs; `npu-smi info -m` from `m`, else `mapping_for` the
+    first text answer. Every call is kept in `calls`, as (argv, timeout_s)."""
 
-    def __init__(self, *answers: Answer, t: Mapping[str, Answer] | None = None) -> None:
+    def __init__(
+        self, *answers: Answer, t: Mapping[str, Answer] | None = None, m: Answer | None = None
+    ) -> None:
         if not answers:
             raise ValueError("NpuSmiRunner needs at least one answer for `npu-smi info`")
         self.answers = list(answers)
         self.t: dict[str, Answer] = {k: recorded(v) for k, v in DEFAULT_T.items()} | dict(t or {})
+        if m is None:
+            table = next((a for a in answers if isinstance(a, str)), None)
+            m = mapping_for(table) if table is not None else Exit(255, "")
+        self.m: Answer = m
         self.calls: list[tuple[list[str], float]] = []
         self._released = threading.Event()
         self._lock = threading.Lock()
@@ -88,7 +121,9 @@ class NpuSmiRunner:
         argv = list(argv)
         with self._lock:
             self.calls.append((argv, timeout_s))
-            if "-t" in argv:
+            if argv[1:] == ["info", "-m"]:
+                answer = self.m
+            elif "-t" in argv:
                 kind = argv[argv.index("-t") + 1] if argv.index("-t") + 1 < len(argv) else ""
                 answer = self.t.get(kind, Exit(255, f"Unknown type {kind!r}.\n"))
             else:
@@ -117,5 +152,5 @@ class NpuSmiRunner:
         self._released.set()
 
     def info_calls(self) -> list[list[str]]:
-        """The `npu-smi info` calls (the table), without the per-NPU `-t` calls."""
-        return [argv for argv, _ in self.calls if "-t" not in argv]
+        """The `npu-smi info` calls (the table), without the per-NPU `-t` calls and `-m`."""
+        return [argv for argv, _ in self.calls if "-t" not in argv and "-m" not in argv]

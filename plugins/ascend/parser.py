@@ -82,6 +82,9 @@ class NpuChip:
     # False when the header was not understood and the NPU id is the numbered first cell of its
     # row pair: the other values are only those whose columns were recognised.
     understood: bool = True
+    # False when the table prints no chip id (Ascend 950: one row pair per NPU, or a layout read by
+    # position): `chip_id` is then the chip's position within its NPU, 0 for the first.
+    chip_id_printed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +233,7 @@ def _chip(
     first: dict[str, str | None],
     second: dict[str, str | None],
     understood: bool = True,
+    chip_id_printed: bool = True,
 ) -> NpuChip | None:
     values = {**first, **second}
     npu_id, chip_id = _int(values.get("npu_id")), _int(values.get("chip_id"))
@@ -261,6 +265,7 @@ def _chip(
         hugepages_used=huge_used,
         hugepages_total=huge_total,
         understood=understood,
+        chip_id_printed=chip_id_printed,
     )
 
 
@@ -290,12 +295,17 @@ def parse_npu_smi_info(text: str) -> NpuSmiInfo:
             reader.warn(f"chip rows without an NPU id and chip id skipped: {'|'.join(first)!r}")
             return None
         chip_id = _first_number(second[0] if second else None)
-        if chip_id is None or (npu_id, chip_id) in seen_chips:
+        printed = chip_id is not None and (npu_id, chip_id) not in seen_chips
+        if not printed:
             chip_id = sum(1 for n, _ in seen_chips if n == npu_id)
         header = (device_header[0][0] if device_header and device_header[0] else "").strip()
         reader.warn(f"NPU {npu_id} read by the position of its rows: header {header!r} not understood")
         return _chip(
-            reader, {**row1, "npu_id": str(npu_id)}, {**row2, "chip_id": str(chip_id)}, understood=False
+            reader,
+            {**row1, "npu_id": str(npu_id)},
+            {**row2, "chip_id": str(chip_id)},
+            understood=False,
+            chip_id_printed=printed,
         )
 
     def flush_block() -> None:
@@ -311,7 +321,7 @@ def parse_npu_smi_info(text: str) -> NpuSmiInfo:
                 row1["npu_id"] = str(npu_of_group)  # a second chip of the same NPU may leave the id out
             if not has_chip_column and _int(row1.get("npu_id")) is not None:
                 row2["chip_id"] = "0"  # one row pair per NPU (Ascend 950): its only chip
-            chip = _chip(reader, row1, row2)
+            chip = _chip(reader, row1, row2, chip_id_printed=has_chip_column)
             if chip is None:
                 chip = by_structure(first, second, row1, row2)
             if chip is None:
@@ -414,3 +424,113 @@ def parse_npu_smi_info(text: str) -> NpuSmiInfo:
         messages=tuple(messages),
         warnings=tuple(reader.warnings),
     )
+
+
+# `npu-smi info -m` header words -> attribute of the row being read. The last column, `Chip Name`,
+# may hold spaces (`Ascend 910B3`); every other cell is one word.
+_MAPPING_COLUMNS = {
+    "npuid": "npu_id",
+    "slotid": "slot_id",
+    "chipid": "chip_id",
+    "chiplogicid": "logic_id",
+    "chipphyid": "phy_id",
+    "chipname": "name",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NpuChipMapping:
+    """One row of `npu-smi info -m`: which logic and physical id a chip of an NPU has. `None` where not printed."""
+
+    npu_id: int
+    chip_id: int
+    logic_id: int | None = None
+    # The N of /dev/davinciN, what Huawei's device plugin names the chip by (`Ascend910-<phy id>`).
+    phy_id: int | None = None
+    slot_id: int | None = None
+    name: str | None = None
+
+    @property
+    def is_mcu(self) -> bool:
+        """The board's management controller (`Mcu`, logic id `-`): listed by `-m`, not a compute chip."""
+        return (self.name or "").strip().lower() == "mcu"
+
+
+@dataclass(frozen=True, slots=True)
+class NpuSmiMapping:
+    """What one `npu-smi info -m` printed."""
+
+    rows: tuple[NpuChipMapping, ...] = ()
+    # Things the parser did not understand, for people.
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def chips(self) -> tuple[NpuChipMapping, ...]:
+        """The compute chips, without the MCU rows."""
+        return tuple(r for r in self.rows if not r.is_mcu)
+
+    def chip(self, npu_id: int, chip_id: int) -> NpuChipMapping | None:
+        return next((r for r in self.chips if r.npu_id == npu_id and r.chip_id == chip_id), None)
+
+    def chips_of(self, npu_id: int) -> tuple[NpuChipMapping, ...]:
+        """One NPU's compute chips, in the order printed."""
+        return tuple(r for r in self.chips if r.npu_id == npu_id)
+
+
+def parse_npu_smi_mapping(text: str) -> NpuSmiMapping:
+    """Parse `npu-smi info -m` (NPU ID, [Slot ID,] Chip ID, Chip Logic ID or Chip Phy-ID, Chip Name).
+
+    Columns are found by their header words, in the order printed, so the Ascend 950 layout (with
+    `Slot ID` and `Chip Phy-ID`, no logic id) reads like the older one. Never raises.
+    """
+    reader = _Reader()
+    attrs: list[str] | None = None
+    rows: list[NpuChipMapping] = []
+    seen: set[tuple[int, int]] = set()
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if attrs is None:
+            names = [n for n in re.split(r"\s{2,}|\t", line) if n.strip()]
+            keys = [_key(n) for n in names]
+            if "npuid" not in keys or "chipid" not in keys:
+                continue  # a library log line before the table
+            attrs = []
+            for name, key in zip(names, keys, strict=True):
+                attr = _MAPPING_COLUMNS.get(key)
+                if attr is None:
+                    reader.warn(f"unknown column {name.strip()!r} in npu-smi info -m read by its position")
+                attrs.append(attr or "")
+            if attrs[-1] != "name":
+                reader.warn("npu-smi info -m does not end with 'Chip Name'")
+            continue
+        words = line.split()
+        if len(words) < len(attrs) - 1 or not words[0].isdigit():
+            reader.warn(f"npu-smi info -m row not understood: {line!r}")
+            continue
+        values = dict(zip(attrs[:-1], words[: len(attrs) - 1], strict=True))
+        values[attrs[-1]] = " ".join(words[len(attrs) - 1 :])
+        npu_id, chip_id = _int(values.get("npu_id")), _int(values.get("chip_id"))
+        if npu_id is None or chip_id is None:
+            reader.warn(f"npu-smi info -m row not understood: {line!r}")
+            continue
+        if (npu_id, chip_id) in seen:
+            reader.warn(f"npu-smi info -m lists NPU {npu_id} chip {chip_id} twice; the first kept")
+            continue
+        seen.add((npu_id, chip_id))
+        rows.append(
+            NpuChipMapping(
+                npu_id=npu_id,
+                chip_id=chip_id,
+                logic_id=_int(values.get("logic_id")),
+                phy_id=_int(values.get("phy_id")),
+                slot_id=_int(values.get("slot_id")),
+                name=values.get("name") or None,
+            )
+        )
+    if attrs is None:
+        reader.warn("no npu-smi info -m table (a header with 'NPU ID' and 'Chip ID') found")
+    elif not rows:
+        reader.warn("the npu-smi info -m table lists no chips")
+    return NpuSmiMapping(rows=tuple(rows), warnings=tuple(reader.warnings))

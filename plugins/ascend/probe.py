@@ -15,7 +15,15 @@ from typing import ClassVar
 from capmon.agent import CommandRunner, DeviceSample, Probe, ProbeConfig, ProbeUnavailable, run_command
 from capmon.agent.probe import Holder
 from capmon.plugins.ascend.fields import NpuSmiFields, board, health, parse_npu_smi_fields, usages
-from capmon.plugins.ascend.parser import NpuChip, NpuProcess, NpuSmiInfo, parse_npu_smi_info
+from capmon.plugins.ascend.parser import (
+    NpuChip,
+    NpuChipMapping,
+    NpuProcess,
+    NpuSmiInfo,
+    NpuSmiMapping,
+    parse_npu_smi_info,
+    parse_npu_smi_mapping,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +59,16 @@ class AscendConfig(ProbeConfig):
     # bandwidth rates) is read again within this many seconds, one NPU per tick, so the extra cost
     # is at most one short call per tick whatever the NPU count; 0 turns these reads off.
     usages_interval_s: float = 60.0
+    # `npu-smi info -m` (each chip's logic id and physical id, which schedulers name chips by) is
+    # read at setup and again every this many seconds, as one of the per-tick extra calls; 0 reads
+    # it at setup only.
+    mapping_interval_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.usages_interval_s, (int, float)) and 0 <= self.usages_interval_s < math.inf):
-            raise ValueError(
-                f"usages_interval_s must be 0 (off) or a number of seconds, got {self.usages_interval_s!r}"
-            )
+        for name in ("usages_interval_s", "mapping_interval_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise ValueError(f"{name} must be 0 (off) or a number of seconds, got {value!r}")
 
 
 class AscendProbe(Probe):
@@ -92,17 +104,23 @@ class AscendProbe(Probe):
         self._logged: set[str] = set()
         # The failure logged last; cleared by a good reading, so the next outage is logged again.
         self._failure: str | None = None
+        # The last `npu-smi info -m` that listed chips (kept when a later one fails), and when it was tried.
+        self._mapping: NpuSmiMapping | None = None
+        self._mapping_tried: float | None = None
+        # (NPU id, table chip id) -> the chip id of its device id, fixed the first time it is reported.
+        self._chip_ids: dict[tuple[int, int], int] = {}
 
     def setup(self) -> None:
-        """Find npu-smi; an injected runner stands for the binary, so it is not looked up then."""
-        if not self._check_path:
-            return
-        found = shutil.which(self.config.npu_smi)
-        if found is None:
-            if self.config.npu_smi == "npu-smi":
-                raise ProbeUnavailable("npu-smi not on PATH")
-            raise ProbeUnavailable(f"npu-smi not found at {self.config.npu_smi!r}")
-        self._npu_smi = found
+        """Find npu-smi (an injected runner stands for the binary, so it is not looked up then) and
+        read the chip mapping (`npu-smi info -m`), whose failure only leaves the ids unknown."""
+        if self._check_path:
+            found = shutil.which(self.config.npu_smi)
+            if found is None:
+                if self.config.npu_smi == "npu-smi":
+                    raise ProbeUnavailable("npu-smi not on PATH")
+                raise ProbeUnavailable(f"npu-smi not found at {self.config.npu_smi!r}")
+            self._npu_smi = found
+        self._read_mapping(self.timeout_s * _COMMAND_SHARE_OF_TIMEOUT)
 
     def sample(self) -> list[DeviceSample]:
         """Run `npu-smi info` once and turn each chip into a sample; failures become unavailable devices."""
@@ -144,7 +162,8 @@ class AscendProbe(Probe):
         return [self._device(chip, info, now) for chip in info.chips]
 
     def _extra_call(self, chips: tuple[NpuChip, ...], started: float) -> None:
-        """At most one per-NPU call per tick: a changed non-OK health first, then identity, then usages."""
+        """At most one extra call per tick: a changed non-OK health first, then identity, then usages,
+        and the chip mapping (`-m`) in a tick with nothing else due (at the latest one interval late)."""
         now = self._clock()
         left = self.timeout_s * _COMMAND_SHARE_OF_TIMEOUT - (now - started)
         if now < self._extra_paused_until or left < _MIN_EXTRA_CALL_S:
@@ -164,26 +183,35 @@ class AscendProbe(Probe):
             if npu not in self._identity:
                 self._identity[npu] = self._read(["-t", "board", "-i", str(npu)], left)
                 return
-        interval = self.config.usages_interval_s
-        if not interval:
+        every = self.config.mapping_interval_s
+        since = math.inf if self._mapping_tried is None else now - self._mapping_tried
+        mapping_due = since == math.inf or bool(every and since >= every)
+        if mapping_due and (since == math.inf or since >= 2 * every):
+            self._read_mapping(left)
             return
-        if len(npus) * self.interval_s > interval:
-            self._log_once(
-                f"ascend: {len(npus)} NPUs at one `-t usages` call per {self.interval_s:g} s tick are each"
-                f" read every {len(npus) * self.interval_s:g} s, more than usages_interval_s = {interval:g}"
-            )
-        # Due when waiting one more tick would overrun the interval; the longest-waiting NPU first.
-        due = [
-            n
-            for n in npus
-            if n not in self._usages_tried or now - self._usages_tried[n] + self.interval_s > interval
-        ]
+        interval = self.config.usages_interval_s
+        due: list[int] = []
+        if interval:
+            if len(npus) * self.interval_s > interval:
+                self._log_once(
+                    f"ascend: {len(npus)} NPUs at one `-t usages` call per {self.interval_s:g} s tick are"
+                    f" each read every {len(npus) * self.interval_s:g} s, more than usages_interval_s ="
+                    f" {interval:g}"
+                )
+            # Due when waiting one more tick would overrun the interval; the longest-waiting NPU first.
+            due = [
+                n
+                for n in npus
+                if n not in self._usages_tried or now - self._usages_tried[n] + self.interval_s > interval
+            ]
         if due:
             npu = min(due, key=lambda n: self._usages_tried.get(n, -math.inf))
             self._usages_tried[npu] = now
             fields = self._read(["-t", "usages", "-i", str(npu)], left)
             if fields is not None:
                 self._usages[npu] = (now, fields)
+        elif mapping_due:
+            self._read_mapping(left)
 
     def _read(self, args: list[str], timeout: float) -> NpuSmiFields | None:
         """One `npu-smi info -t …` call; a failure is logged once and never touches the chips' state."""
@@ -204,8 +232,66 @@ class AscendProbe(Probe):
             return None
         return fields
 
+    def _read_mapping(self, timeout: float) -> None:
+        """One `npu-smi info -m`; a failure or a table not understood is logged once and keeps the last
+        good mapping: it only ever adds ids, never changes a device's state."""
+        self._mapping_tried = self._clock()
+        what = "npu-smi info -m"
+        try:
+            code, out, err = self._run([self._npu_smi, "info", "-m"], timeout)
+        except subprocess.TimeoutExpired:
+            self._extra_paused_until = self._clock() + (self.config.usages_interval_s or 60.0)
+            self._log_once(f"ascend: {what} did not answer within {timeout:g} s; extra reads paused")
+            return
+        except OSError as exc:
+            self._log_once(f"ascend: {what} could not run: {exc}")
+            return
+        mapping = parse_npu_smi_mapping(out) if code == 0 else None
+        if mapping is None or not mapping.chips:
+            detail = (
+                _failure_message(code, out, err)
+                if code != 0
+                else "; ".join(mapping.warnings if mapping else ())
+            )
+            self._log_once(
+                f"ascend: {what} gave no chip mapping, logic and physical ids unknown: {detail[:300]}"
+            )
+            return
+        if mapping.warnings:
+            self._log_once(f"ascend: {what} partly not understood: " + "; ".join(mapping.warnings))
+        self._mapping = mapping
+
+    def _mapped(self, chip: NpuChip) -> NpuChipMapping | None:
+        """The chip's row of the last good `-m`: by chip id, or where the table prints none (Ascend 950),
+        the chip at that position of its NPU."""
+        if self._mapping is None:
+            return None
+        if chip.chip_id_printed:
+            return self._mapping.chip(chip.npu_id, chip.chip_id)
+        own = self._mapping.chips_of(chip.npu_id)
+        return own[chip.chip_id] if chip.chip_id < len(own) else None
+
+    def _ids(self, chip: NpuChip) -> tuple[str, dict[str, str]]:
+        """The chip's device id and the ids schedulers know it by: `logic_id`, `phy_id`, `slot_id`.
+
+        `-m` first; the table's `Device` (logic id) or `Phy-ID` column where `-m` does not print one.
+        The device id is fixed the first time the chip is reported, so it never changes under a device.
+        """
+        mapped = self._mapped(chip)
+        key = (chip.npu_id, chip.chip_id)
+        chip_id = self._chip_ids.get(key)
+        if chip_id is None:
+            chip_id = mapped.chip_id if mapped is not None and not chip.chip_id_printed else chip.chip_id
+            self._chip_ids[key] = chip_id
+        logic = mapped.logic_id if mapped is not None and mapped.logic_id is not None else chip.logic_id
+        phy = mapped.phy_id if mapped is not None and mapped.phy_id is not None else chip.phy_id
+        slot = mapped.slot_id if mapped is not None else None
+        ids = {"logic_id": logic, "phy_id": phy, "slot_id": slot}
+        return _device_id(chip.npu_id, chip_id), {k: str(v) for k, v in ids.items() if v is not None}
+
     def _device(self, chip: NpuChip, info: NpuSmiInfo, now: float) -> DeviceSample:
         healthy, error = self._health_of(chip.health)
+        device_id, ids = self._ids(chip)
         if chip.hbm_total_mb:
             used, total = chip.hbm_used_mb, chip.hbm_total_mb
         elif chip.memory_total_mb:
@@ -216,7 +302,7 @@ class AscendProbe(Probe):
             "bus_id": chip.bus_id,
             "health": chip.health,
             "npu_smi_version": info.version,
-            "logic_id": None if chip.logic_id is None else str(chip.logic_id),
+            **ids,
         }
         identity = self._identity.get(chip.npu_id)
         if identity is not None:
@@ -241,7 +327,7 @@ class AscendProbe(Probe):
             healthy = False
             error = _layout_reason(info.warnings)
         return DeviceSample(
-            device_id=_device_id(chip.npu_id, chip.chip_id),
+            device_id=device_id,
             vendor=self.vendor,
             model=chip.name,
             index=chip.npu_id,
@@ -279,17 +365,22 @@ class AscendProbe(Probe):
             return [
                 DeviceSample(device_id=PLACEHOLDER_DEVICE_ID, vendor=self.vendor, healthy=False, error=reason)
             ]
-        return [
-            DeviceSample(
-                device_id=_device_id(chip.npu_id, chip.chip_id),
-                vendor=self.vendor,
-                model=chip.name,
-                index=chip.npu_id,
-                healthy=False,
-                error=reason,
+        out = []
+        for chip in self._known:
+            # The ids stay, so a scheduler's allocation still finds the chip it cannot read.
+            device_id, ids = self._ids(chip)
+            out.append(
+                DeviceSample(
+                    device_id=device_id,
+                    vendor=self.vendor,
+                    model=chip.name,
+                    index=chip.npu_id,
+                    healthy=False,
+                    error=reason,
+                    info=ids,
+                )
             )
-            for chip in self._known
-        ]
+        return out
 
     def _log_once(self, message: str) -> None:
         if message not in self._logged:

@@ -37,7 +37,17 @@ def make(table: str, clock: Clock | None = None, t_answers=None, **config):
 
 
 def t_calls(runner, since=0):
-    return [(argv[3], int(argv[5])) for argv, _ in runner.calls[since:] if len(argv) > 2]
+    """The per-NPU `-t <type> -i N` calls, as (type, N)."""
+    return [(argv[3], int(argv[5])) for argv, _ in runner.calls[since:] if "-t" in argv]
+
+
+def extra_calls(runner, since=0):
+    """Every call beside the table: `-t` as (type, N), `-m` as ("mapping", None)."""
+    return [
+        (argv[3], int(argv[5])) if "-t" in argv else ("mapping", None)
+        for argv, _ in runner.calls[since:]
+        if len(argv) > 2
+    ]
 
 
 def usages_text(**rates) -> str:
@@ -107,6 +117,8 @@ def test_usages_round_robin_visits_every_npu_within_the_interval(interval_s, jit
         clock,
         interval_s=interval_s,
         usages_interval_s=60.0,
+        # A saturated round has no free tick: the `-m` re-read would take one (tested below).
+        mapping_interval_s=0,
     )
     reads: dict[int, list[float]] = {}
     for tick in range(200):
@@ -321,6 +333,7 @@ def fake_npu_smi(tmp_path, monkeypatch):
         f"F='{FIXTURES}'\n"
         'case "$*" in\n'
         f'  "info") cat "$F/{A5}" ;;\n'
+        '  "info -m") cat "$F/info_m_a5_atlas350_slot_phyid_doc.txt" ;;\n'
         '  "info -t usages -i 0") cat "$F/info_t_usages_a5_atlas350_doc.txt" ;;\n'
         '  "info -t health -i 0") cat "$F/info_t_health_a5_atlas350_doc.txt" ;;\n'
         '  "info -t board -i 0") cat "$F/info_t_board_910b_v25.5.1_telegraf.txt" ;;\n'
@@ -343,6 +356,7 @@ def test_real_subprocesses_answer_info_board_and_usages(fake_npu_smi):
     (npu,) = probe.sample()
     assert npu.device_id == "npu0-chip0" and npu.healthy
     assert npu.info["serial"] == "1025C9048791"
+    assert npu.info["phy_id"] == "0"  # from `npu-smi info -m`
     assert npu.extra["ctrlcpu_pct"] == 40 and npu.extra["usages_age_s"] == 10
 
 

@@ -53,6 +53,7 @@ EXPECTED_CHIPS = {
             npu_util_pct=0,
             hugepages_used=0,
             hugepages_total=0,
+            chip_id_printed=False,  # one row pair per NPU: chip 0 is its position
         ),
     ],
     "info_910a_8npu_v24.1.0_name910B.txt": [

@@ -23,6 +23,7 @@ from capmon.agent import ProbeUnavailable, hookspecs, run_command
 from capmon.agent.probe import Holder, config_from_mapping
 from capmon.plugins import ascend
 from capmon.plugins.ascend import AscendConfig, AscendProbe
+from capmon.testing.npu_smi import mapping_for
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "ascend"
 PLUGIN_DIR = Path(ascend.__file__).parent
@@ -43,15 +44,25 @@ T_FIXTURES = {
 
 class FakeRunner:
     """Answers each `npu-smi info` with the next (exit code, stdout) or raises what it was given;
-    `npu-smi info -t <type> -i N` from `t_answers[type]` (text, or a function of N), else a fixture."""
+    `npu-smi info -t <type> -i N` from `t_answers[type]` (text, or a function of N), else a fixture;
+    `npu-smi info -m` with `m_answer`, else the mapping of the first table answer (`mapping_for`)."""
 
-    def __init__(self, *answers, t_answers=None):
+    def __init__(self, *answers, t_answers=None, m_answer=None):
         self.answers = list(answers)
         self.t_answers = {k: fixture(v) for k, v in T_FIXTURES.items()} | (t_answers or {})
+        if m_answer is None:
+            table = next((a[1] for a in answers if isinstance(a, tuple) and a[0] == 0), None)
+            m_answer = (0, mapping_for(table)) if table else (255, "")
+        self.m_answer = m_answer
         self.calls: list[tuple[list[str], float]] = []
 
     def __call__(self, argv, timeout_s):
         self.calls.append((list(argv), timeout_s))
+        if argv[1:] == ["info", "-m"]:
+            answer = self.m_answer
+            if isinstance(answer, BaseException):
+                raise answer
+            return (answer if isinstance(answer, tuple) else (0, answer)) + ("",)
         if len(argv) > 2:
             answer = self.t_answers[argv[3]]
             answer = answer(int(argv[5])) if callable(answer) else answer
@@ -68,8 +79,8 @@ class FakeRunner:
         return [argv for argv, _ in self.calls if argv[1:] == ["info"]]
 
 
-def probe_with(*answers, t_answers=None, clock=None, **config):
-    runner = FakeRunner(*answers, t_answers=t_answers)
+def probe_with(*answers, t_answers=None, m_answer=None, clock=None, **config):
+    runner = FakeRunner(*answers, t_answers=t_answers, m_answer=m_answer)
     probe = AscendProbe(AscendConfig(**config), run=runner, **({"clock": clock} if clock else {}))
     probe.setup()
     return probe, runner
@@ -84,7 +95,9 @@ def test_one_npu_smi_info_call_per_tick_for_all_npus():
     assert len(probe.sample()) == 8
     assert len(probe.sample()) == 8
     assert runner.info_calls() == [["npu-smi", "info"], ["npu-smi", "info"]]
-    assert len(runner.calls) <= 4  # and at most one per-NPU call per tick
+    # `npu-smi info -m` once at setup, and at most one per-NPU call per tick.
+    assert [argv for argv, _ in runner.calls[:1]] == [["npu-smi", "info", "-m"]]
+    assert len(runner.calls) <= 5
     # npu-smi is killed before the agent's own timeout, so the probe reports it.
     assert all(0 < timeout < probe.timeout_s for _, timeout in runner.calls)
 
@@ -182,7 +195,7 @@ def test_failure_after_a_good_reading_marks_every_known_chip_unavailable():
     ],
 )
 def test_output_without_a_table_is_unavailable_and_logged_once(name, caplog):
-    probe, _ = probe_with((0, fixture(name)))
+    probe, _ = probe_with((0, fixture(name)), m_answer=(0, fixture("info_m_910b_8npu_with_mcu_doc.txt")))
     with caplog.at_level(logging.WARNING, logger="capmon.plugins.ascend"):
         first, second = probe.sample(), probe.sample()
     for samples in (first, second):
@@ -231,7 +244,14 @@ def test_sample_toml_lists_every_option_at_its_default():
     )
     table = tomllib.loads(uncommented)["probes"]["ascend"]
     config = config_from_mapping(AscendProbe.Config, table, "sample.toml")
-    assert set(table) == {"interval_s", "timeout_s", "npu_smi", "warning_is_unhealthy", "usages_interval_s"}
+    assert set(table) == {
+        "interval_s",
+        "timeout_s",
+        "npu_smi",
+        "warning_is_unhealthy",
+        "usages_interval_s",
+        "mapping_interval_s",
+    }
     probe = AscendProbe(config)
     default = AscendProbe()
     assert (probe.interval_s, probe.timeout_s) == (default.interval_s, default.timeout_s)
