@@ -243,7 +243,7 @@ class AscendProbe(Probe):
             self._extra_paused_until = self._clock() + (self.config.usages_interval_s or 60.0)
             self._log_once(f"ascend: {what} did not answer within {timeout:g} s; extra reads paused")
             return
-        except OSError as exc:
+        except Exception as exc:  # -m only adds ids: nothing it does may fail setup or a tick
             self._log_once(f"ascend: {what} could not run: {exc}")
             return
         mapping = parse_npu_smi_mapping(out) if code == 0 else None

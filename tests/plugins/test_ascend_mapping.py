@@ -202,6 +202,7 @@ def state(samples):
         (0, "NPU ID    Chip ID    Frobs\n1 2 3\n"),
         subprocess.TimeoutExpired(["npu-smi", "info", "-m"], 1.0),
         OSError(13, "Permission denied"),
+        IndexError("a runner that does not know -m"),
     ],
 )
 def test_a_failing_or_unknown_mapping_changes_no_state_and_is_logged_once(m_answer, caplog):
