@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from capmon.agent import wire
+from capmon.agent.allocation import AllocationSource
 from capmon.agent.config import AgentConfig, AgentSection
 from capmon.agent.daemon import Agent, checked_report
 from capmon.agent.probe import Probe
@@ -92,6 +93,7 @@ class InProcessAgent:
         deliver: Callable[[wire.Batch], Awaitable[Any]] | None = None,
         tick_s: float = 1.0,
         boundaries: dict[str, dict[str, Any]] | None = None,
+        sources: Sequence[AllocationSource] | None = None,
     ) -> None:
         if not hasattr(clock, "advance"):
             raise TypeError("InProcessAgent needs a clock it can advance (capmon.testing.CapmonClock)")
@@ -105,11 +107,17 @@ class InProcessAgent:
         # Probes the registry builds from the configuration run on the test clock where they take one.
         boundaries = {"mock": {"clock": clock}, **(boundaries or {})}
         self.agent = Agent(
-            self.config, sink=self.sink, probes=probes, clock=clock, boundaries=None if probes else boundaries
+            self.config,
+            sink=self.sink,
+            probes=probes,
+            clock=clock,
+            boundaries=None if probes else boundaries,
+            sources=sources,
         )
         self.windows: list[wire.Report] = []
         self._start: int | None = None
         self._due: list[float] = []
+        self._sources_due: list[float] = []
         self._closed = False
 
     @property
@@ -126,6 +134,7 @@ class InProcessAgent:
             await self.sink.start()
             self._start = max(int(self.clock()), self.sink.last_end())
             self._due = [self.clock()] * len(self.agent.sampler.tasks)
+            self._sources_due = [self.clock()] * len(self.agent.sampler.sources)
 
     def window_end(self) -> int:
         """The end of the window in progress."""
@@ -141,6 +150,11 @@ class InProcessAgent:
         closed: list[wire.Report] = []
         for _ in range(n):
             now = self.clock()
+            # Allocation sources first, as the agent asks them before its first sample.
+            for i, source in enumerate(self.agent.sampler.sources):
+                if now >= self._sources_due[i]:
+                    await source.tick()
+                    self._sources_due[i] = now + source.source.interval_s
             for i, task in enumerate(self.agent.sampler.tasks):
                 if now >= self._due[i]:
                     await task.tick()
@@ -198,6 +212,9 @@ class InProcessAgent:
             for probe in self.agent.probes:
                 if probe.name not in busy:
                     probe.close()
+            for source in self.agent.sampler.sources:
+                if not source.busy:
+                    source.source.close()
         return last
 
     # -- reading what it produced -------------------------------------------------------------------

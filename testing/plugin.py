@@ -63,9 +63,10 @@ def mock_fleet(capmon_clock: CapmonClock) -> Iterator[Any]:
 
 @pytest_asyncio.fixture
 async def capmon_agent(capmon_clock: CapmonClock) -> AsyncIterator[Any]:
-    """`capmon_agent(config=None, probes=None, *, collector=None, sink=None, tick_s=1.0)`: the real
-    agent pipeline on the test clock (`InProcessAgent`); windows go to memory and, with `collector=`
-    (a `capmon_collector`), to that collector. Stopped after the test."""
+    """`capmon_agent(config=None, probes=None, *, collector=None, sink=None, tick_s=1.0, sources=None)`:
+    the real agent pipeline on the test clock (`InProcessAgent`), with allocation sources when given;
+    windows go to memory and, with `collector=` (a `capmon_collector`), to that collector. Stopped
+    after the test."""
     from capmon.testing.agent import InProcessAgent
 
     made: list[InProcessAgent] = []
@@ -78,6 +79,7 @@ async def capmon_agent(capmon_clock: CapmonClock) -> AsyncIterator[Any]:
         sink: Any = None,
         tick_s: float = 1.0,
         boundaries: Any = None,
+        sources: Any = None,
     ) -> InProcessAgent:
         agent = InProcessAgent(
             capmon_clock,
@@ -87,6 +89,7 @@ async def capmon_agent(capmon_clock: CapmonClock) -> AsyncIterator[Any]:
             deliver=collector.deliver if collector is not None else None,
             tick_s=tick_s,
             boundaries=boundaries,
+            sources=sources,
         )
         made.append(agent)
         return agent

@@ -89,3 +89,29 @@ async def test_a_probe_from_the_configuration_runs_on_the_test_clock(capmon_agen
     assert agent.probes[0].clock is capmon_clock
     await agent.run_until_window()
     assert agent.states() == {"MOCK-000-00": "free", "MOCK-000-01": "free"}
+
+
+async def test_an_allocation_source_runs_in_the_kit_agent(capmon_agent, mock_devices):
+    """A scheduler's allocation with no process on the device makes it allocated_idle, named."""
+    from capmon.agent import Allocation, AllocationSource
+
+    class OnePod(AllocationSource):
+        name = "onepod"
+        closed = False
+
+        def allocations(self):
+            return [Allocation("onepod", "MOCK-000-01", device_id="MOCK-000-01", namespace="ml", pod="nb-0")]
+
+        def covers(self, vendor):
+            return True
+
+        def close(self):
+            OnePod.closed = True
+
+    agent = capmon_agent(agent_config(window_s=10), [mock_devices(2, profiles="idle")], sources=[OnePod()])
+    await agent.run_until_window()
+    assert agent.states() == {"MOCK-000-00": "free", "MOCK-000-01": "allocated_idle"}
+    [holder] = agent.device("MOCK-000-01").holders
+    assert (holder.source, holder.namespace, holder.pod) == ("onepod", "ml", "nb-0")
+    await agent.stop()
+    assert OnePod.closed
