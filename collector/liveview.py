@@ -485,9 +485,9 @@ class StorageLiveView:
 
     async def _fill(self, key: Any, build: Callable[[], Awaitable[Any]]) -> Any:
         try:
-            started = self.clock()
             value = await build()
-            self._answers[key] = (started, value)
+            # Fresh from now: an answer slower than the cache time is still reused for that long.
+            self._answers[key] = (self.clock(), value)
             self._answers.move_to_end(key)
             while len(self._answers) > MAX_CACHED_ANSWERS:
                 self._answers.popitem(last=False)

@@ -1,0 +1,184 @@
+"""The storage live view's answer latency at 1k, 10k and 100k devices in a real influxd (issue 14 item 4).
+
+Per size: agents of 8 devices, two windows each (the collector's own line protocol, written straight to
+influxd), then `/api/v1/fleet` answers from `StorageLiveView.summary()`: uncached (cache 0 s: every answer
+queries the store) and cached (2 s), p50/p99, and the store's cost per uncached answer (seconds the
+store took to answer the queries and influxd's CPU seconds, read from its process).
+
+    .venv/bin/python benchmarks/liveview_storage.py [--sizes 1000,10000,100000] [--uncached 5]
+
+Targets: a fleet answer at 100k devices in < 1 s uncached and < 10 ms cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Row, http, influxd, machine, table
+
+from capmon.agent.wire import AgentIdentity, Batch, DeviceWindow, Report
+from capmon.collector.config import CollectorConfig, Config, PricingConfig, StorageConfig
+from capmon.collector.fleet import Pricing
+from capmon.collector.lineproto import batch_lines
+from capmon.collector.liveview import StorageLiveView
+
+STATES = ("busy", "allocated_idle", "free", "free", "busy", "unavailable", "busy", "free")
+LABEL_KEYS = ("site", "cluster", "pool")
+
+
+def fleet_lines(devices: int, end: int, pricing: Pricing) -> list[str]:
+    lines: list[str] = []
+    for a in range(devices // 8):
+        ident = AgentIdentity(
+            id=f"bench-{a:06d}",
+            host=f"node-{a:06d}",
+            labels={"site": f"s{a % 7}", "cluster": f"c{a % 31}", "pool": ("train", "infer")[a % 2]},
+            window_s=60,
+        )
+        reports = []
+        for seq, e in enumerate((end - 60, end), start=1):
+            devs = []
+            for i in range(8):
+                state = STATES[(a + i) % 8]
+                devs.append(
+                    DeviceWindow(
+                        device_id=f"GPU-{a:06d}-{i}",
+                        vendor="nvidia",
+                        model="NVIDIA H100 80GB HBM3" if a % 3 else "NVIDIA A100-SXM4-80GB",
+                        index=i,
+                        state=state,
+                        busy_s=60.0 if state == "busy" else 0.0,
+                        allocated_idle_s=60.0 if state == "allocated_idle" else 0.0,
+                        free_s=60.0 if state == "free" else 0.0,
+                        unavailable_s=60.0 if state == "unavailable" else 0.0,
+                        util_mean_pct=90.0 if state == "busy" else 0.0,
+                        memory_used_bytes=2**30,
+                        memory_total_bytes=80 * 2**30,
+                        power_mean_w=300.0,
+                        temp_max_c=50.0,
+                        processes=1,
+                        idle_since=e - 3600 if state in ("free", "allocated_idle") else None,
+                        state_since=e - 600,
+                    )
+                )
+            reports.append(Report(seq=seq, start=e - 60, end=e, devices=devs))
+        lines += batch_lines(Batch(agent=ident, reports=reports), LABEL_KEYS, pricing.for_device)
+    return lines
+
+
+def write(url: str, db: str, lines: list[str], chunk: int = 20_000) -> None:
+    for i in range(0, len(lines), chunk):
+        status, body = http(
+            "POST", f"{url}/write?db={db}&precision=s", "\n".join(lines[i : i + chunk]).encode()
+        )
+        if status != 204:
+            raise RuntimeError(f"influxd /write: {status} {body[:200]!r}")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def measure(
+    config: Config, cache_s: float, n: int, influx_pid: int
+) -> tuple[list[float], float, float, int]:
+    """Answer latencies (s), store seconds and influxd CPU seconds per store request, answer bytes."""
+    cfg = dataclasses.replace(
+        config, collector=dataclasses.replace(config.collector, live_view_cache_s=cache_s)
+    )
+    view = StorageLiveView(cfg)
+    await view.start()
+    proc = psutil.Process(influx_pid)
+    try:
+        await view.summary()  # warm: the first answer (and, cached, fills the cache)
+        req0, sec0 = view.store.requests, view.store.seconds
+        cpu0 = sum(proc.cpu_times()[:2])
+        times = []
+        size = 0
+        for _ in range(n):
+            t = time.perf_counter()
+            answer = await view.summary()
+            times.append(time.perf_counter() - t)
+            size = len(msgspec.json.encode(answer))
+        reqs = view.store.requests - req0
+        store_s = (view.store.seconds - sec0) / reqs if reqs else 0.0
+        cpu_s = (sum(proc.cpu_times()[:2]) - cpu0) / reqs if reqs else 0.0
+        return times, store_s, cpu_s, size
+    finally:
+        await view.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--uncached", type=int, default=5, help="uncached answers per size")
+    parser.add_argument("--cached", type=int, default=200, help="cached answers per size")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    pricing_cfg = PricingConfig(default=1.0, models={"H100": 2.5})
+    pricing = Pricing(pricing_cfg)
+    rows: list[Row] = []
+    end = int(time.time()) // 60 * 60
+    with tempfile.TemporaryDirectory(prefix="capmon-bench-lv-") as tmp, influxd(Path(tmp)) as influx:
+        pid = influx.proc.pid
+        for size in sizes:
+            db = f"lv{size}"
+            influx.query(f'CREATE DATABASE "{db}"')
+            t = time.perf_counter()
+            lines = fleet_lines(size, end, pricing)
+            write(influx.url, db, lines)
+            print(
+                f"  [liveview] {size:,} devices: {len(lines):,} lines written in {time.perf_counter() - t:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            config = Config(
+                collector=CollectorConfig(
+                    label_keys=LABEL_KEYS, live_view="storage", live_view_query_timeout_s=120
+                ),
+                storage=StorageConfig(kind="influxdb_v1", url=influx.url, db=db),
+                pricing=pricing_cfg,
+            )
+            un, store_s, cpu_s, size_b = asyncio.run(measure(config, 0.0, args.uncached, pid))
+            ca, _, _, _ = asyncio.run(measure(config, 2.0, args.cached, pid))
+            b = "liveview"
+            rows += [
+                Row(
+                    b,
+                    f"{size:,} devices: fleet answer uncached p50",
+                    pct(un, 0.5) * 1000,
+                    "ms",
+                    "< 1 s at 100k" if size == 100_000 else "",
+                    pct(un, 0.5) < 1.0 if size == 100_000 else None,
+                ),
+                Row(b, f"{size:,} devices: fleet answer uncached p99", pct(un, 0.99) * 1000, "ms"),
+                Row(b, f"{size:,} devices: store's answer time per uncached answer", store_s * 1000, "ms"),
+                Row(b, f"{size:,} devices: influxd CPU per uncached answer", cpu_s * 1000, "ms"),
+                Row(
+                    b,
+                    f"{size:,} devices: fleet answer cached p50",
+                    pct(ca, 0.5) * 1000,
+                    "ms",
+                    "< 10 ms at 100k" if size == 100_000 else "",
+                    pct(ca, 0.5) < 0.01 if size == 100_000 else None,
+                ),
+                Row(b, f"{size:,} devices: fleet answer cached p99", pct(ca, 0.99) * 1000, "ms"),
+                Row(b, f"{size:,} devices: answer size", size_b / 1000, "kB"),
+            ]
+    print(machine())
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
