@@ -8,7 +8,10 @@ folded per window on the classifier's clock.
 
 Allocation matching: an `Allocation` with `device_id` holds that device (a GPU split into MIG
 instances: each of its instances); one with `vendor` and `index` holds the device of that vendor
-whose minor number (`info["minor_number"]` where the probe reports it, else its `index`) is `index`.
+whose scheduler number is `index`: for NVIDIA the minor number (`/dev/nvidiaN`:
+`info["minor_number"]`), for Ascend the physical id (`/dev/davinciN`, the N of `Ascend910-N`:
+`info["phy_id"]`, else `info["logic_id"]`, which equals it when the agent sees all of the host's
+chips); where the probe reports none of these, its `index`.
 """
 
 from __future__ import annotations
@@ -105,13 +108,18 @@ class ProbeHolders:
         return self._resolver.resolve_devices({d.device_id: d.holders for d in devices})
 
 
+# The info keys that carry the number a scheduler names a device by, per vendor, best first.
+_SCHEDULER_NUMBER_KEYS = {"nvidia": ("minor_number",), "ascend": ("phy_id", "logic_id")}
+
+
 def _minor(d: DeviceSample) -> int | None:
-    raw = d.info.get("minor_number")
-    if raw is not None:
-        try:
-            return int(str(raw).strip())
-        except ValueError:
-            pass
+    for key in _SCHEDULER_NUMBER_KEYS.get(d.vendor, ("minor_number",)):
+        raw = d.info.get(key)
+        if raw is not None:
+            try:
+                return int(str(raw).strip())
+            except ValueError:
+                continue
     return d.index
 
 

@@ -406,3 +406,25 @@ def test_the_built_in_sources_samples_map_onto_their_config():
     # (activate_sources raises on an unknown source or key).
     assert "slurm" in options and set(options) <= set(registry.source_types)
     registry.activate_sources(disable=list(registry.source_types), options=options, where="sample")
+
+
+def test_ascend_allocations_match_by_physical_id_then_logic_id():
+    """Huawei's device plugin names a chip by its physical id (Ascend910-<phyID>, /dev/davinciN), not
+    npu-smi's NPU id: a 310P Duo host has NPU ids 1, 2, 4, 5 with two chips each."""
+
+    class Answered:
+        def __init__(self, allocations):
+            self.source, self.allocations, self.error = FakeScheduler(), tuple(allocations), None
+
+    devices = [
+        DeviceSample("npu1-chip0", "ascend", index=1, info={"logic_id": "0", "phy_id": "0"}),
+        DeviceSample("npu1-chip1", "ascend", index=1, info={"logic_id": "1", "phy_id": "1"}),
+        DeviceSample("npu2-chip0", "ascend", index=2, info={"logic_id": "2"}),  # no phy id printed
+        DeviceSample("npu2-chip1", "ascend", index=2, info={"logic_id": "3"}),
+    ]
+    allocations = [
+        Allocation("fakesched", "Ascend310P-1", vendor="ascend", index=1, pod="a"),
+        Allocation("fakesched", "Ascend310P-3", vendor="ascend", index=3, pod="b"),
+    ]
+    held, _ = match_allocations(devices, [Answered(allocations)])
+    assert {d: [a.pod for a in al] for d, al in held.items()} == {"npu1-chip1": ["a"], "npu2-chip1": ["b"]}
