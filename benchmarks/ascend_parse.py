@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from capmon.plugins.ascend import AscendConfig, AscendProbe, parse_npu_smi_info
+from capmon.testing.npu_smi import mapping_for
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "ascend"
 A5 = FIXTURES / "info_a5_atlas350_doc_npu_id_header_no_processes.txt"
@@ -102,10 +103,17 @@ def main() -> None:
     assert len(parse_npu_smi_info(table16).chips) == 16
     a5_median, a5_p99 = timed(lambda: parse_npu_smi_info(table16), iterations)
 
-    answers = {"info": table16, "usages": USAGES.read_text(), "board": BOARD.read_text()}
+    answers = {
+        "info": table16,
+        "usages": USAGES.read_text(),
+        "board": BOARD.read_text(),
+        "-m": mapping_for(table16),
+    }
 
     def in_process(argv, timeout_s):
-        return 0, answers["info" if len(argv) == 2 else argv[3]], ""
+        if len(argv) == 2:
+            return 0, answers["info"], ""
+        return 0, answers[argv[2] if argv[2] == "-m" else argv[3]], ""
 
     inproc = probe_tick_cost(in_process, iterations)
     with tempfile.TemporaryDirectory() as tmp:
