@@ -84,9 +84,17 @@ def sel(metric: str, *matchers: str, base: str = FLEET_MATCH) -> str:
     return metric + "{" + ", ".join((*matchers, base) if base else matchers) + "}"
 
 
+# A range selector is closed at both ends in Prometheus 2.x ([t - 1m, t] holds the windows ending
+# at t - 1m and at t), left-open from 3.0: one interval, shifted by a millisecond, holds the windows
+# ending in (t - interval, t] in both, so no window counts in two intervals.
+INTERVAL = "[$__interval] offset -1ms"
+
+
 def over_range(metric: str, *matchers: str, span: str = "$__range", base: str = FLEET_MATCH) -> str:
-    """The sum of a per-window gauge's samples over `span` (the range, or one interval), per series."""
-    return f"sum_over_time({sel(metric, *matchers, base=base)}[{span}])"
+    """The sum of a per-window gauge's samples over `span` (`$__range`: the dashboard's range, its
+    ends included as InfluxQL's $timeFilter does; INTERVAL: one interval), per series."""
+    window = INTERVAL if span == INTERVAL else f"[{span}]"
+    return f"sum_over_time({sel(metric, *matchers, base=base)}{window})"
 
 
 def latest(metric: str, *matchers: str, base: str = FLEET_MATCH) -> str:
@@ -105,16 +113,40 @@ def with_state(expr: str, states: str = "", base: str = FLEET_MATCH) -> str:
     return f"{expr} * on(host, device) group_left(state) {state_now(states, base)}"
 
 
-def gpu_hours(metric: str, by: str = "", base: str = FLEET_MATCH) -> str:
-    agg = f"sum by ({by})" if by else "sum"
-    return f"{agg} ({over_range(metric, base=base)}) / 3600"
-
-
 def idle_share_prom(by: str = "", span: str = "$__range", base: str = FLEET_MATCH) -> str:
     b = f" by ({by})" if by else ""
     idle = over_range("capmon_device_window_idle_gpu_seconds", span=span, base=base)
     total = over_range("capmon_device_window_gpu_seconds", span=span, base=base)
     return f"100 * sum{b} ({idle}) / sum{b} ({total})"
+
+
+IDLE_GPU_S = "capmon_device_window_idle_gpu_seconds"
+ALLOCATED_IDLE_GPU_S = "capmon_device_window_allocated_idle_gpu_seconds"
+IDLE_VALUE = "capmon_device_window_idle_value"
+SPIN_S = "capmon_device_window_spin_seconds"
+
+
+def hours_of(metric: str, by: str = "", base: str = FLEET_MATCH) -> str:
+    """A per-window seconds gauge summed over the range, in hours (per `by` labels)."""
+    agg = f"sum by ({by})" if by else "sum"
+    return f"{agg} ({over_range(metric, base=base)}) / 3600"
+
+
+IDLE_NOW = "free|allocated_idle"
+UNAVAILABLE = 'state="unavailable"'
+
+
+def unnamed(expr: str) -> str:
+    """`expr` without its metric name (`last_over_time` keeps it): Grafana would show `__name__` as
+    a table column, and frames with different names do not merge into one row."""
+    return f"{expr} * 1"
+
+
+# capmon_holder_state_code of the holder series' latest window: 1 = allocated idle. A value × it
+# keeps the holders allocated idle now (and drops the metric name).
+HELD_IDLE_NOW = f"({latest('capmon_holder_state_code')} == 1)"
+# Labels every device series has that the InfluxQL tables do not group by: hidden in PromQL tables.
+DEVICE_LABELS_HIDDEN = ("agent", "vendor", "parent", "site", "cluster", "pool")
 
 
 # -- building blocks -------------------------------------------------------------------------------
@@ -331,11 +363,17 @@ def prom_columns(names: dict[str, str], hide: tuple[str, ...] = ()) -> list[dict
     """A PromQL table's transformations: Grafana names each instant query's value `Value #<refId>`;
     merge the queries' frames into rows (by their labels) and name the columns."""
     exclude = {"Time": True, **dict.fromkeys(hide, True)}
+    rename = {f"Value #{r}": n for r, n in names.items()}
+    if "A" in names:
+        rename["Value"] = names["A"]  # what Grafana calls it when only one query answered
     return [
         {"id": "merge", "options": {}},
         {
             "id": "organize",
-            "options": {"excludeByName": exclude, "renameByName": {f"Value #{r}": n for r, n in names.items()}},
+            "options": {
+                "excludeByName": exclude,
+                "renameByName": rename,
+            },
         },
     ]
 
@@ -392,7 +430,9 @@ def tag_var(
     `gpu01.fra1.example.com` and is harmless inside a regex. PromQL queries use a multi-value one as
     `name=~"$name"` (Grafana's Prometheus data source regex-escapes those) and a single-value one as
     `name="$name"` (there it escapes only backslashes and quotes)."""
-    influxql = f'SHOW TAG VALUES FROM "{measurement}" WITH KEY = "{name}"' + (f" WHERE {where}" if where else "")
+    influxql = f'SHOW TAG VALUES FROM "{measurement}" WITH KEY = "{name}"' + (
+        f" WHERE {where}" if where else ""
+    )
     promql = f"label_values({series}{{{match}}}, {name})" if match else f"label_values({series}, {name})"
     query = Per(influxql, promql)
     var: dict[str, Any] = {
@@ -532,6 +572,7 @@ def fleet() -> dict:
                 count_now(STATE_CODES[state]),
                 "none",
                 steps,
+                promql=f"count ({state_now(state)})",
                 decimals=0,
             ),
             4,
@@ -545,6 +586,7 @@ def fleet() -> dict:
             f'SELECT {IDLE_SHARE} FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
             "percent",
             thresholds((None, "green"), (20, "yellow"), (50, "red")),
+            promql=idle_share_prom(),
             decimals=1,
             min=0,
             max=100,
@@ -559,6 +601,7 @@ def fleet() -> dict:
             f'SELECT SUM("idle_gpu_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
             "h",
             thresholds((None, "green"), (100, "yellow"), (1000, "red")),
+            promql=hours_of(IDLE_GPU_S),
             decimals=1,
         ),
         4,
@@ -573,6 +616,7 @@ def fleet() -> dict:
             f'SELECT SUM("idle_value") FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
             "short",
             thresholds((None, "green"), (1000, "yellow"), (10000, "red")),
+            promql=f"sum ({over_range(IDLE_VALUE)})",
             decimals=0,
         ),
         4,
@@ -585,6 +629,7 @@ def fleet() -> dict:
             f'SELECT SUM("allocated_idle_gpu_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
             "h",
             thresholds((None, "green"), (10, "orange")),
+            promql=hours_of(ALLOCATED_IDLE_GPU_S),
             decimals=1,
         ),
         4,
@@ -598,6 +643,11 @@ def fleet() -> dict:
             f"WHERE $timeFilter {FLEET_FILTER})",
             "h",
             thresholds((None, "green"), (1, "red")),
+            # The state seconds are device seconds: × the device's share of a GPU.
+            promql=(
+                f"sum ({over_range('capmon_device_window_state_seconds', UNAVAILABLE)} "
+                f"* ignoring(state) last_over_time({sel('capmon_device_gpu_fraction')}[$__range])) / 3600"
+            ),
             decimals=1,
         ),
         4,
@@ -612,6 +662,7 @@ def fleet() -> dict:
             f'SELECT SUM("spin_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
             "h",
             thresholds((None, "green"), (0.5, "orange")),
+            promql=hours_of(SPIN_S),
             decimals=1,
         ),
         4,
@@ -637,15 +688,31 @@ def fleet() -> dict:
         )
 
     merge = [{"id": "merge", "options": {}}, {"id": "organize", "options": {"excludeByName": {"Time": True}}}]
+
+    def breakdown(group: str, by: str) -> list[Per]:
+        return [
+            target(breakdown_query(group), fmt="table", promql=hours_of(IDLE_GPU_S, by)),
+            prom_target(f"sum by ({by}) ({over_range(IDLE_VALUE)})", "B", "table"),
+            prom_target(idle_share_prom(by), "C", "table"),
+            prom_target(hours_of(ALLOCATED_IDLE_GPU_S, by), "D", "table"),
+        ]
+
+    # PromQL's columns have literal names: transformations do not interpolate $currency.
+    breakdown_columns = Per(
+        merge,
+        prom_columns(
+            {"A": "idle GPU-hours", "B": "idle value", "C": "idle share", "D": "allocated-idle GPU-hours"}
+        ),
+    )
     lay.add(
         table(
             "Idle capacity by model",
             f"Idle GPU-hours, their value (the collector's per-model [pricing]) and the idle share per model, in {GPU_EQ}.",
-            [target(breakdown_query('"model"'), fmt="table")],
+            breakdown('"model"', "model"),
             "h",
             hour_cols,
             sort_by="idle GPU-hours",
-            transformations=merge,
+            transformations=breakdown_columns,
         ),
         12,
         7,
@@ -654,18 +721,18 @@ def fleet() -> dict:
         table(
             "Idle capacity by site / cluster / pool",
             f"The same per site, cluster and pool (the agents' labels), in {GPU_EQ}.",
-            [target(breakdown_query('"site", "cluster", "pool"'), fmt="table")],
+            breakdown('"site", "cluster", "pool"', "site, cluster, pool"),
             "h",
             hour_cols,
             sort_by="idle GPU-hours",
-            transformations=merge,
+            transformations=breakdown_columns,
         ),
         12,
         7,
     )
     count_cols = [unit_override(STATE_TEXT[s], "none", decimals=0) for s in STATE_CODES]
 
-    def counts_by(by: str) -> list[dict]:
+    def counts_by(by: str, labels: str) -> list[Per]:
         return [
             target(
                 count_now(code, by).replace(
@@ -673,19 +740,22 @@ def fleet() -> dict:
                 ),
                 ref,
                 "table",
+                promql=f"count by ({labels}) {state_now(s)}",
             )
             for (s, code), ref in zip(STATE_CODES.items(), "ABCD", strict=True)
         ]
+
+    counts_columns = Per(merge, prom_columns(dict(zip("ABCD", STATE_TEXT.values(), strict=True))))
 
     lay.add(
         table(
             "Devices now by model",
             "Devices per state at the end of the range, per model.",
-            counts_by('"model"'),
+            counts_by('"model"', "model"),
             "none",
             count_cols,
             sort_by="free",
-            transformations=merge,
+            transformations=counts_columns,
         ),
         12,
         6,
@@ -694,11 +764,11 @@ def fleet() -> dict:
         table(
             "Devices now by site / cluster / pool",
             "Devices per state at the end of the range, per site, cluster and pool.",
-            counts_by('"site", "cluster", "pool"'),
+            counts_by('"site", "cluster", "pool"', "site, cluster, pool"),
             "none",
             count_cols,
             sort_by="free",
-            transformations=merge,
+            transformations=counts_columns,
         ),
         12,
         6,
@@ -722,7 +792,13 @@ def fleet() -> dict:
                     f'WHERE {NOW} {FLEET_FILTER} GROUP BY "host", "device", "model") WHERE "code" = 1 OR "code" = 2 '
                     'GROUP BY "host", "device", "model"',
                     fmt="table",
-                )
+                    promql=with_state(latest("capmon_device_idle_for_seconds"), IDLE_NOW),
+                ),
+                prom_target(with_state(latest("capmon_device_in_state_seconds"), IDLE_NOW), "B", "table"),
+                prom_target(
+                    with_state(f"1000 * {latest('capmon_device_idle_since_seconds')}", IDLE_NOW), "C", "table"
+                ),
+                prom_target(with_state(latest("capmon_device_gpu_fraction"), IDLE_NOW), "D", "table"),
             ],
             "s",
             [
@@ -741,9 +817,13 @@ def fleet() -> dict:
             ],
             sort_by="idle for",
             steps=thresholds((None, "green"), (3600, "yellow"), (86400, "red")),
-            transformations=[
-                {"id": "merge", "options": {}},
-            ],
+            transformations=Per(
+                [{"id": "merge", "options": {}}],
+                prom_columns(
+                    {"A": "idle for", "B": "in this state for", "C": "idle since", "D": "GPU share"},
+                    hide=DEVICE_LABELS_HIDDEN,
+                ),
+            ),
         ),
         24,
         9,
@@ -754,7 +834,9 @@ def fleet() -> dict:
             f"Idle time over all reported time per interval, in {GPU_EQ}.",
             [
                 target(
-                    f'SELECT {IDLE_SHARE} AS "idle share" FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} GROUP BY time($__interval) fill(null)'
+                    f'SELECT {IDLE_SHARE} AS "idle share" FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} GROUP BY time($__interval) fill(null)',
+                    promql=idle_share_prom(span=INTERVAL),
+                    legend="idle share",
                 )
             ],
             "percent",
@@ -774,6 +856,8 @@ def fleet() -> dict:
                     f'SELECT SUM("idle_gpu_s") / ($__interval_ms / 1000) FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} '
                     'GROUP BY time($__interval), "model" fill(null)',
                     alias="$tag_model",
+                    promql=f"sum by (model) ({over_range(IDLE_GPU_S, span=INTERVAL)}) / ($__interval_ms / 1000)",
+                    legend="{{model}}",
                 )
             ],
             "none",
@@ -792,6 +876,8 @@ def fleet() -> dict:
                     f'SELECT SUM("idle_gpu_s") / 3600 FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER} '
                     'GROUP BY time($__interval), "site" fill(null)',
                     alias="$tag_site",
+                    promql=f"sum by (site) ({over_range(IDLE_GPU_S, span=INTERVAL)}) / 3600",
+                    legend="{{site}}",
                 )
             ],
             "h",
@@ -805,17 +891,24 @@ def fleet() -> dict:
     variables = [
         datasource_var(),
         tag_var("site", "capmon_device"),
-        tag_var("cluster", "capmon_device", '"site" =~ /^$site$/'),
-        tag_var("pool", "capmon_device", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/'),
+        tag_var("cluster", "capmon_device", '"site" =~ /^$site$/', match='site=~"$site"'),
+        tag_var(
+            "pool",
+            "capmon_device",
+            '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/',
+            match='site=~"$site", cluster=~"$cluster"',
+        ),
         tag_var(
             "model",
             "capmon_device",
             '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/',
+            match='site=~"$site", cluster=~"$cluster", pool=~"$pool"',
         ),
         tag_var(
             "host",
             "capmon_device",
             '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/ AND "pool" =~ /^$pool$/ AND "model" =~ /^$model$/',
+            match='site=~"$site", cluster=~"$cluster", pool=~"$pool", model=~"$model"',
         ),
         now_window_var(),
         currency_var(),
@@ -876,11 +969,20 @@ def holder_panels(lay: Layout) -> None:
             table(
                 title,
                 f"Allocated-idle GPU-hours and their value per {tag}: {what}. In {GPU_EQ}. {SHARE_NOTE}",
-                [target(allocated_idle_by(tag), fmt="table")],
+                [
+                    target(
+                        allocated_idle_by(tag),
+                        fmt="table",
+                        promql=hours_of("capmon_holder_allocated_idle_gpu_seconds", tag),
+                    ),
+                    prom_target(f"sum by ({tag}) ({over_range('capmon_holder_idle_value')})", "B", "table"),
+                ],
                 "h",
                 HOLDER_COLS,
                 sort_by="allocated-idle GPU-hours",
-                transformations=merge,
+                transformations=Per(
+                    merge, prom_columns({"A": "allocated-idle GPU-hours", "B": "allocated-idle value"})
+                ),
             ),
             8,
             8,
@@ -943,7 +1045,16 @@ def holder_panels(lay: Layout) -> None:
                     f'"gpu_fraction" AS "GPU share" FROM "capmon_holder" WHERE {NOW} {FLEET_FILTER} '
                     f'GROUP BY {HOLDER_SERIES}) WHERE "code" = 1 GROUP BY {HOLDER_SERIES}',
                     fmt="table",
-                )
+                    promql=f"{latest('capmon_holder_in_state_seconds')} * {HELD_IDLE_NOW}",
+                ),
+                prom_target(f"{latest('capmon_holder_idle_for_seconds')} * {HELD_IDLE_NOW}", "B", "table"),
+                prom_target(
+                    f"{latest('capmon_holder_idle_value')} * 3600 / {latest('capmon_holder_allocated_idle_seconds')} "
+                    f"* {HELD_IDLE_NOW}",
+                    "C",
+                    "table",
+                ),
+                prom_target(f"{latest('capmon_holder_gpu_fraction')} * {HELD_IDLE_NOW}", "D", "table"),
             ],
             "s",
             [
@@ -958,10 +1069,16 @@ def holder_panels(lay: Layout) -> None:
             ],
             sort_by="allocated idle for",
             steps=thresholds((None, "green"), (3600, "yellow"), (86400, "red")),
-            transformations=[
-                {"id": "merge", "options": {}},
-                {"id": "organize", "options": {"excludeByName": {"slot": True, "runtime": True}}},
-            ],
+            transformations=Per(
+                [
+                    {"id": "merge", "options": {}},
+                    {"id": "organize", "options": {"excludeByName": {"slot": True, "runtime": True}}},
+                ],
+                prom_columns(
+                    {"A": "allocated idle for", "B": "idle for", "C": "value per hour", "D": "GPU share"},
+                    hide=(*DEVICE_LABELS_HIDDEN, "slot", "runtime"),
+                ),
+            ),
         ),
         24,
         9,
@@ -972,9 +1089,35 @@ def holder_panels(lay: Layout) -> None:
 
 # Variables only ever inside `=~ /^…$/`: Grafana regex-escapes even a single value (see tag_var).
 HOST_FILTER = 'AND "host" =~ /^$host$/ AND "device" =~ /^$device$/'
+# PromQL: the single-value host as an exact match (Grafana escapes only backslashes and quotes there).
+HOST_MATCH = 'host="$host", device=~"$device"'
+HOST_HIDDEN = (*DEVICE_LABELS_HIDDEN, "host")
 
 
-def per_device(title: str, description: str, select: str, unit: str, steps: dict = GREEN, **kw: Any) -> dict:
+def per_interval(fn: str, metric: str, scale: str = "") -> str:
+    """`fn` of each device's samples in each interval (× `scale`)."""
+    return f"{scale}{fn}({sel(metric, base=HOST_MATCH)}{INTERVAL})"
+
+
+def device_now(metric: str, scale: str = "") -> str:
+    """Each device's latest window's value (× `scale`), with its state now as a label."""
+    return with_state(f"{scale}{latest(metric, base=HOST_MATCH)}", base=HOST_MATCH)
+
+
+def state_code_per_interval() -> str:
+    """The one-hot state as its code (busy 0 … unavailable 3) per device, at the end of each interval."""
+    parts = []
+    for state, code in STATE_CODES.items():
+        matcher = f'state="{state}"'
+        parts.append(
+            f"last_over_time({sel('capmon_device_state', matcher, base=HOST_MATCH)}{INTERVAL}) * {code}"
+        )
+    return "sum by (device) (" + " or ".join(parts) + ")"
+
+
+def per_device(
+    title: str, description: str, select: str, unit: str, steps: dict = GREEN, promql: str = "", **kw: Any
+) -> dict:
     return timeseries(
         title,
         description,
@@ -983,6 +1126,8 @@ def per_device(title: str, description: str, select: str, unit: str, steps: dict
                 f'SELECT {select} FROM "capmon_device" WHERE $timeFilter {HOST_FILTER} '
                 'GROUP BY time($__interval), "device" fill(null)',
                 alias="$tag_device",
+                promql=promql,
+                legend="{{device}}",
             )
         ],
         unit,
@@ -1002,6 +1147,9 @@ def host() -> dict:
                 f'SELECT LAST("state") FROM "capmon_device" WHERE $timeFilter {HOST_FILTER} '
                 'GROUP BY time($__interval), "device" fill(null)',
                 alias="$tag_device",
+                # The one-hot state as its code (the value mappings name codes too).
+                promql=state_code_per_interval(),
+                legend="{{device}}",
             )
         ],
         "none",
@@ -1025,7 +1173,21 @@ def host() -> dict:
                     '"memory_used_bytes" AS "memory used", "power_mean_w" AS "power", "temp_max_c" AS "temperature", '
                     f'"processes", "error" FROM "capmon_device" WHERE {NOW} {HOST_FILTER} GROUP BY "device", "model"',
                     fmt="table",
-                )
+                    promql=device_now("capmon_device_in_state_seconds"),
+                ),
+                *(
+                    prom_target(device_now(metric, scale), ref, "table")
+                    for ref, metric, scale in (
+                        ("B", "capmon_device_idle_for_seconds", ""),
+                        ("C", "capmon_device_gpu_fraction", ""),
+                        ("D", "capmon_device_utilization_ratio", "100 * "),
+                        ("E", SPIN_S, ""),
+                        ("F", "capmon_device_memory_used_bytes", ""),
+                        ("G", "capmon_device_power_watts", ""),
+                        ("H", "capmon_device_temperature_max_celsius", ""),
+                        ("I", "capmon_device_processes", ""),
+                    )
+                ),
             ],
             "none",
             [
@@ -1046,10 +1208,26 @@ def host() -> dict:
                     ],
                 },
             ],
-            transformations=[
-                {"id": "merge", "options": {}},
-                {"id": "organize", "options": {"excludeByName": {"code": True}}},
-            ],
+            transformations=Per(
+                [
+                    {"id": "merge", "options": {}},
+                    {"id": "organize", "options": {"excludeByName": {"code": True}}},
+                ],
+                prom_columns(
+                    {
+                        "A": "in this state for",
+                        "B": "idle for",
+                        "C": "GPU share",
+                        "D": "utilisation",
+                        "E": "spin",
+                        "F": "memory used",
+                        "G": "power",
+                        "H": "temperature",
+                        "I": "processes",
+                    },
+                    hide=HOST_HIDDEN,
+                ),
+            ),
         ),
         24,
         8,
@@ -1068,7 +1246,10 @@ def host() -> dict:
                     f'"held_s" AS "held" FROM "capmon_holder" WHERE {NOW} {HOST_FILTER} '
                     'GROUP BY "device", "user", "namespace", "runtime", "slot"',
                     fmt="table",
-                )
+                    promql=unnamed(latest("capmon_holder_state_code", base=HOST_MATCH)),
+                ),
+                prom_target(unnamed(latest("capmon_holder_memory_bytes", base=HOST_MATCH)), "B", "table"),
+                prom_target(unnamed(latest("capmon_holder_held_seconds", base=HOST_MATCH)), "C", "table"),
             ],
             "none",
             [
@@ -1083,10 +1264,15 @@ def host() -> dict:
                     ],
                 },
             ],
-            transformations=[
-                {"id": "merge", "options": {}},
-                {"id": "organize", "options": {"excludeByName": {"slot": True}}},
-            ],
+            transformations=Per(
+                [
+                    {"id": "merge", "options": {}},
+                    {"id": "organize", "options": {"excludeByName": {"slot": True}}},
+                ],
+                prom_columns(
+                    {"A": "state", "B": "memory", "C": "held"}, hide=(*HOST_HIDDEN, "model", "slot")
+                ),
+            ),
         ),
         24,
         8,
@@ -1100,6 +1286,8 @@ def host() -> dict:
                 target(
                     f'SELECT {IDLE_SHARE} FROM "capmon_device" WHERE $timeFilter {HOST_FILTER} GROUP BY "device"',
                     alias="$tag_device",
+                    promql=idle_share_prom("device", base=HOST_MATCH),
+                    legend="{{device}}",
                 )
             ],
             "percent",
@@ -1122,6 +1310,7 @@ def host() -> dict:
             'MEAN("util_mean_pct")',
             "percent",
             thresholds((None, "green"), (10, "blue")),
+            promql=per_interval("avg_over_time", "capmon_device_utilization_ratio", "100 * "),
             min=0,
             max=100,
         ),
@@ -1136,6 +1325,7 @@ def host() -> dict:
             'SUM("spin_s") * 100 / ($__interval_ms / 1000)',
             "percent",
             thresholds((None, "green"), (1, "orange")),
+            promql=f"{per_interval('sum_over_time', SPIN_S, '100 * ')} / ($__interval_ms / 1000)",
             min=0,
             max=100,
         ),
@@ -1149,6 +1339,7 @@ def host() -> dict:
             'MEAN("memory_used_bytes")',
             "bytes",
             thresholds((None, "green"), (68719476736, "orange")),
+            promql=per_interval("avg_over_time", "capmon_device_memory_used_bytes"),
             min=0,
         ),
         12,
@@ -1161,6 +1352,7 @@ def host() -> dict:
             'MEAN("power_mean_w")',
             "watt",
             thresholds((None, "green"), (600, "orange")),
+            promql=per_interval("avg_over_time", "capmon_device_power_watts"),
             min=0,
         ),
         12,
@@ -1173,6 +1365,7 @@ def host() -> dict:
             'MAX("temp_max_c")',
             "celsius",
             thresholds((None, "green"), (80, "orange"), (90, "red")),
+            promql=per_interval("max_over_time", "capmon_device_temperature_max_celsius"),
         ),
         12,
         8,
@@ -1183,6 +1376,7 @@ def host() -> dict:
             "Most processes holding each device in a window (absent where the probe cannot tell).",
             'MAX("processes")',
             "none",
+            promql=per_interval("max_over_time", "capmon_device_processes"),
             decimals=0,
             min=0,
         ),
@@ -1196,8 +1390,15 @@ def host() -> dict:
             [
                 target(
                     'SELECT MEAN("cpu_mean_pct") AS "cpu mean", MAX("cpu_max_pct") AS "cpu max" FROM "capmon_host" '
-                    'WHERE $timeFilter AND "host" =~ /^$host$/ GROUP BY time($__interval) fill(null)'
-                )
+                    'WHERE $timeFilter AND "host" =~ /^$host$/ GROUP BY time($__interval) fill(null)',
+                    promql='100 * avg_over_time(capmon_host_cpu_mean_ratio{host="$host"}[$__interval] offset -1ms)',
+                    legend="cpu mean",
+                ),
+                prom_target(
+                    '100 * max_over_time(capmon_host_cpu_max_ratio{host="$host"}[$__interval] offset -1ms)',
+                    "B",
+                    legend="cpu max",
+                ),
             ],
             "percent",
             thresholds((None, "green"), (90, "orange")),
@@ -1214,8 +1415,15 @@ def host() -> dict:
             [
                 target(
                     'SELECT MEAN("memory_used_bytes") AS "used", MAX("memory_total_bytes") AS "total" FROM "capmon_host" '
-                    'WHERE $timeFilter AND "host" =~ /^$host$/ GROUP BY time($__interval) fill(null)'
-                )
+                    'WHERE $timeFilter AND "host" =~ /^$host$/ GROUP BY time($__interval) fill(null)',
+                    promql='avg_over_time(capmon_host_memory_used_bytes{host="$host"}[$__interval] offset -1ms)',
+                    legend="used",
+                ),
+                prom_target(
+                    'max_over_time(capmon_host_memory_total_bytes{host="$host"}[$__interval] offset -1ms)',
+                    "B",
+                    legend="total",
+                ),
             ],
             "bytes",
             min=0,
@@ -1226,9 +1434,15 @@ def host() -> dict:
     variables = [
         datasource_var(),
         tag_var("site", "capmon_device"),
-        tag_var("cluster", "capmon_device", '"site" =~ /^$site$/'),
-        tag_var("host", "capmon_device", '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/', multi=False),
-        tag_var("device", "capmon_device", '"host" =~ /^$host$/'),
+        tag_var("cluster", "capmon_device", '"site" =~ /^$site$/', match='site=~"$site"'),
+        tag_var(
+            "host",
+            "capmon_device",
+            '"site" =~ /^$site$/ AND "cluster" =~ /^$cluster$/',
+            multi=False,
+            match='site=~"$site", cluster=~"$cluster"',
+        ),
+        tag_var("device", "capmon_device", '"host" =~ /^$host$/', match='host="$host"'),
         now_window_var(),
     ]
     return dashboard(

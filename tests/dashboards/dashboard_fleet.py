@@ -72,8 +72,8 @@ def _split_unescaped(text: str, sep: str) -> list[str]:
     return parts
 
 
-def storage_schema() -> Schema:
-    """Measurements, tags and fields as `capmon.collector.lineproto` writes them."""
+def schema_lines() -> list[str]:
+    """The line protocol the collector writes for a batch that sets every optional field."""
     device = wire.DeviceWindow(
         device_id="MIG-1",
         vendor="nvidia",
@@ -134,9 +134,14 @@ def storage_schema() -> Schema:
         ),
     )
     identity = wire.AgentIdentity(id="a", host="h", version="1.0", labels={k: "v" for k in LABEL_KEYS})
-    schema = Schema()
     price = Pricing(PricingConfig(default=1.0)).for_device  # so that `idle_value` is written
-    for line in batch_lines(wire.Batch(agent=identity, reports=[report]), LABEL_KEYS, price):
+    return batch_lines(wire.Batch(agent=identity, reports=[report]), LABEL_KEYS, price)
+
+
+def storage_schema() -> Schema:
+    """Measurements, tags and fields as `capmon.collector.lineproto` writes them."""
+    schema = Schema()
+    for line in schema_lines():
         series, fieldset, _ts = _split_unescaped(line, " ")
         measurement, *tags = _split_unescaped(series, ",")
         schema.tags.setdefault(measurement, set()).update(t.split("=", 1)[0] for t in tags)
@@ -147,6 +152,17 @@ def storage_schema() -> Schema:
     return schema
 
 
+def remote_write_series() -> dict[str, set[str]]:
+    """Metric name → label names, as the collector's remote write sends the same batch."""
+    from capmon.collector.remote_write import series_of_lines
+
+    out: dict[str, set[str]] = {}
+    for labels, _value, _ms in series_of_lines(schema_lines()):
+        names = dict(labels)
+        out.setdefault(names.pop("__name__"), set()).update(names)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Dashboards
 
@@ -155,12 +171,14 @@ def dashboard_files() -> list[Path]:
     return sorted(DASHBOARDS.glob("*.json"))
 
 
-def load_dashboards() -> dict[str, dict]:
-    """uid → dashboard model."""
+def load_dashboards(language: str = "influxql") -> dict[str, dict]:
+    """uid → dashboard model, of the dashboards in one query language (`influxql`, `promql`, `all`)."""
     out = {}
     for path in dashboard_files():
         model = json.loads(path.read_text(encoding="utf-8"))
-        out[model["uid"]] = model
+        promql = model["uid"].endswith("-prometheus")
+        if language == "all" or promql == (language == "promql"):
+            out[model["uid"]] = model
     return out
 
 
@@ -297,6 +315,64 @@ def expand(
             return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
         (value,) = escaped
         return value
+
+    return _VAR.sub(replace, query)
+
+
+# Grafana's expansion of a PromQL query, as the Prometheus data source does it
+# (public/app/plugins/datasource/prometheus: `interpolateQueryExpr`, `prometheusRegularEscape`,
+# `prometheusSpecialRegexEscape`; the backend's `$__range`, `$__rate_interval`):
+#  * a multi-value or "All"-able variable: "All" with a custom all value as is, otherwise each value
+#    regex-escaped with two backslashes (a PromQL string holding a regex escape), several as `(a|b)`;
+#  * a single-value variable: only backslashes and single quotes escaped;
+#  * `$__range` = the range in whole seconds (`10800s`), `$__range_s`, `$__range_ms`; `$__interval`,
+#    `$__interval_ms` as for InfluxQL; `$__rate_interval` = max($__interval + scrape interval,
+#    4 × scrape interval), the scrape interval being the data source's `timeInterval`.
+
+
+def prometheus_regex_escape(value: str) -> str:
+    value = value.replace("\\", "\\\\\\\\")
+    return re.sub(r"[$^*{}\[\]'+?.()|]", lambda m: "\\\\" + m.group(0), value)
+
+
+def prometheus_regular_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\\\'")
+
+
+def expand_promql(
+    query: str,
+    variables: Mapping[str, Selection],
+    from_s: int,
+    to_s: int,
+    interval_ms: int,
+    scrape_interval_ms: int = 60_000,
+) -> str:
+    rate_ms = max(interval_ms + scrape_interval_ms, 4 * scrape_interval_ms)
+    builtins = {
+        "__range": f"{to_s - from_s}s",
+        "__range_s": str(to_s - from_s),
+        "__range_ms": str((to_s - from_s) * 1000),
+        "__interval": format_duration(interval_ms),
+        "__interval_ms": str(interval_ms),
+        "__rate_interval": format_duration(rate_ms),
+        "__from": str(from_s * 1000),
+        "__to": str(to_s * 1000),
+    }
+
+    def replace(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2) or m.group(4)
+        if name in builtins:
+            return builtins[name]
+        if name not in variables:
+            raise KeyError(f"query uses ${name}, which the dashboard does not define: {query}")
+        sel = variables[name]
+        if sel.is_all and sel.all_value is not None:
+            return sel.all_value
+        if sel.multi or sel.include_all:
+            escaped = [prometheus_regex_escape(v) for v in sel.values]
+            return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+        (value,) = sel.values
+        return prometheus_regular_escape(value)
 
     return _VAR.sub(replace, query)
 
@@ -743,30 +819,36 @@ READ_TOKEN = "dashboard-read-token"
 PRICES = {"H100": 2.10, "A100": 1.20, "910B3": 0.90}
 
 
-def collector_config(influx_url: str, db: str) -> Config:
+def collector_config(influx_url: str, db: str, storage: StorageConfig | None = None) -> Config:
     return Config(
         collector=CollectorConfig(),
         auth=AuthConfig(
             agent_tokens=(TokenConfig(sha256=hash_token(AGENT_TOKEN), agents=("*",), name="fleet"),),
             read_tokens=(TokenConfig(sha256=hash_token(READ_TOKEN), name="grafana"),),
         ),
-        storage=StorageConfig(kind="influxdb_v1", url=influx_url, db=db, flush_interval_s=0.0),
+        storage=storage or StorageConfig(kind="influxdb_v1", url=influx_url, db=db, flush_interval_s=0.0),
         pricing=PricingConfig(default=0.0, models=PRICES),
         source="dashboard tests",
     )
 
 
-async def run_pipeline(influx_url: str, db: str) -> dict[str, Any]:
-    """Agents → collector (aiohttp test client, influxdb_v1 storage) → influxd; returns /api/v1/fleet."""
+async def run_pipeline(
+    influx_url: str, db: str, storage: StorageConfig | None = None, per_post: int = 100
+) -> dict[str, Any]:
+    """Agents → collector (aiohttp test client, influxdb_v1 storage unless `storage`) → the store;
+    returns /api/v1/fleet. The agents' reports are posted `per_post` at a time, in rounds over the
+    agents, so that the store receives them in time order as from a live fleet (Prometheus refuses
+    samples more than an hour behind its newest)."""
     outputs = await asyncio.gather(*(_run_agent(h) for h in FLEET))
-    app = create_app(collector_config(influx_url, db), clock=lambda: T0 + DURATION_S + 5)
+    app = create_app(collector_config(influx_url, db, storage), clock=lambda: T0 + DURATION_S + 5)
     # The collector has been up since before the fleet's first window: its since-start totals
     # (which count only windows ending after it started) cover the whole script.
     app[FLEET_VIEW].started_at = T0
     async with TestClient(TestServer(app)) as client:
-        for identity, reports in outputs:
-            for i in range(0, len(reports), 100):
-                batch = wire.Batch(agent=identity, reports=reports[i : i + 100])
+        rounds = max(len(reports) for _, reports in outputs)
+        for i in range(0, rounds, per_post):
+            for identity, reports in outputs:
+                batch = wire.Batch(agent=identity, reports=reports[i : i + per_post])
                 resp = await client.post(
                     "/api/v1/reports",
                     data=wire.encode(batch),

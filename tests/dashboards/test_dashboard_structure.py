@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import sys
 
 import pytest
-from dashboard_fleet import DASHBOARDS, dashboard_files, load_dashboards, panels, storage_schema
+from dashboard_fleet import (
+    DASHBOARDS,
+    dashboard_files,
+    load_dashboards,
+    panels,
+    remote_write_series,
+    storage_schema,
+)
 
 SCHEMA = storage_schema()
-BOARDS = load_dashboards()
+BOARDS = load_dashboards()  # InfluxQL
+PROM_BOARDS = load_dashboards("promql")
 UIDS = {"capmon-fleet", "capmon-host", "capmon-agents"}
+PROM_UIDS = {"capmon-fleet-prometheus", "capmon-host-prometheus"}
+RW_SERIES = remote_write_series()
 
 _KEYWORDS = {
     "select", "from", "where", "and", "or", "group", "by", "as", "fill", "null", "time", "limit",
@@ -132,6 +144,7 @@ def test_dashboards_are_what_generate_py_writes():
     spec = importlib.util.spec_from_file_location("capmon_dashboards_generate", DASHBOARDS / "generate.py")
     assert spec and spec.loader
     generate = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = generate  # dataclasses look their module up there
     spec.loader.exec_module(generate)
     assert sorted(generate.DASHBOARDS) == sorted(p.name for p in dashboard_files())
     for name, build in generate.DASHBOARDS.items():
@@ -141,9 +154,9 @@ def test_dashboards_are_what_generate_py_writes():
 
 
 def test_uids_stable_unique_and_no_import_placeholders():
-    uids = [b["uid"] for b in BOARDS.values()]
+    uids = [b["uid"] for b in load_dashboards("all").values()]
     assert len(uids) == len(set(uids)) == len(dashboard_files())
-    assert set(uids) == UIDS
+    assert set(uids) == UIDS | PROM_UIDS
     for path in dashboard_files():
         text = path.read_text(encoding="utf-8")
         assert "${DS_" not in text and "__inputs" not in text, path.name
@@ -250,3 +263,85 @@ def test_demo_configs_load():
         assert agent.agent.id == path.stem and "mock" in agent.probes.enable
         assert agent.transport.url == "http://collector:8900/api/v1/reports"
         assert f"/src/dashboards/demo/{path.name}" in compose
+
+
+# -- the PromQL variants ---------------------------------------------------------------------------
+
+_PROM_FUNCS = {
+    "sum", "count", "by", "on", "ignoring", "group_left", "and", "or", "offset", "label_values",
+    "sum_over_time", "last_over_time", "avg_over_time", "max_over_time",
+}  # fmt: skip
+
+
+def prom_names(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) of one PromQL query as the generator writes them."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges
+    metrics = set(re.findall(r"\b([a-z_][a-z0-9_]*)\{", text))
+    metrics |= set(re.findall(r"label_values\(([a-z_][a-z0-9_]*)", text))
+    labels = set(re.findall(r"([a-z_][a-z0-9_]*)\s*[=!]~?\s*\"", text))
+    for group in re.findall(r"\b(?:by|on|ignoring|group_left)\s*\(([^)]*)\)", text):
+        labels |= {g.strip() for g in group.split(",") if g.strip()}
+    for m in re.finditer(r"label_values\([^,]*,\s*([a-z_]+)\)", text):
+        labels.add(m.group(1))
+    return metrics, labels
+
+
+def prom_queries():
+    for uid, board in PROM_BOARDS.items():
+        for p in panels(board):
+            for t in p["targets"]:
+                yield pytest.param(t["expr"], id=f"{uid}:{p['title']}:{t['refId']}")
+        for var in board["templating"]["list"]:
+            if var["type"] == "query":
+                yield pytest.param(var["query"], id=f"{uid}:${var['name']}")
+
+
+@pytest.mark.parametrize("expr", list(prom_queries()))
+def test_promql_names_only_what_the_remote_write_sends(expr):
+    metrics, labels = prom_names(expr)
+    assert metrics, expr
+    assert metrics <= set(RW_SERIES), sorted(metrics - set(RW_SERIES))
+    known = set().union(*(RW_SERIES[m] for m in metrics))
+    assert labels <= known, sorted(labels - known)
+
+
+def test_the_promql_check_catches_a_misspelt_name():
+    assert prom_names('sum by (model) (capmon_device_state{state="free", host=~"$host"})') == (
+        {"capmon_device_state"},
+        {"model", "state", "host"},
+    )
+    assert "capmon_device_idle_gpu_seconds" not in RW_SERIES  # the per-window gauge has `window_`
+
+
+@pytest.mark.parametrize("uid", sorted(PROM_UIDS))
+def test_promql_dashboard_model(uid):
+    board = PROM_BOARDS[uid]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["datasource"]["current"]["value"] == "capmon-prometheus"
+    assert board["tags"] == ["capmon-prometheus"] and board["links"][0]["tags"] == ["capmon-prometheus"]
+    ds = {"type": "prometheus", "uid": "${datasource}"}
+    for p in panels(board):
+        assert p["datasource"] == ds and p["targets"], p["title"]
+        range_panel = p["type"] in ("timeseries", "state-timeline")
+        for t in p["targets"]:
+            assert t["datasource"] == ds and "query" not in t, p["title"]
+            assert (t["instant"], t["range"]) == (not range_panel, range_panel), p["title"]
+            # One window per interval: every per-interval selector is shifted into (t - interval, t].
+            assert "[$__interval]" not in t["expr"].replace("[$__interval] offset -1ms", ""), p["title"]
+        if p["type"] == "table":
+            assert len(p["targets"]) > 1 or "Value" in str(p["transformations"]), p["title"]
+    # A multi-value variable inside =~ (Grafana regex-escapes it), the single-value host inside =.
+    text = json.dumps(board)
+    if uid == "capmon-host-prometheus":
+        assert 'host=\\"$host\\"' in text and 'host=~\\"$host\\"' not in text
+    else:
+        assert 'host=~\\"$host\\"' in text
+
+
+def test_prometheus_provisioning_has_the_dashboards_datasource_uid():
+    ds = (DASHBOARDS / "provisioning/datasources/capmon-prometheus.yaml").read_text()
+    assert _yaml_value(ds, "type") == "prometheus"
+    assert _yaml_value(ds, "uid") == "capmon-prometheus"
+    assert _yaml_value(ds, "timeInterval") == "60s"
