@@ -54,6 +54,8 @@ host = "127.0.0.1"
 port = {port}
 drain_timeout_s = 10.0
 reuse_port = {"true" if reuse_port else "false"}
+# Several processes on one port must answer from the store: the memory view is refused with them.
+live_view = "{"storage" if reuse_port else "memory"}"
 
 [auth]
 agent_tokens = [{{ name = "bench", sha256 = "{hash_token(TOKEN)}", agents = ["bench-*"] }}]
