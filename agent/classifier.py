@@ -11,6 +11,15 @@ Accounting is sample-and-hold: a state observed at `t` holds until the next obse
 of the window, so a device seen for a whole window has state seconds that add up to the window.
 Durations come from the accounting clock: the monotonic time the daemon passes (`mono`) where it
 does, else the wall time; wall time only names windows, `idle_since` and `state_since`.
+
+Energy is held the same way, by the same interval: the time between two observations is credited
+with the device's energy counter's delta (`DeviceSample.energy_j`, NVML's total-energy counter)
+when both observations read the counter, it did not go back (a driver reload resets it) and the
+rate it implies is a power the wire allows; otherwise (and for the tail up to a window's end, whose
+counter reading is not known yet) with the last power held over the time, the last sample's
+`power_w`, else the counter's last rate. An interval that a window's end split takes the part of
+the counter's delta its remaining time is of the whole. Energy held while `allocated_idle` or
+`free` is idle energy. A device whose probe stops listing it gets no energy: nothing is invented.
 """
 
 from __future__ import annotations
@@ -20,9 +29,10 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import get_args
 
 from capmon.agent.probe import DeviceSample, Holder
-from capmon.agent.wire import IDLE_STATES, STATES, DeviceWindow
+from capmon.agent.wire import IDLE_STATES, STATES, DeviceWindow, Watts
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -31,6 +41,8 @@ GIB = 1024 * MIB
 FRACTION_KEY = "gpu_fraction"
 SM_ACTIVE_KEY = "sm_active_pct"
 VANISHED = "no longer reported by its probe"
+# The highest power the wire protocol accepts: a counter delta implying more is a broken counter.
+MAX_POWER_W: float = float(get_args(Watts)[1].le)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +181,9 @@ class _DeviceTrack:
         "allocated_idle_s",
         "baseline_bytes",
         "busy_s",
+        "counter_j",
+        "counter_t",
+        "counter_w",
         "energy_j",
         "free_s",
         "ghost",
@@ -197,6 +212,8 @@ class _DeviceTrack:
         "util_n",
         "util_sum",
         "vanished",
+        "window_energy_j",
+        "window_idle_energy_j",
     )
 
     def __init__(self) -> None:
@@ -219,6 +236,11 @@ class _DeviceTrack:
         # (last power held like a state), for the exporter's counters.
         self.totals: dict[str, float] = dict.fromkeys(STATES, 0.0)
         self.energy_j: float | None = None
+        # The energy counter as of the last observation (None: that observation had none), when it
+        # was read (accounting clock), and the power its last delta measured.
+        self.counter_j: float | None = None
+        self.counter_t: float | None = None
+        self.counter_w: float | None = None
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -232,9 +254,36 @@ class _DeviceTrack:
         self.temp_max: float | None = None
         self.processes_max: int | None = None
         self.seen_in_window = False
+        self.window_energy_j: float | None = None
+        self.window_idle_energy_j = 0.0
 
-    def hold(self, until: float, keep_s: float) -> None:
-        """Credit the time since the last observation to the state observed then."""
+    def held_power(self) -> float | None:
+        """The power held since the last observation: its `power_w`, else the counter's last rate."""
+        if self.vanished or self.last_sample is None:
+            return None
+        power = self.last_sample.power_w
+        return power if power is not None else self.counter_w
+
+    def counter_energy(self, sample: DeviceSample, a: float) -> float | None:
+        """The energy counter's share of the time since the last observation, when it can be trusted.
+
+        Remembers this sample's reading for the next one. None (so power x time) when either
+        observation has no reading, the counter went back (reset), or the rate it implies is impossible.
+        """
+        reading, before, since = sample.energy_j, self.counter_j, self.counter_t
+        self.counter_j, self.counter_t = (reading, a) if reading is not None else (None, None)
+        if reading is None or before is None or since is None or self.last_t is None:
+            return None
+        span = a - since
+        delta = reading - before
+        if span <= 0 or delta < 0 or delta > MAX_POWER_W * span:
+            return None
+        self.counter_w = delta / span
+        return delta * max(0.0, a - self.last_t) / span
+
+    def hold(self, until: float, keep_s: float, energy_j: float | None = None) -> None:
+        """Credit the time since the last observation to the state observed then, with its energy:
+        `energy_j` where the counter measured it, else the held power over the time."""
         if self.last_state is None or self.last_t is None or until <= self.last_t:
             return
         dt = until - self.last_t
@@ -251,9 +300,14 @@ class _DeviceTrack:
         else:
             self.unavailable_s += dt
         self.totals[self.last_state] += dt
-        power = None if self.vanished or self.last_sample is None else self.last_sample.power_w
-        if power is not None:
-            self.energy_j = (self.energy_j or 0.0) + power * dt
+        if energy_j is None:
+            power = self.held_power()
+            energy_j = None if power is None else power * dt
+        if energy_j is not None:
+            self.energy_j = (self.energy_j or 0.0) + energy_j
+            self.window_energy_j = (self.window_energy_j or 0.0) + energy_j
+            if self.last_state in IDLE_STATES:
+                self.window_idle_energy_j += energy_j
         if self.quiet:
             self.quiet_s += dt
         h = self.history
@@ -491,7 +545,7 @@ class IdleClassifier:
         # must not move the track's clock back: that time would be credited twice.
         if track.last_t is not None and a < track.last_t:
             a = track.last_t
-        track.hold(a, self._keep_s())
+        track.hold(a, self._keep_s(), track.counter_energy(sample, a))
         obs = self.classify(
             sample, track.baseline_bytes, allocated_to=allocated_to, allocation_unknown=allocation_unknown
         )
@@ -576,6 +630,8 @@ class IdleClassifier:
         track.ghost = track.spin = track.quiet = False
         track.vanished = True
         track.last_t = a
+        # Whatever the counter reads when the device is back spans time nothing was credited for.
+        track.counter_j = track.counter_t = track.counter_w = None
 
     def idle_since(self, device_id: str) -> float | None:
         track = self._tracks.get(device_id)
@@ -658,6 +714,8 @@ class IdleClassifier:
         # A vanished device's last readings are not what it holds now.
         current = not track.vanished
         error = VANISHED if track.vanished else s.error
+        energy = None if track.window_energy_j is None else round(track.window_energy_j, 3)
+        idle_energy = None if energy is None else min(round(track.window_idle_energy_j, 3), energy)
         return DeviceWindow(
             device_id=s.device_id,
             vendor=s.vendor,
@@ -676,6 +734,8 @@ class IdleClassifier:
             memory_used_bytes=s.memory_used_bytes if current else None,
             memory_total_bytes=s.memory_total_bytes,
             power_mean_w=round(track.power_sum / track.power_n, 3) if track.power_n else None,
+            energy_j=energy,
+            idle_energy_j=idle_energy,
             temp_max_c=track.temp_max,
             processes=track.processes_max,
             # A busy blip inside the grace keeps the streak; report it while the streak is alive.
