@@ -98,6 +98,8 @@ def _sanitise(s: DeviceSample) -> tuple[DeviceSample, str | None]:
         "memory_used_bytes": (0, 2**53),
         "memory_total_bytes": (0, 2**53),
         "power_w": (0, 100_000),
+        # A cumulative counter: any finite non-negative reading (NVML's is 64-bit millijoules).
+        "energy_j": (0, math.inf),
         "temp_c": (-100, 300),
         "processes": (0, 1_000_000),
         "index": (0, 2**31),

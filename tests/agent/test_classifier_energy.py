@@ -4,11 +4,13 @@ probe reads one, else power x time (sample-and-hold, like the state seconds)."""
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 
 from capmon.agent import DeviceSample
 from capmon.agent.classifier import MAX_POWER_W, IdleClassifier
+from capmon.agent.sampler import check_samples
 from capmon.agent.wire import Report, check_report
 
 GIB = 1024**3
@@ -140,3 +142,13 @@ def test_the_exporters_energy_since_start_is_the_sum_of_the_windows(counter):
     assert view.energy_joules == pytest.approx(sum(w.energy_j for w in windows))
     # Each window's last second is held at the 90 W read: its counter reading comes after the end.
     assert sum(w.energy_j for w in windows) == (300 * 100 - 5 * 10 if counter else 100 * 300 + 200 * 70)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, "12", True])
+def test_the_sampler_drops_an_energy_reading_that_is_not_a_finite_non_negative_number(bad):
+    probe = types.SimpleNamespace(name="p")
+    [kept], _, notes = check_samples(probe, [dataclasses.replace(FREE, energy_j=bad)])
+    assert kept.energy_j is None
+    assert notes == [f"GPU-0: energy_j={bad!r} out of range, dropped"]
+    [good], _, notes = check_samples(probe, [dataclasses.replace(FREE, energy_j=2.5e12)])
+    assert good.energy_j == 2.5e12 and notes == []
