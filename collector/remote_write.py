@@ -17,7 +17,16 @@ units are the agent exporter's (`capmon.agent.exporter`):
   `capmon_device_temperature_max_celsius`, `capmon_device_memory_used_bytes`, …;
 - `capmon_agent_*` and `capmon_host_*` from the agent and host points, other measurements as
   `<measurement>_<field>`. Text fields (error, reason, info) have no place in Prometheus and are
-  left out.
+  left out, but for who holds a device:
+- `capmon_holder_info` (value 1), one per `capmon_holder` point (per holder per device per window,
+  at most `wire.MAX_HOLDERS` per device), labelled with the point's identities (agent tags, vendor,
+  model, device, user, namespace, runtime, slot) and the holder's names `source`, `pod`,
+  `container`, `slurm_job_id` and `command` (each bounded by the wire's limits). A panel joins it
+  to the numbers of the same holder: `capmon_holder_allocated_idle_gpu_seconds * on(host, device,
+  user, namespace, runtime, slot) group_left(slurm_job_id) capmon_holder_info`. A pod or job name
+  makes a series per pod or job, which lives while the pod or job holds the device (as
+  kube-state-metrics' `kube_pod_info`); the pid is never a label: a series per process, many per
+  job, is what Prometheus's cardinality advice warns against.
 
 Acknowledgement: as with InfluxDB, a write succeeds only once the store answered 2xx. Prometheus
 refuses a whole request (it rolls back) when one sample is out of order or a duplicate with another
@@ -142,6 +151,9 @@ _ALREADY_STORED = re.compile(
 
 _WRONG_PATH = re.compile(r"unsupported path", re.IGNORECASE)
 
+# capmon_holder's text fields that become labels of `capmon_holder_info` (the pid never does).
+HOLDER_INFO_LABELS = ("source", "pod", "container", "slurm_job_id", "command")
+
 
 def _name(measurement: str, key: str) -> tuple[str, float] | None:
     if measurement == "capmon_device" and key in _DEVICE:
@@ -175,6 +187,7 @@ def series_of_lines(lines: Sequence[str]) -> list[Series]:
             labels.append((key, _UNESCAPE.sub(r"\1", value)))
         ms = int(ts) * 1000
         fields = head[m.end() :]
+        names: list[tuple[str, str]] = []
         for fm in _FIELD.finditer(fields):
             key, raw = fm.group(1), fm.group(2)
             if raw.startswith('"'):
@@ -182,6 +195,8 @@ def series_of_lines(lines: Sequence[str]) -> list[Series]:
                     state = raw[1:-1]
                     for s in STATES:
                         out.append(_series(labels, "capmon_device_state", 1.0 if s == state else 0.0, ms, s))
+                elif measurement == "capmon_holder" and key in HOLDER_INFO_LABELS and len(raw) > 2:
+                    names.append((key, _UNESCAPE.sub(r"\1", raw[1:-1])))
                 continue
             if measurement == "capmon_device" and key in _STATE_FIELDS:
                 out.append(
@@ -193,6 +208,12 @@ def series_of_lines(lines: Sequence[str]) -> list[Series]:
                 continue
             name, scale = named
             out.append(_series(labels, name, float(raw.rstrip("i")) * scale, ms))
+        if measurement == "capmon_holder":
+            # A label key of the collector's named like a holder field keeps its tag (a duplicate
+            # label name would make the store refuse the whole request).
+            taken = {k for k, _ in labels}
+            info = labels + [(k, v) for k, v in names if k not in taken]
+            out.append(_series(info, "capmon_holder_info", 1.0, ms))
     return out
 
 

@@ -169,3 +169,92 @@ async def test_readiness_is_an_empty_write(request, server):
                     await writer.ready()
         finally:
             await writer.close()
+
+
+def holder(**kw) -> dict:
+    return {"source": "process", "held_s": 60.0, **kw}
+
+
+async def test_holder_names_reach_prometheus_as_capmon_holder_info(aiohttp_client, prometheus):
+    """Who holds a device is text in InfluxDB; in Prometheus it is an info series per holder per window
+    carrying the names as labels (never the pid), joined to the holder's numbers by its identities."""
+    client = await aiohttp_client(create_app(make_config(rw_config(prometheus.remote_write_url))))
+    end = window_end() - 120
+    holders = [
+        holder(
+            pid=777, user="bob", command="python", runtime="slurm", slurm_job_id="81234", memory_bytes=2**33
+        ),
+        # Two processes of one pod's container: same identity tags, told apart by their slot.
+        holder(
+            pid=100,
+            user="carol",
+            command="vllm",
+            runtime="containerd",
+            namespace="inference",
+            pod="llm-serve-7f9",
+            container="engine",
+            pod_uid="7f9a0000-0000-4000-8000-000000000001",
+        ),
+        holder(
+            pid=101,
+            user="carol",
+            command="vllm-worker",
+            runtime="containerd",
+            namespace="inference",
+            pod="llm-serve-7f9",
+            container="engine",
+        ),
+        # A scheduler's allocation with no process on the device.
+        holder(source="kubernetes", namespace="research", pod="nb-alice-0", container="notebook"),
+    ]
+    devices = [device("HOLD-0", state="allocated_idle", processes=3, holders=holders)]
+    resp = await post(client, fleet_batch(end, devices=devices))
+    assert resp.status == 200, await resp.text()
+
+    rows = prometheus.query('capmon_holder_info{device="HOLD-0"}', at=end)
+    got = {(r["metric"].get("user", ""), r["metric"]["slot"]): r["metric"] for r in rows}
+    assert {float(r["value"][1]) for r in rows} == {1.0} and len(rows) == 4
+    bob = got[("bob", "0")]
+    assert bob == {
+        "__name__": "capmon_holder_info",
+        "agent": "node-1",
+        "host": "gpu-node-1",
+        "site": "ams1",
+        "pool": "train",
+        "vendor": "nvidia",
+        "model": "NVIDIA H100 80GB HBM3",
+        "device": "HOLD-0",
+        "user": "bob",
+        "runtime": "slurm",
+        "slot": "0",
+        "source": "process",
+        "slurm_job_id": "81234",
+        "command": "python",
+    }
+    assert (got[("carol", "0")]["command"], got[("carol", "1")]["command"]) == ("vllm", "vllm-worker")
+    assert {got[("carol", s)]["pod"] for s in "01"} == {"llm-serve-7f9"}
+    alice = got[("", "0")]
+    assert (alice["source"], alice["namespace"], alice["pod"], alice["container"]) == (
+        "kubernetes",
+        "research",
+        "nb-alice-0",
+        "notebook",
+    )
+    # Never a pid, a pod UID or a container id: a series per process would grow without bound.
+    assert not {"pid", "pod_uid", "container_id", "uid"} & {k for r in rows for k in r["metric"]}
+
+    # The join a dashboard makes: allocated-idle seconds by job and by pod, split over the holders.
+    ids = "host, device, user, namespace, runtime, slot"
+    by_job = prometheus.values(
+        f"sum by (slurm_job_id) (capmon_holder_allocated_idle_seconds * on({ids}) group_left(slurm_job_id) "
+        "capmon_holder_info)",
+        at=end,
+        by="slurm_job_id",
+    )
+    assert by_job == {"81234": 15.0, "": 45.0}
+    by_pod = prometheus.values(
+        f"sum by (pod) (capmon_holder_allocated_idle_seconds * on({ids}) group_left(pod) capmon_holder_info)",
+        at=end,
+        by="pod",
+    )
+    assert by_pod == {"llm-serve-7f9": 30.0, "nb-alice-0": 15.0, "": 15.0}

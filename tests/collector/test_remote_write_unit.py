@@ -157,3 +157,32 @@ def test_config_refuses_what_cannot_work(tmp_path):
         ConfigError, match=r"\[storage\] headers.X-A: a header value cannot hold a line break"
     ):
         rw(url + 'headers = { X-A = "a\\nb" }')
+
+
+def test_a_holder_point_names_its_holder_in_one_info_series_without_the_pid():
+    line = (
+        "capmon_holder,agent=a,host=h,pod=from-the-agent-labels,vendor=nvidia,device=GPU-0,user=bob,runtime=slurm,"
+        'slot=0 state="allocated_idle",state_code=1.0,allocated_idle_s=60.0,source="process",'
+        'command="py \\"x\\"",pod="p-1",slurm_job_id="81234",pid="777",held_s=60.0 1760000000'
+    )
+    series = {dict(labels)["__name__"]: (dict(labels), v, ms) for labels, v, ms in series_of_lines([line])}
+    labels, value, ms = series["capmon_holder_info"]
+    assert value == 1.0 and ms == 1_760_000_000_000
+    assert {k: labels[k] for k in ("user", "slot", "source", "command", "slurm_job_id")} == {
+        "user": "bob",
+        "slot": "0",
+        "source": "process",
+        "command": 'py "x"',
+        "slurm_job_id": "81234",
+    }
+    # A collector label key named like a holder field keeps its tag: no duplicate label name.
+    assert labels["pod"] == "from-the-agent-labels"
+    assert "pid" not in labels and "state" not in labels
+    assert set(series) == {
+        "capmon_holder_info",
+        "capmon_holder_allocated_idle_seconds",
+        "capmon_holder_held_seconds",
+        "capmon_holder_state_code",
+    }
+    (info,) = [s for s in series_of_lines([line]) if dict(s[0])["__name__"] == "capmon_holder_info"]
+    assert len({k for k, _ in info[0]}) == len(info[0])
