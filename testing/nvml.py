@@ -13,7 +13,8 @@ Only the functions below exist; anything else the probe calls raises AttributeEr
 pynvml would. Errors are the real `pynvml.NVMLError_*` classes (importing pynvml needs no driver), so
 the probe's except clauses are exercised against what production raises. Time is simulated:
 `advance(seconds)` runs every GPU at its current load, filling the utilisation sample buffer (one
-sample every 1/6 s, as the driver does) and the GPM counters. `calls` counts every NVML function the
+sample every 1/6 s, as the driver does), the GPM counters and the total-energy counter (its power
+x the time; `reload_driver()` sets it back to 0, as a driver reload does). `calls` counts every NVML function the
 probe calls, by name, so tests and benchmarks/nvml_cost.py can see what one tick costs in calls.
 """
 
@@ -98,6 +99,10 @@ class FakeGpu:
     power_mw: int | None = 70_000
     utilisation: bool = True  # False: NVML reports NotSupported (some vGPU and passthrough setups)
     temp_c: int = 35
+    # nvmlDeviceGetTotalEnergyConsumption: millijoules since the driver loaded, advanced by
+    # `FakeNvml.advance` at `power_mw`. False: NotSupported (GPUs before Volta).
+    energy_mj: float = 0.0
+    energy_supported: bool = True
     # The N of /dev/nvidiaN; None: the GPU's position in `FakeNvml.gpus`. The driver numbers the files
     # in PCI order, so on a real host it can differ from the NVML index (CUDA_DEVICE_ORDER, hot-plug).
     minor_number: int | None = None
@@ -235,8 +240,11 @@ class FakeNvml(types.SimpleNamespace):
     # -- simulation ------------------------------------------------------------------------------
 
     def advance(self, seconds: float) -> None:
-        """Let `seconds` pass with every GPU at its current load."""
+        """Let `seconds` pass with every GPU at its current load and power."""
         end = self.now_us + int(seconds * 1_000_000)
+        for gpu in self.gpus:
+            if gpu.power_mw is not None:
+                gpu.energy_mj += gpu.power_mw * (end - self.now_us) / 1_000_000
         step = SAMPLE_PERIOD_US
         while self.now_us + step <= end:
             self.now_us += step
@@ -252,6 +260,11 @@ class FakeNvml(types.SimpleNamespace):
                         mig.active_us += step * mig.load_pct / 100
                         mig.elapsed_us += step
         self.now_us = end
+
+    def reload_driver(self) -> None:
+        """What a driver reload does to the energy counters: every GPU's starts again from 0."""
+        for gpu in self.gpus:
+            gpu.energy_mj = 0.0
 
     def raise_xid(self, gpu: FakeGpu, xid: int) -> None:
         for uuids, events in self.event_sets.values():
@@ -389,6 +402,12 @@ class FakeNvml(types.SimpleNamespace):
         if handle.mig or gpu.power_mw is None:
             _raise(real.NVML_ERROR_NOT_SUPPORTED)
         return gpu.power_mw
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: _Handle) -> int:
+        gpu = self._gpu(handle)
+        if handle.mig or not gpu.energy_supported:
+            _raise(real.NVML_ERROR_NOT_SUPPORTED)
+        return int(gpu.energy_mj)  # a c_uint64 of millijoules in real pynvml
 
     def nvmlDeviceGetTemperature(self, handle: _Handle, sensor: int) -> int:
         gpu = self._gpu(handle)

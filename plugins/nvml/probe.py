@@ -91,6 +91,9 @@ class _GpuState:
     bus_id: str | None = None
     # The N of /dev/nvidiaN: what Slurm's gres.conf and GKE's device plugin name the GPU by.
     minor_number: int | None = None
+    # The total-energy counter: None not asked yet on this slow cycle, False not supported (asked
+    # again at the next slow read, so a transient error does not turn it off for good).
+    energy_supported: bool | None = None
     last_util_ts: int = 0
     gpm_supported: bool | None = None
     gpm: _GpmPair = field(default_factory=_GpmPair)
@@ -218,6 +221,7 @@ class NvmlProbe(Probe):
                 self._free_pair(pair)
             gpu.mig_gpm.clear()
             gpu.gpm_supported = None
+            gpu.energy_supported = None
             gpu.slow_at = None
             # The instances are kept (without trusting their handles) so a GPU that cannot be read
             # still reports them unhealthy instead of letting them vanish.
@@ -355,6 +359,8 @@ class NvmlProbe(Probe):
         # Read again on every slow read, not once: the driver numbers the device files at load time.
         minor = self._field(lambda: nv.nvmlDeviceGetMinorNumber(handle))
         gpu.minor_number = int(minor) if minor is not None else None
+        if gpu.energy_supported is False:
+            gpu.energy_supported = None
         gpu.healthy, gpu.error = self._health(handle)
         mig_on = False
         if self.config.mig:
@@ -381,6 +387,8 @@ class NvmlProbe(Probe):
         if reserved is not None:
             extra["memory_reserved_bytes"] = float(reserved)
         power_mw = self._field(lambda: nv.nvmlDeviceGetPowerUsage(handle))
+        # A GPU split into MIG instances counts only through them, and they cannot share the counter out.
+        energy_j = None if gpu.mig_on else self._energy(handle, gpu)
         temp = self._field(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
         holders = self._holders(handle, graphics=True)
         healthy, error = gpu.healthy, gpu.error
@@ -411,6 +419,7 @@ class NvmlProbe(Probe):
             memory_used_bytes=used,
             memory_total_bytes=total,
             power_w=power_mw / 1000.0 if power_mw is not None else None,
+            energy_j=energy_j,
             temp_c=float(temp) if temp is not None else None,
             processes=len(holders) if holders is not None else None,
             healthy=healthy,
@@ -420,6 +429,18 @@ class NvmlProbe(Probe):
             holders=holders,
         )
         return [parent, *children]
+
+    def _energy(self, handle: Any, gpu: _GpuState) -> float | None:
+        """The GPU's total-energy counter in joules (NVML: millijoules since the driver loaded; Volta
+        and newer). None where unsupported, or where the binding predates the call. Whole GPUs only:
+        the counter is the GPU's, and a MIG instance's share of it is not measurable."""
+        if gpu.energy_supported is False:
+            return None
+        nv = self._nvml
+        read = getattr(nv, "nvmlDeviceGetTotalEnergyConsumption", None)
+        millijoules = self._field(lambda: read(handle)) if read is not None else None
+        gpu.energy_supported = millijoules is not None
+        return None if millijoules is None else millijoules / 1000.0
 
     def _field(self, read: Any) -> Any:
         """One optional reading: None when this GPU or driver does not offer it (never a made-up 0).
