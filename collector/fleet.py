@@ -18,6 +18,12 @@ MIG instances count as their fraction of the GPU (`DeviceWindow.fraction`): `gpu
 `gpu_hours` and the idle value are GPU-equivalents; `states`, `devices` and `device_hours` count every
 device as one.
 
+Idle energy (issue 16): `idle_power_w` is the power now (each device's latest window's mean) of the
+devices shown idle now; `idle_energy_kwh` the energy the windows counted since the collector started
+spent idle (`DeviceWindow.idle_energy_j`), and `idle_energy_cost` that priced at
+`[pricing] energy_price_per_kwh` times `pue`. None where nothing reported power or energy, and the cost
+None where energy is not priced: unknown is never shown as 0.
+
 Refusals (reports the collector answered 4xx/5xx) are recorded per agent, even for an agent that never
 delivered a valid report, so an agent whose clock is off is visible in `GET /api/v1/agents`.
 
@@ -104,6 +110,10 @@ class Pricing:
     def __init__(self, cfg: PricingConfig) -> None:
         self.currency = cfg.currency
         self.default = cfg.default
+        # What one joule a device spent costs the site (kWh price x PUE), None: energy not priced.
+        self.cost_per_joule: float | None = (
+            cfg.energy_price_per_kwh * cfg.pue / 3.6e6 if cfg.energy_price_per_kwh > 0 else None
+        )
         self._models = dict(cfg.models)
         self._lower = sorted(((k.lower(), v) for k, v in self._models.items()), key=lambda kv: -len(kv[0]))
         self._cache: dict[str | None, float] = {}
@@ -156,6 +166,12 @@ class Pricing:
                 return price
         return self.price(d.model) * (d.fraction or 1.0)
 
+    def energy_cost(self, joules: float | None) -> float | None:
+        """What `joules` of device energy cost with the site's PUE on top; None when not priced or unknown."""
+        if joules is None or self.cost_per_joule is None:
+            return None
+        return joules * self.cost_per_joule
+
 
 class DeviceState:
     __slots__ = (
@@ -165,6 +181,7 @@ class DeviceState:
         "fraction",
         "holders",
         "holders_omitted",
+        "idle_energy_j",
         "idle_since",
         "memory_total_bytes",
         "memory_used_bytes",
@@ -184,6 +201,8 @@ class DeviceState:
 
     def __init__(self, d: DeviceWindow, end: int, value_per_hour: float = 0.0) -> None:
         self.device_id: str = d.device_id
+        # Idle energy of the windows counted since the collector started; None: none reported any.
+        self.idle_energy_j: float | None = None
         self.update(d, end, value_per_hour)
 
     def update(self, d: DeviceWindow, end: int, value_per_hour: float = 0.0) -> None:
@@ -229,6 +248,7 @@ class AgentState:
         "held_folded",
         "host",
         "id",
+        "idle_energy",
         "instance",
         "labels",
         "last_end",
@@ -258,6 +278,8 @@ class AgentState:
         # model → seconds in each state (STATES order), then the same in GPU-equivalents, since the
         # collector started.
         self.seconds: dict[str, list[float]] = {}
+        # model → idle energy (J) since the collector started, of the windows that reported one.
+        self.idle_energy: dict[str, float] = {}
         self.folded_models = 0
         # grouping (`HOLDER_KEYS`) → holder key (None: not known) → model → [allocated-idle seconds,
         # the same in GPU-equivalents] since the collector started; least recently active first.
@@ -410,7 +432,16 @@ class _HolderTally:
 
 
 class _Tally:
-    __slots__ = ("devices", "gpu", "gpu_seconds", "idle_value_per_hour", "seconds", "states")
+    __slots__ = (
+        "devices",
+        "gpu",
+        "gpu_seconds",
+        "idle_energy_j",
+        "idle_power_w",
+        "idle_value_per_hour",
+        "seconds",
+        "states",
+    )
 
     def __init__(self) -> None:
         self.devices = 0
@@ -419,10 +450,24 @@ class _Tally:
         self.idle_value_per_hour = 0.0
         self.seconds = [0.0, 0.0, 0.0, 0.0]
         self.gpu_seconds = [0.0, 0.0, 0.0, 0.0]
+        # None until a device reports power (now) or idle energy (since start).
+        self.idle_power_w: float | None = None
+        self.idle_energy_j: float | None = None
+
+    def add_power(self, watts: float | None, idle: bool) -> None:
+        if watts is not None:
+            self.idle_power_w = (self.idle_power_w or 0.0) + (watts if idle else 0.0)
+
+    def add_energy(self, joules: float | None) -> None:
+        if joules is not None:
+            self.idle_energy_j = (self.idle_energy_j or 0.0) + joules
 
     def add(self, other: _Tally) -> None:
         self.devices += other.devices
         self.idle_value_per_hour += other.idle_value_per_hour
+        if other.idle_power_w is not None:
+            self.idle_power_w = (self.idle_power_w or 0.0) + other.idle_power_w
+        self.add_energy(other.idle_energy_j)
         for i in range(4):
             self.states[i] += other.states[i]
             self.gpu[i] += other.gpu[i]
@@ -432,8 +477,10 @@ class _Tally:
     def weight(self) -> tuple[int, float]:
         return self.devices, sum(self.seconds)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, pricing: Pricing | None = None) -> dict[str, Any]:
         idle_s = sum(self.seconds[i] for i in _IDLE_INDEXES)
+        energy = self.idle_energy_j
+        cost = pricing.energy_cost(energy) if pricing is not None else None
         idle_gpu_s = sum(self.gpu_seconds[i] for i in _IDLE_INDEXES)
         return {
             "devices": self.devices,
@@ -446,13 +493,18 @@ class _Tally:
             "device_hours": {s: round(v / 3600, 6) for s, v in zip(STATES, self.seconds, strict=True)},
             "idle_gpu_hours": round(idle_gpu_s / 3600, 6),
             "gpu_hours": {s: round(v / 3600, 6) for s, v in zip(STATES, self.gpu_seconds, strict=True)},
+            "idle_power_w": None if self.idle_power_w is None else round(self.idle_power_w, 3),
+            "idle_energy_kwh": None if energy is None else round(energy / 3.6e6, 6),
+            "idle_energy_cost": None if cost is None else round(cost, 6),
         }
 
 
-def _capped(tallies: dict[str, _Tally]) -> tuple[dict[str, dict[str, Any]], int]:
+def _capped(
+    tallies: dict[str, _Tally], pricing: Pricing | None = None
+) -> tuple[dict[str, dict[str, Any]], int]:
     """At most MAX_BREAKDOWN_KEYS keys, the largest; the rest folded into "(other)". Returns (dict, folded)."""
     if len(tallies) <= MAX_BREAKDOWN_KEYS:
-        return {k: t.as_dict() for k, t in sorted(tallies.items())}, 0
+        return {k: t.as_dict(pricing) for k, t in sorted(tallies.items())}, 0
     ranked = sorted(tallies.items(), key=lambda kv: (-kv[1].devices, -sum(kv[1].seconds), kv[0]))
     kept = dict(ranked[: MAX_BREAKDOWN_KEYS - 1])
     other = kept.pop(OTHER, None) or _Tally()
@@ -461,12 +513,13 @@ def _capped(tallies: dict[str, _Tally]) -> tuple[dict[str, dict[str, Any]], int]
         other.add(t)
         folded += key != OTHER
     kept[OTHER] = other
-    return {k: t.as_dict() for k, t in sorted(kept.items())}, folded
+    return {k: t.as_dict(pricing) for k, t in sorted(kept.items())}, folded
 
 
 UNITS = (
     "devices, states, idle and device_hours count every device as one; gpu_equivalents, gpu_hours and "
-    "idle_value_per_hour count a MIG instance as its fraction of its GPU"
+    "idle_value_per_hour count a MIG instance as its fraction of its GPU; idle_power_w is the power now "
+    "of the devices idle now, idle_energy_kwh their energy since `since` (idle_energy_cost: with the PUE)"
 )
 
 
@@ -523,9 +576,10 @@ class FleetView:
             applied += 1
             # Since-start totals: a window that ended before this collector started (catch-up from
             # an agent's spool) is not "since this collector started"; it is in storage.
-            if report.end >= self.started_at:
+            counted = report.end >= self.started_at
+            if counted:
                 self._count(agent, report)
-            self._replace_devices(agent, report)
+            self._replace_devices(agent, report, counted)
             agent.last_end = report.end
             agent.reports += 1
             agent.longest_window = max(agent.longest_window, report.end - report.start)
@@ -558,8 +612,10 @@ class FleetView:
                 acc[4 + i] += s * share
             if d.allocated_idle_s > 0:
                 _count_held(agent, d, model, share)
+            if d.idle_energy_j is not None:
+                agent.idle_energy[model] = agent.idle_energy.get(model, 0.0) + d.idle_energy_j
 
-    def _replace_devices(self, agent: AgentState, report: Report) -> None:
+    def _replace_devices(self, agent: AgentState, report: Report, counted: bool = True) -> None:
         old = agent.devices
         new: dict[str, DeviceState] = {}
         # Whose layout this report states: a MIG parent's instances, or a whole device itself.
@@ -572,6 +628,8 @@ class FleetView:
                 dev = DeviceState(d, report.end, value)
             else:
                 dev.update(d, report.end, value)
+            if counted and d.idle_energy_j is not None:
+                dev.idle_energy_j = (dev.idle_energy_j or 0.0) + d.idle_energy_j
             new[dev.device_id] = dev
         missing = []
         for dev in old.values():
@@ -731,11 +789,13 @@ class FleetView:
                 model_tally = by_model.get(model)
                 if model_tally is None:
                     model_tally = by_model[model] = _Tally()
+                idle = state in _IDLE_INDEXES
                 for t in (total, model_tally, *label_tallies):
                     t.devices += 1
                     t.states[state] += 1
                     t.gpu[state] += share
                     t.idle_value_per_hour += value
+                    t.add_power(dev.power_mean_w, idle)
             for model, secs in agent.seconds.items():
                 model_tally = by_model.get(model)
                 if model_tally is None:
@@ -744,18 +804,25 @@ class FleetView:
                     for i in range(4):
                         t.seconds[i] += secs[i]
                         t.gpu_seconds[i] += secs[4 + i]
-        models, folded_models = _capped(by_model)
+            for model, joules in agent.idle_energy.items():
+                model_tally = by_model.get(model)
+                if model_tally is None:
+                    model_tally = by_model[model] = _Tally()
+                for t in (total, model_tally, *label_tallies):
+                    t.add_energy(joules)
+        pricing = self.pricing
+        models, folded_models = _capped(by_model, pricing)
         labels = {}
         folded_labels = {}
         for key, per_key in zip(self.label_keys, by_label, strict=True):
-            labels[key], folded_labels[key] = _capped(per_key)
+            labels[key], folded_labels[key] = _capped(per_key, pricing)
         return {
             "generated_at": now,
             "since": self.started_at,
             "currency": self.pricing.currency,
             "units": UNITS,
             "agents": {"total": len(agents), "stale": stale},
-            "totals": total.as_dict(),
+            "totals": total.as_dict(pricing),
             "by_model": models,
             "by_label": labels,
             # Keys beyond MAX_BREAKDOWN_KEYS per breakdown, folded into "(other)".
@@ -975,6 +1042,9 @@ class FleetView:
             reason = AGENT_SILENT
         else:
             reason = dev.reason
+        idle_now = state in _IDLE_INDEXES
+        idle_j = dev.idle_energy_j
+        idle_cost = self.pricing.energy_cost(idle_j)
         return {
             "host": agent.host,
             "agent": agent.id,
@@ -997,6 +1067,11 @@ class FleetView:
             "memory_used_bytes": dev.memory_used_bytes,
             "memory_total_bytes": dev.memory_total_bytes,
             "power_mean_w": dev.power_mean_w,
+            # The power now if the device is idle now (0 if not; None: power unknown), and its idle
+            # energy since the collector started, priced with the PUE where energy is priced.
+            "idle_power_w": None if dev.power_mean_w is None else (dev.power_mean_w if idle_now else 0.0),
+            "idle_energy_kwh": None if idle_j is None else round(idle_j / 3.6e6, 6),
+            "idle_energy_cost": None if idle_cost is None else round(idle_cost, 6),
             "temp_max_c": dev.temp_max_c,
             "value_per_hour": round(dev.value_per_hour, 6),
             "window_end": dev.end,

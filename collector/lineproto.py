@@ -83,12 +83,14 @@ def report_lines(
     out: list[str],
     price: Callable[[DeviceWindow], float] | None = None,
     agent_fields: str = "",
+    energy_cost: Callable[[float], float | None] | None = None,
 ) -> None:
     """Append the lines of one report to `out`.
 
     `price`: value of one device-hour of a device (the collector's `Pricing.for_device`: by model,
     a MIG instance its fraction); a device it prices above 0 gets `idle_value`. `agent_fields`: `version="…"` or empty, added to the
-    report's `capmon_agent` point.
+    report's `capmon_agent` point. `energy_cost`: what joules of device energy cost with the site's
+    PUE (`Pricing.energy_cost`; None: not priced); a device with `idle_energy_j` gets `idle_energy_cost`.
     """
     ts = report.end
     window = float(report.end - report.start)
@@ -133,6 +135,13 @@ def report_lines(
             line.append(f",memory_total_bytes={float(d.memory_total_bytes)!r}")
         if d.power_mean_w is not None:
             line.append(f",power_mean_w={float(d.power_mean_w)!r}")
+        if d.energy_j is not None:
+            line.append(f",energy_j={float(d.energy_j)!r}")
+        if d.idle_energy_j is not None:
+            line.append(f",idle_energy_j={float(d.idle_energy_j)!r}")
+            cost = energy_cost(d.idle_energy_j) if energy_cost is not None else None
+            if cost is not None:
+                line.append(f",idle_energy_cost={float(cost)!r}")
         if d.temp_max_c is not None:
             line.append(f",temp_max_c={float(d.temp_max_c)!r}")
         if d.processes is not None:
@@ -279,13 +288,17 @@ def _holder_fields(h: HolderWindow, line: list[str]) -> None:
 
 
 def batch_lines(
-    batch: Batch, label_keys: tuple[str, ...], price: Callable[[DeviceWindow], float] | None = None
+    batch: Batch,
+    label_keys: tuple[str, ...],
+    price: Callable[[DeviceWindow], float] | None = None,
+    energy_cost: Callable[[float], float | None] | None = None,
 ) -> list[str]:
-    """All lines of a batch, in report order. `price` (e.g. `Pricing.for_device`) adds `idle_value`."""
+    """All lines of a batch, in report order. `price` (e.g. `Pricing.for_device`) adds `idle_value`,
+    `energy_cost` (`Pricing.energy_cost`) `idle_energy_cost`."""
     tags = identity_tags(batch.agent, label_keys)
     version = batch.agent.version
     agent_fields = "version=" + string_field(version) if version else ""
     out: list[str] = []
     for report in batch.reports:
-        report_lines(report, tags, out, price, agent_fields)
+        report_lines(report, tags, out, price, agent_fields, energy_cost)
     return out
