@@ -175,7 +175,7 @@ class PricingConfig:
     models: Mapping[str, float] = field(default_factory=dict, metadata=bounds(ge=0))
     # Electricity, in `currency` per kWh: what idle devices' energy costs (`idle_energy_cost`).
     # 0: energy is measured but not priced.
-    energy_price_per_kwh: float = field(default=0.0, metadata=bounds(ge=0, le=1e6))
+    energy_price_per_kwh: float = field(default=0.0, metadata=bounds(ge=0))
     # The site's power usage effectiveness: facility energy over the devices' own (cooling, power
     # conversion), so an idle device's kWh cost kWh x pue x energy_price_per_kwh. 1.0: the devices only.
     pue: float = field(
