@@ -55,6 +55,11 @@ DEFAULT_SINCE_S = 86400.0
 MAX_CACHED_ANSWERS = 256
 # Reports per agent whose window lengths give its window (the longest: a first window may be partial).
 WINDOWS_FOR_LENGTH = 3
+# The recent tier: every answer reads the raw points of this horizon, without GROUP BY (influxd 1.x
+# pays ~0.2 ms per series for one: 2 s at 10k devices). What is older but within `forget_after_s`
+# (devices of agents silent longer than this) comes from one per-series read, reused for half this
+# horizon: a point older than the recent tier is in an older-tier read at most RECENT_S / 2 old.
+RECENT_S = 300.0
 
 
 class LiveViewUnsupported(Exception):
@@ -362,6 +367,38 @@ _HOLDER_FIELDS = (
     "since",
 )
 _STATE_SET = frozenset(STATES)
+# The tags each recent-tier read selects as columns (with the configured label keys where agents'
+# identities are read).
+_DEVICE_TAGS = ("agent", "host", "vendor", "device", "model", "parent")
+_AGENT_TAGS = ("agent", "host")
+_HOLDER_TAGS = ("agent", "host", "vendor", "device", "model", "user", "namespace", "runtime", "slot")
+
+
+def _tag_columns(keys: tuple[str, ...]) -> str:
+    return ", ".join(f'"{k}"::tag' for k in dict.fromkeys(keys))
+
+
+def _flat_rows(series: list[_Series], tag_keys: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """Raw points (no GROUP BY: one series of rows) as `_rows` gives grouped ones: (tags, fields)."""
+    keys = tuple(dict.fromkeys(tag_keys))
+    for s in series:
+        cols = s.columns
+        for values in s.values:
+            row = dict(zip(cols, values, strict=False))
+            tags = {k: v for k in keys if (v := row.pop(k, None))}
+            yield tags, row
+
+
+class _OldTier:
+    """The older tier's rows (per series, over the whole `forget_after_s`), and when they were read."""
+
+    __slots__ = ("agents", "at", "devices", "holders")
+
+    def __init__(self, at: float, devices: list, agents: list, holders: list) -> None:  # type: ignore[type-arg]
+        self.at = at
+        self.devices = devices
+        self.agents = agents
+        self.holders = holders
 
 
 def _device(tags: Mapping[str, str], row: Mapping[str, Any]) -> DeviceWindow | None:
@@ -463,6 +500,7 @@ class StorageLiveView:
         self._inflight: dict[Any, asyncio.Future[Any]] = {}
         self.last: Snapshot | None = None
         self.snapshots = 0
+        self._old: _OldTier | None = None
 
     async def start(self) -> None:
         await self.store.start()
@@ -551,31 +589,68 @@ class StorageLiveView:
 
     # -- building a snapshot --
 
-    def _statements(self, now: int, since: int) -> list[str]:
-        horizon = int(now - self.forget_after_s)
-        fields = ", ".join(f'"{f}"' for f in _DEVICE_FIELDS)
+    def _statements(self, now: int, since: int, old_due: bool) -> list[str]:
+        """The store's statements for one snapshot: the recent tier (raw points, no GROUP BY), the
+        range totals, the refusals, and — when `old_due` — the older tier (per series)."""
+        forget = int(now - self.forget_after_s)
+        recent = int(now - min(self.forget_after_s, RECENT_S))
+        labels = tuple(self.label_keys)
+        dev_fields = ", ".join(f'"{f}"' for f in _DEVICE_FIELDS)
         holder_fields = ", ".join(f'"{f}"' for f in _HOLDER_FIELDS)
-        window = f"time > {horizon}s AND time <= {now}s"
-        return [
-            f"SELECT {fields} FROM capmon_device WHERE {window} GROUP BY * ORDER BY time DESC LIMIT 1",
-            'SELECT "window_s", "window_cfg_s", "version", "instance" FROM capmon_agent '
-            f"WHERE {window} AND probe = '' GROUP BY * ORDER BY time DESC LIMIT {WINDOWS_FOR_LENGTH}",
-            f"SELECT {holder_fields} FROM capmon_holder WHERE {window} GROUP BY * ORDER BY time DESC LIMIT 1",
-            'SELECT sum("busy_s"), sum("allocated_idle_s"), sum("free_s"), sum("unavailable_s"), '
-            'last("gpu_fraction") FROM capmon_device '
-            f"WHERE time >= {since}s AND time <= {now}s GROUP BY agent, device, model",
+        agent_fields = '"window_s", "window_cfg_s", "version", "instance"'
+        sums = 'sum("busy_s"), sum("allocated_idle_s"), sum("free_s"), sum("unavailable_s")'
+        in_range = f"time >= {since}s AND time <= {now}s"
+        out = [
+            f"SELECT {dev_fields}, {_tag_columns(_DEVICE_TAGS + labels)} FROM capmon_device "
+            f"WHERE time > {recent}s AND time <= {now}s",
+            f"SELECT {agent_fields}, {_tag_columns(_AGENT_TAGS + labels)} FROM capmon_agent "
+            f"WHERE time > {recent}s AND time <= {now}s AND probe = ''",
+            f"SELECT {holder_fields}, {_tag_columns(_HOLDER_TAGS)} FROM capmon_holder "
+            f"WHERE time > {recent}s AND time <= {now}s",
+            # Whole devices count 1 GPU each: summed per agent and model, not per series. MIG
+            # instances (a parent tag) are summed per device with the share they are of their GPU.
+            f"SELECT {sums} FROM capmon_device WHERE {in_range} AND parent = '' GROUP BY agent, model",
+            f'SELECT {sums}, last("gpu_fraction") FROM capmon_device '
+            f"WHERE {in_range} AND parent != '' GROUP BY agent, device, model",
             "SELECT last(count), last(last_detail) FROM capmon_refusal "
-            f"WHERE {window} GROUP BY agent, host, reason",
+            f"WHERE time > {forget}s AND time <= {now}s GROUP BY agent, host, reason",
         ]
+        if old_due:
+            window = f"time > {forget}s AND time <= {now}s"
+            out += [
+                f"SELECT {dev_fields} FROM capmon_device WHERE {window} GROUP BY * ORDER BY time DESC LIMIT 1",
+                f"SELECT {agent_fields} FROM capmon_agent WHERE {window} AND probe = '' "
+                f"GROUP BY * ORDER BY time DESC LIMIT {WINDOWS_FOR_LENGTH}",
+                f"SELECT {holder_fields} FROM capmon_holder WHERE {window} GROUP BY * ORDER BY time DESC LIMIT 1",
+            ]
+        return out
+
+    def _old_due(self, now: float) -> bool:
+        if self.forget_after_s <= RECENT_S:
+            return False  # the recent tier is the whole horizon
+        return self._old is None or now - self._old.at >= RECENT_S / 2
 
     async def _build(self, span: float) -> Snapshot:
         now_f = self.clock()
         now = int(now_f)
         since = int(now_f - span)
-        devices_s, agents_s, holders_s, totals_s, refusals_s = await self.store.query(
-            self._statements(now, since)
-        )
+        forget = now - self.forget_after_s
+        old_due = self._old_due(now_f)
+        results = await self.store.query(self._statements(now, since, old_due))
+        dev_new, agents_new, holders_new, whole_s, parts_s, refusals_s = results[:6]
+        if old_due:
+            dev_old, agents_old, holders_old = results[6:9]
+            self._old = _OldTier(
+                now_f,
+                list(_rows(dev_old)),
+                [row for s in agents_old for row in _rows([s])],
+                list(_rows(holders_old)),
+            )
+        old = self._old or _OldTier(now_f, [], [], [])
         label_keys = self.label_keys
+        dev_rows = [*old.devices, *_flat_rows(dev_new, _DEVICE_TAGS + label_keys)]
+        agent_rows_all = [*old.agents, *_flat_rows(agents_new, _AGENT_TAGS + label_keys)]
+        holder_rows = [*old.holders, *_flat_rows(holders_new, _HOLDER_TAGS)]
 
         agents: dict[str, _AgentRows] = {}
 
@@ -586,16 +661,22 @@ class StorageLiveView:
                 a = agents[agent_id] = _AgentRows()
             return a
 
-        for s in agents_s:
-            a = agent_rows(s.tags)
-            cols = s.columns
-            for values in s.values:
-                row = dict(zip(cols, values, strict=False))
-                t = int(row["time"])
+        # As a per-series `ORDER BY time DESC LIMIT 3`: each series' latest three reports, once each.
+        by_series: dict[tuple[tuple[str, str], ...], dict[int, tuple[Mapping[str, str], dict]]] = {}
+        for tags, row in agent_rows_all:
+            t = int(row["time"])
+            if t <= forget:
+                continue
+            key = tuple(sorted((k, v) for k, v in tags.items() if v))
+            by_series.setdefault(key, {})[t] = (tags, row)
+        for per_time in by_series.values():
+            for t in sorted(per_time, reverse=True)[:WINDOWS_FOR_LENGTH]:
+                tags, row = per_time[t]
+                a = agent_rows(tags)
                 if t > a.end:  # the latest report: its identity
                     a.end = t
-                    a.host = s.tags.get("host", "")
-                    a.labels = {k: s.tags[k] for k in label_keys if s.tags.get(k)}
+                    a.host = tags.get("host", "")
+                    a.labels = {k: tags[k] for k in label_keys if tags.get(k)}
                     a.version = row.get("version") or ""
                     a.instance = row.get("instance") or None
                     a.window_cfg = row.get("window_cfg_s")
@@ -606,25 +687,36 @@ class StorageLiveView:
         latest: dict[tuple[str, str], tuple[int, DeviceWindow]] = {}
         # Devices whose probe said nobody holds them (a `holders` count of 0, where the store has it).
         known_unheld: dict[str, set[tuple[int, str]]] = {}
-        for tags, row in _rows(devices_s):
+        for tags, row in dev_rows:
+            t = int(row["time"])
+            if t <= forget:
+                continue
+            key = (tags.get("agent", ""), tags.get("device", ""))
+            seen = latest.get(key)
+            if seen is not None and t <= seen[0]:
+                continue
             d = _device(tags, row)
             if d is None:
                 continue
             if row.get("holders") == 0:
-                known_unheld.setdefault(tags.get("agent", ""), set()).add((int(row["time"]), d.device_id))
+                known_unheld.setdefault(key[0], set()).add((t, d.device_id))
+            latest[key] = (t, d)
             a = agent_rows(tags)
-            t = int(row["time"])
-            key = (tags.get("agent", ""), d.device_id)
-            seen = latest.get(key)
-            if seen is None or t > seen[0]:
-                latest[key] = (t, d)
             if not a.host:
                 a.host = tags.get("host", "")
                 a.labels = {k: tags[k] for k in label_keys if tags.get(k)}
 
         holders: dict[tuple[str, str, int], list[tuple[int, HolderWindow]]] = {}
-        for tags, row in _rows(holders_s):
+        seen_holders: set[tuple[str, ...]] = set()
+        for tags, row in holder_rows:
             key3 = (tags.get("agent", ""), tags.get("device", ""), int(row["time"]))
+            if key3[2] <= forget:
+                continue
+            # The same point from both tiers counts once.
+            ident = (*map(str, key3), *(tags.get(k) or "" for k in ("slot", "user", "namespace", "runtime")))
+            if ident in seen_holders:
+                continue
+            seen_holders.add(ident)
             slot = int(tags.get("slot") or 0)
             holders.setdefault(key3, []).append((slot, _holder(tags, row)))
 
@@ -673,7 +765,7 @@ class StorageLiveView:
             clock_now[0] = float(ends[-1])
             view.apply(Batch(agent=ident, reports=reports))
 
-        for tags, row in _rows(totals_s):
+        for tags, row in [*_rows(whole_s), *_rows(parts_s)]:
             agent = view.by_id.get(tags.get("agent", ""))
             if agent is None:
                 continue

@@ -252,3 +252,56 @@ async def test_victoria_metrics_is_a_clear_startup_error(aiohttp_client, victori
     )
     with pytest.raises(LiveViewUnsupported, match="VictoriaMetrics does not"):
         await aiohttp_client(create_app(cfg))
+
+
+def record_statements(app) -> list[list[str]]:
+    """The statements of each request the storage view sends its store, in order."""
+    store = app[LIVE].store
+    sent: list[list[str]] = []
+    raw = store.raw
+
+    async def recording(statements: list[str]):
+        sent.append(list(statements))
+        return await raw(statements)
+
+    store.raw = recording
+    return sent
+
+
+def per_series(statements: list[str]) -> list[str]:
+    return [s for s in statements if "GROUP BY *" in s]
+
+
+async def test_answers_read_recent_points_not_one_group_per_device(aiohttp_client, influxd, both):
+    """influxd 1.x pays per series for a GROUP BY (2 s at 10k devices): an answer reads the recent raw
+    points and sums by agent and model; the per-series read of the older tier is reused for half of
+    RECENT_S, then read again — and the answers stay the memory view's as agents fall out of the
+    recent tier."""
+    from capmon.collector.liveview import RECENT_S
+
+    memory, _, clock = both
+    app = create_app(
+        make_config(storage(influxd, "capmon_lv"), live_view="storage", live_view_cache_s=0.0), clock=clock
+    )
+    client = await aiohttp_client(app)
+    sent = record_statements(app)
+    first = await get(client, "/api/v1/fleet")
+    assert len(sent) == 1 and len(per_series(sent[0])) == 3  # the first answer reads the older tier too
+    clock.advance(RECENT_S / 2 - 1)
+    later = await get(client, "/api/v1/fleet")
+    assert without(later, "since", "generated_at") == without(first, "since", "generated_at")
+    assert len(sent) == 2 and per_series(sent[1]) == []
+    assert not any("GROUP BY agent, device" in s and "parent = ''" in s for s in sent[1])
+    clock.advance(2)
+    await get(client, "/api/v1/fleet")
+    assert len(per_series(sent[2])) == 3  # reused for half the recent horizon, then read again
+    # Past the recent horizon every agent is only in the older tier: still the memory view's answer.
+    clock.advance(RECENT_S)
+    mem, sto = await get(memory, "/api/v1/fleet"), await get(client, "/api/v1/fleet")
+    assert without(sto, "since") == without(mem, "since")
+    assert sto["agents"] == {"total": 3, "stale": 3}
+    assert sto["totals"]["states"] == {"busy": 0, "allocated_idle": 0, "free": 0, "unavailable": 8}
+    for state in ("all", "unavailable"):
+        assert await get(client, "/api/v1/devices", state=state, limit="1000") == await get(
+            memory, "/api/v1/devices", state=state, limit="1000"
+        )
