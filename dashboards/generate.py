@@ -10,7 +10,7 @@ every panel gets the same datasource reference, filters, units and thresholds. E
 One source of panels, two query languages: each panel is defined once, with its InfluxQL and its
 PromQL side by side (`target(influxql, promql=...)`, `Per(influxql=..., promql=...)` for anything
 else that differs, such as a table's column names); rendering picks one language. A panel without a
-PromQL query (the data is not in Prometheus, e.g. Slurm job ids) is left out of the PromQL variant.
+PromQL query (the data is not in Prometheus) is left out of the PromQL variant.
 
 InfluxQL runs on InfluxDB 1.x, 2.x through a DBRP mapping and 3.x, over the schema in
 collector/README.md. PromQL reads the collector's remote-write series (collector/remote_write.py:
@@ -145,6 +145,33 @@ def unnamed(expr: str) -> str:
 # capmon_holder_state_code of the holder series' latest window: 1 = allocated idle. A value × it
 # keeps the holders allocated idle now (and drops the metric name).
 HELD_IDLE_NOW = f"({latest('capmon_holder_state_code')} == 1)"
+# A holder's series are told apart by these labels (the remote write's capmon_holder tags; `slot`
+# numbers holders with the same ones); capmon_holder_info (value 1) carries its names as labels too.
+HOLDER_IDS = "host, device, user, namespace, runtime, slot"
+# One window per step: a holder's numbers are joined to the names of the same window, so a device
+# that changed jobs in the range counts each window under its own job. 1m: the shortest window_s
+# the dashboards expect (the data source's timeInterval).
+WINDOW_STEP = "1m"
+
+
+def holder_names_per_window(expr: str, names: str, *matchers: str) -> str:
+    """`expr` (per holder, per window at the step) with the holder's `names` labels of that window."""
+    info = f"last_over_time({sel('capmon_holder_info', *matchers)}[{WINDOW_STEP}] offset -1ms)"
+    return f"{expr} * on({HOLDER_IDS}) group_left({names}) {info}"
+
+
+def holder_names_now(names: str, base: str = FLEET_MATCH) -> str:
+    """1 per holder, labelled with the names of its latest window in the now window. A slot whose
+    holder changed (bob's next job on the same GPU) has two info series in the now window: the
+    newest is the one (a join with both would be refused as many-to-many)."""
+    newest = f"last_over_time(timestamp({sel('capmon_holder_info', base=base)})[$now_window:{WINDOW_STEP}])"
+    return f"group_left({names}) (0 * topk by ({HOLDER_IDS}) (1, {newest}) + 1)"
+
+
+def with_holder_names(expr: str, names: str, base: str = FLEET_MATCH) -> str:
+    return f"{expr} * on({HOLDER_IDS}) {holder_names_now(names, base)}"
+
+
 # Labels every device series has that the InfluxQL tables do not group by: hidden in PromQL tables.
 DEVICE_LABELS_HIDDEN = ("agent", "vendor", "parent", "site", "cluster", "pool")
 
@@ -359,11 +386,14 @@ def table(
     return p
 
 
-def prom_columns(names: dict[str, str], hide: tuple[str, ...] = ()) -> list[dict]:
+def prom_columns(
+    names: dict[str, str], hide: tuple[str, ...] = (), labels: dict[str, str] | None = None
+) -> list[dict]:
     """A PromQL table's transformations: Grafana names each instant query's value `Value #<refId>`;
-    merge the queries' frames into rows (by their labels) and name the columns."""
+    merge the queries' frames into rows (by their labels) and name the columns (`labels`: label
+    columns renamed, e.g. slurm_job_id → job)."""
     exclude = {"Time": True, **dict.fromkeys(hide, True)}
-    rename = {f"Value #{r}": n for r, n in names.items()}
+    rename = {**(labels or {}), **{f"Value #{r}": n for r, n in names.items()}}
     if "A" in names:
         rename["Value"] = names["A"]  # what Grafana calls it when only one query answered
     return [
@@ -987,14 +1017,27 @@ def holder_panels(lay: Layout) -> None:
             8,
             8,
         )
+
     # The job is a field (unbounded), and InfluxQL groups by tags only: each holder series with a job
     # is summed in InfluxDB, the series of one job are added up by Grafana's groupBy transformation.
     # Its field names are literal (no $currency: transformations and sortBy do not interpolate variables).
+    # PromQL: the job is a label of capmon_holder_info, joined window by window (WINDOW_STEP).
+    def by_job(metric: str) -> str:
+        per_window = holder_names_per_window(
+            f"sum_over_time({sel(metric)}[{WINDOW_STEP}] offset -1ms)", "slurm_job_id", 'slurm_job_id!=""'
+        )
+        return f"sum by (slurm_job_id, user) (sum_over_time(({per_window})[$__range:{WINDOW_STEP}]))"
+
+    JOB_NOTE = (
+        f"Allocated-idle GPU-hours and their value ($currency) per Slurm job, in {GPU_EQ}. {SHARE_NOTE}"
+    )
     lay.add(
         table(
             "Allocated idle by job",
-            f"Allocated-idle GPU-hours and their value ($currency) per Slurm job, in {GPU_EQ}. {SHARE_NOTE} Each "
-            "device of a job counts under the job it was last held by in the range.",
+            Per(
+                f"{JOB_NOTE} Each device of a job counts under the job it was last held by in the range.",
+                f"{JOB_NOTE} Each window of a device counts under the job that held it then.",
+            ),
             [
                 target(
                     'SELECT SUM("allocated_idle_gpu_s") / 3600 AS "allocated-idle GPU-hours", '
@@ -1002,32 +1045,47 @@ def holder_panels(lay: Layout) -> None:
                     f'FROM "capmon_holder" WHERE $timeFilter AND "slurm_job_id" =~ /./ {FLEET_FILTER} '
                     f"GROUP BY {HOLDER_SERIES}",
                     fmt="table",
-                )
+                    promql=f"{by_job('capmon_holder_allocated_idle_gpu_seconds')} / 3600",
+                ),
+                prom_target(by_job("capmon_holder_idle_value"), "B", "table"),
             ],
             "h",
             HOLDER_COLS,
-            sort_by="allocated-idle value (sum)",
-            transformations=[
-                {"id": "merge", "options": {}},
-                {
-                    "id": "groupBy",
-                    "options": {
-                        "fields": {
-                            "job": {"aggregations": [], "operation": "groupby"},
-                            "user": {"aggregations": [], "operation": "groupby"},
-                            "allocated-idle GPU-hours": {"aggregations": ["sum"], "operation": "aggregate"},
-                            "allocated-idle value": {
-                                "aggregations": ["sum"],
-                                "operation": "aggregate",
-                            },
-                        }
+            sort_by=Per("allocated-idle value (sum)", "allocated-idle value"),
+            transformations=Per(
+                [
+                    {"id": "merge", "options": {}},
+                    {
+                        "id": "groupBy",
+                        "options": {
+                            "fields": {
+                                "job": {"aggregations": [], "operation": "groupby"},
+                                "user": {"aggregations": [], "operation": "groupby"},
+                                "allocated-idle GPU-hours": {
+                                    "aggregations": ["sum"],
+                                    "operation": "aggregate",
+                                },
+                                "allocated-idle value": {
+                                    "aggregations": ["sum"],
+                                    "operation": "aggregate",
+                                },
+                            }
+                        },
                     },
-                },
-            ],
+                ],
+                prom_columns(
+                    {"A": "allocated-idle GPU-hours", "B": "allocated-idle value"},
+                    labels={"slurm_job_id": "job"},
+                ),
+            ),
         ),
         8,
         8,
     )
+
+    def reclaim(expr: str) -> str:
+        return with_holder_names(expr, "pod, slurm_job_id, command")
+
     lay.add(
         table(
             "Reclaim candidates",
@@ -1045,16 +1103,22 @@ def holder_panels(lay: Layout) -> None:
                     f'"gpu_fraction" AS "GPU share" FROM "capmon_holder" WHERE {NOW} {FLEET_FILTER} '
                     f'GROUP BY {HOLDER_SERIES}) WHERE "code" = 1 GROUP BY {HOLDER_SERIES}',
                     fmt="table",
-                    promql=f"{latest('capmon_holder_in_state_seconds')} * {HELD_IDLE_NOW}",
+                    promql=reclaim(f"{latest('capmon_holder_in_state_seconds')} * {HELD_IDLE_NOW}"),
                 ),
-                prom_target(f"{latest('capmon_holder_idle_for_seconds')} * {HELD_IDLE_NOW}", "B", "table"),
                 prom_target(
-                    f"{latest('capmon_holder_idle_value')} * 3600 / {latest('capmon_holder_allocated_idle_seconds')} "
-                    f"* {HELD_IDLE_NOW}",
+                    reclaim(f"{latest('capmon_holder_idle_for_seconds')} * {HELD_IDLE_NOW}"), "B", "table"
+                ),
+                prom_target(
+                    reclaim(
+                        f"{latest('capmon_holder_idle_value')} * 3600 / "
+                        f"{latest('capmon_holder_allocated_idle_seconds')} * {HELD_IDLE_NOW}"
+                    ),
                     "C",
                     "table",
                 ),
-                prom_target(f"{latest('capmon_holder_gpu_fraction')} * {HELD_IDLE_NOW}", "D", "table"),
+                prom_target(
+                    reclaim(f"{latest('capmon_holder_gpu_fraction')} * {HELD_IDLE_NOW}"), "D", "table"
+                ),
             ],
             "s",
             [
@@ -1077,6 +1141,7 @@ def holder_panels(lay: Layout) -> None:
                 prom_columns(
                     {"A": "allocated idle for", "B": "idle for", "C": "value per hour", "D": "GPU share"},
                     hide=(*DEVICE_LABELS_HIDDEN, "slot", "runtime"),
+                    labels={"slurm_job_id": "job"},
                 ),
             ),
         ),
@@ -1092,6 +1157,13 @@ HOST_FILTER = 'AND "host" =~ /^$host$/ AND "device" =~ /^$device$/'
 # PromQL: the single-value host as an exact match (Grafana escapes only backslashes and quotes there).
 HOST_MATCH = 'host="$host", device=~"$device"'
 HOST_HIDDEN = (*DEVICE_LABELS_HIDDEN, "host")
+
+
+def holder_now(metric: str) -> str:
+    """Each holder's latest window's value, with its names (pod, container, job, process name)."""
+    return with_holder_names(
+        unnamed(latest(metric, base=HOST_MATCH)), "pod, container, slurm_job_id, command", base=HOST_MATCH
+    )
 
 
 def per_interval(fn: str, metric: str, scale: str = "") -> str:
@@ -1246,10 +1318,10 @@ def host() -> dict:
                     f'"held_s" AS "held" FROM "capmon_holder" WHERE {NOW} {HOST_FILTER} '
                     'GROUP BY "device", "user", "namespace", "runtime", "slot"',
                     fmt="table",
-                    promql=unnamed(latest("capmon_holder_state_code", base=HOST_MATCH)),
+                    promql=holder_now("capmon_holder_state_code"),
                 ),
-                prom_target(unnamed(latest("capmon_holder_memory_bytes", base=HOST_MATCH)), "B", "table"),
-                prom_target(unnamed(latest("capmon_holder_held_seconds", base=HOST_MATCH)), "C", "table"),
+                prom_target(holder_now("capmon_holder_memory_bytes"), "B", "table"),
+                prom_target(holder_now("capmon_holder_held_seconds"), "C", "table"),
             ],
             "none",
             [
@@ -1270,7 +1342,9 @@ def host() -> dict:
                     {"id": "organize", "options": {"excludeByName": {"slot": True}}},
                 ],
                 prom_columns(
-                    {"A": "state", "B": "memory", "C": "held"}, hide=(*HOST_HIDDEN, "model", "slot")
+                    {"A": "state", "B": "memory", "C": "held"},
+                    hide=(*HOST_HIDDEN, "model", "slot"),
+                    labels={"slurm_job_id": "job"},
                 ),
             ),
         ),

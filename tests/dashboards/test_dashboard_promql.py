@@ -49,8 +49,9 @@ EXPECTED = expected_devices()
 IDLE = ("free", "allocated_idle")
 GPU_A = FLEET[0].host  # dotted: regex-escaped in a multi-value variable
 HOST_CHOICE = {HOST_UID: {"host": GPU_A}}
-# The PromQL variants leave out what Prometheus does not hold (text: Slurm job ids, pods, reasons).
-INFLUXQL_ONLY = {"Allocated idle by job"}
+# The PromQL variants leave out panels whose data Prometheus does not hold: none now (a holder's
+# pod, job and process name reach it as capmon_holder_info's labels).
+INFLUXQL_ONLY: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +452,37 @@ def test_allocated_idle_by_user_and_namespace(filled):
     assert flat(got) == pytest.approx(flat(allocated_idle_by(lambda h: h.namespace or "")))
 
 
+def test_allocated_idle_by_job(filled):
+    """The job is a label of capmon_holder_info, joined to the holder's numbers window by window."""
+    prom, fleet_api = filled
+    hours, value_ = "allocated-idle GPU-hours", "allocated-idle value"
+    rows = table(prom, FLEET_UID, "Allocated idle by job")
+    got = {r["job"]: (r[hours], r.get(value_, 0)) for r in rows}
+    want = {k: v for k, v in allocated_idle_by(lambda h: h.slurm_job_id).items() if k is not None}
+    assert flat(got) == pytest.approx(flat(want))
+    assert got["81234"] == pytest.approx((5.5, 6.6))  # bob's job, two A100s
+    # erin's and frank's jobs held busy GPUs: listed, with nothing allocated idle.
+    assert {r["job"]: r["user"] for r in rows} == {"81234": "bob", "90001": "erin", "90002": "frank"}
+    assert got["90001"] == got["90002"] == (0, 0)
+    api = {h["holder"]: h for h in fleet_api["_holders"]["job"]["holders"]}
+    assert {j: api[j]["allocated_idle_gpu_hours"] for j in got} == pytest.approx(
+        {j: v[0] for j, v in got.items()}, abs=1e-5
+    )
+
+    # A narrower range counts only its windows, its ends included as in every range panel: in the
+    # last hour both of bob's A100s were idle, 61 windows each (the one ending at the start too),
+    # as the by-user panel counts bob over the same range.
+    def last_hour(title: str, label: str) -> dict:
+        p = panel_by_title(FLEET_UID, title)
+        (t,) = [t for t in p["targets"] if t["refId"] == "A"]
+        expr = expand_promql(t["expr"], default_selection(BOARDS[FLEET_UID]), TO_S - 3600, TO_S, 60_000)
+        return by(_get(prom, "/api/v1/query", query=expr, time=TO_S)["result"], label)
+
+    jobs = last_hour("Allocated idle by job", "slurm_job_id")
+    assert jobs == pytest.approx({"81234": 2 * 61 / 60, "90001": 0, "90002": 0})
+    assert jobs["81234"] == pytest.approx(last_hour("Allocated idle by user", "user")["bob"])
+
+
 def test_reclaim_candidates(filled):
     prom, fleet_api = filled
     p = panel_by_title(FLEET_UID, "Reclaim candidates")
@@ -473,6 +505,14 @@ def test_reclaim_candidates(filled):
             d.fraction
         )
     assert [(r["user"], r["device"]) for r in rows[-2:]] == [("bob", "MOCK-001-04"), ("dave", "MIG-d01-0-4")]
+    # Who, by name: the pod, the Slurm job and the process, from capmon_holder_info (never a pid).
+    for r in rows:
+        (h,) = {h for h in HOLDERS[(r["host"], r["device"])] if h.command == r.get("command")}
+        assert (r["pod"], r["job"]) == (h.pod or "", h.slurm_job_id or ""), r
+    assert {r["job"] for r in rows if r["user"] == "bob"} == {"81234"}
+    carol = {(r["pod"], r["command"], r["namespace"]) for r in rows if r["user"] == "carol"}
+    assert carol == {("llm-serve-7f9", "vllm", "inference"), ("llm-serve-7f9", "vllm-worker", "inference")}
+    assert not {"pid", "slot", "runtime", "source", "container"} & {k for r in rows for k in r}
     api = fleet_api["_holders"]["user"]["holders"]
     held_now = {
         (h["holder"], d["device_id"]) for h in api for d in h["held"] if d["state"] == "allocated_idle"
@@ -489,7 +529,65 @@ def test_host_lists_holders_per_device(filled):
     }
     frank = got[("GPU-d01-1", "frank")]
     assert (frank["state"], frank["memory"], frank["held"]) == (CODE["busy"], 64 * 1024**3, WINDOW_S)
+    assert (frank["job"], frank["command"], frank["pod"]) == ("90002", "torchrun", "")
+    assert (got[("MIG-d01-0-5", "alice")]["pod"], got[("MIG-d01-0-5", "alice")]["command"]) == (
+        "nb-alice-1",
+        "python3",
+    )
     assert got[("MIG-d01-0-4", "dave")]["runtime"] == "docker"
     assert got[("MIG-d01-0-5", "alice")]["namespace"] == "research"
     npu = table(prom, HOST_UID, "Holders now", host="npu-c01")
     assert len(npu) == 2 and {r["held"] for r in npu} == {WINDOW_S}  # carol's two processes, two slots
+    assert {(r["pod"], r["container"], r["command"]) for r in npu} == {
+        ("llm-serve-7f9", "engine", "vllm"),
+        ("llm-serve-7f9", "engine", "vllm-worker"),
+    }
+    assert not {"pid", "source"} & {k for r in npu for k in r}
+
+
+# -- a holder that changes jobs --------------------------------------------------------------------
+
+
+def test_a_gpu_that_changes_jobs_counts_each_window_under_its_job(filled):
+    """bob's job 1 holds a GPU for 10 windows, his job 2 the next 10 (same user, device, slot): the
+    by-job panel counts each window under its own job, and the reclaim list names the newest job
+    while the old one's names are still in the now window (a plain join would find two)."""
+    from capmon.agent import wire
+    from capmon.collector.lineproto import batch_lines
+    from capmon.collector.remote_write import RemoteWriteWriter
+
+    prom, _ = filled
+    e0 = TO_S + 86_400  # after the scripted fleet: its panels at TO_S see none of this
+    reports = []
+    for k in range(20):
+        end = e0 + 60 * k
+        job = "1" if k < 10 else "2"
+        held = wire.HolderWindow(pid=7000 + k // 10, user="bob", command=f"train{job}", runtime="slurm",
+                                 slurm_job_id=job, held_s=60.0)  # fmt: skip
+        d = wire.DeviceWindow(
+            device_id="GPU-churn", vendor="nvidia", model="churn model", state="allocated_idle",
+            allocated_idle_s=60.0, idle_since=e0 - 60, state_since=e0 - 60, holders=[held],
+        )  # fmt: skip
+        reports.append(wire.Report(seq=k + 1, start=end - 60, end=end, devices=[d]))
+    batch = wire.Batch(agent=wire.AgentIdentity(id="churn", host="churn-01"), reports=reports)
+    writer = RemoteWriteWriter(StorageConfig(kind="prometheus_remote_write", url=prom.remote_write_url))
+
+    async def write():
+        await writer.start()
+        try:
+            await writer.write(batch_lines(batch, ("site", "cluster", "pool")))
+        finally:
+            await writer.close()
+
+    asyncio.run(write())
+    churn = {"host": ["churn-01"]}
+    p = panel_by_title(FLEET_UID, "Allocated idle by job")
+    (t,) = [t for t in p["targets"] if t["refId"] == "A"]
+    last = e0 + 60 * 19
+    expr = expand_promql(t["expr"], default_selection(BOARDS[FLEET_UID], **churn), e0 - 60, last, 60_000)
+    got = by(_get(prom, "/api/v1/query", query=expr, time=last)["result"], "slurm_job_id")
+    assert got == pytest.approx({"1": 10 / 60, "2": 10 / 60})
+    # Two windows into job 2: job 1's last window is 2 minutes old, inside the 3m now window.
+    rows = table(prom, FLEET_UID, "Reclaim candidates", to_s=e0 + 60 * 11, **churn)
+    assert [(r["user"], r["job"], r["command"]) for r in rows] == [("bob", "2", "train2")]
+    assert rows[0]["allocated idle for"] == 60 * 12
