@@ -39,6 +39,10 @@ class DeviceSample:
     memory_used_bytes: int | None = None
     memory_total_bytes: int | None = None
     power_w: float | None = None
+    # The device's cumulative energy counter (joules since the driver loaded: NVML's total-energy
+    # counter on Volta and newer), when the vendor keeps one; it may reset (driver reload). None: the
+    # agent integrates power over time instead.
+    energy_j: float | None = None
     temp_c: float | None = None
     processes: int | None = None
     healthy: bool = True
