@@ -260,6 +260,8 @@ class Agent:
         self.classifier = IdleClassifier(config.classifier)
         holders = config.holders
         self.holder_windows = HolderWindows()
+        # Each device's holders at the latest tick, resolved: what the exporter serves.
+        self.latest_holders: dict[str, list[ResolvedHolder | AllocationHolder] | None] = {}
         # Devices each probe listed last time, so one it stops listing holds nothing from then on.
         self._listed: dict[str, set[str]] = {}
         self.sampler = Sampler(
@@ -276,7 +278,10 @@ class Agent:
             from capmon.agent.exporter import AgentExporter  # only agents that export need prometheus_client
 
             self.exporter = AgentExporter(
-                config, self.classifier.snapshot, lambda: self.agent_stats(self.clock())
+                config,
+                self.classifier.snapshot,
+                lambda: self.agent_stats(self.clock()),
+                holders=lambda: self.latest_holders,
             )
         self._host = _HostWindow()
         # Windows a sink could not take for a reason of its own (a bug, stdout closed): the spool
@@ -323,8 +328,10 @@ class Agent:
                 self.config.holders,
             )
             self.holder_windows.observe(d.device_id, a, records)
+            self.latest_holders[d.device_id] = records
         for gone in self._listed.get(probe, set()) - listed:
             self.holder_windows.observe(gone, a, None)
+            self.latest_holders.pop(gone, None)
         self._listed[probe] = listed
 
     def window_end(self, t: float) -> int:
@@ -340,6 +347,7 @@ class Agent:
         kept = {d.device_id for d in devices}
         for device_id in set(held) - kept:  # forgotten by the classifier: gone
             self.holder_windows.forget(device_id)
+            self.latest_holders.pop(device_id, None)
         out = []
         for d in devices:
             records, omitted = held.get(d.device_id, (None, 0))

@@ -8,6 +8,12 @@ collector's remote write uses (`capmon.collector.remote_write`): a dashboard rea
 Every series carries `host`, `agent` and the agent's labels (`[agent] labels`); device series add
 `device`, `vendor` and `model`. A label key that would collide with one of those (or with
 Prometheus's own `job` and `instance`) is left out.
+
+Who holds a device (`capmon_device_holder_info`, `…_holder_memory_bytes`) comes from the owners the
+agent resolved at its latest tick (`holders`: device id → its `HolderRecord`s, the user, pod,
+Slurm job and process name, with `[holders]` applied), never from a pid. Without `holders` (an
+exporter over a bare classifier) the probe's raw holders are served (process name only);
+`[holders] enabled = false` serves no holder series at all.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -25,12 +31,15 @@ from prometheus_client.exposition import choose_encoder
 from capmon.agent import wire
 from capmon.agent.classifier import DeviceView
 from capmon.agent.config import AgentConfig, listen_address
+from capmon.agent.holders import HolderRecord
 
 __all__ = ["RESERVED_LABELS", "AgentExporter", "ExporterView", "ViewCollector"]
 
 log = logging.getLogger("capmon.agent.exporter")
 
 ExporterView = Sequence[DeviceView]
+# Device id → the holders the agent resolved at its latest tick (None: it cannot tell).
+LatestHolders = Mapping[str, Sequence[HolderRecord | wire.HolderWindow] | None]
 
 # Labels the exporter sets itself: an agent label of the same name is not exported.
 RESERVED_LABELS = frozenset(
@@ -60,8 +69,11 @@ _HOLDER_LABELS = ("source", "user", "namespace", "pod", "container", "slurm_job_
 
 
 def _holder_labels(holder: object) -> tuple[str, ...]:
-    """A holder's bounded identities: a `wire.HolderWindow` (resolved) or a probe's `Holder` (pid,
-    name); never the pid itself, which would make a series per process."""
+    """A holder's bounded identities: a resolved one (`wire.HolderWindow`) or a probe's `Holder`
+    (pid, name); never the pid itself, which would make a series per process."""
+    if not isinstance(holder, wire.HolderWindow) and hasattr(holder, "window"):
+        # A HolderRecord: its wire record carries the names, bounded and with [holders] applied.
+        holder = holder.window(0.0, holder.memory_bytes)
     values = []
     for name in _HOLDER_LABELS:
         value = getattr(holder, name, None)
@@ -82,10 +94,13 @@ class ViewCollector:
         snapshot: Callable[[], ExporterView],
         agent_stats: Callable[[], wire.AgentStats | None],
         clock: Callable[[], float] = time.time,
+        holders: Callable[[], LatestHolders] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.agent_stats = agent_stats
         self.clock = clock
+        self.holders = holders
+        self.holders_enabled = config.holders.enabled
         labels = {k: v for k, v in sorted(config.agent.labels.items()) if k not in RESERVED_LABELS}
         self.base_names = ("host", "agent", *labels)
         self.base_values = (config.host, config.agent_id, *labels.values())
@@ -96,14 +111,27 @@ class ViewCollector:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        return self.families(self.snapshot(), self.agent_stats())
+        return self.families(self.snapshot(), self.agent_stats(), self.latest_holders())
 
-    def families(self, views: ExporterView, stats: wire.AgentStats | None) -> Iterator[Metric]:
-        yield from self._devices(views)
+    def latest_holders(self) -> LatestHolders | None:
+        """A copy of the agent's latest holders (taken on the loop: the agent updates them there)."""
+        return None if self.holders is None else dict(self.holders())
+
+    def families(
+        self, views: ExporterView, stats: wire.AgentStats | None, held: LatestHolders | None = None
+    ) -> Iterator[Metric]:
+        yield from self._devices(views, held)
         if stats is not None:
             yield from self._agent(stats)
 
-    def _devices(self, views: ExporterView) -> Iterator[Metric]:
+    def _holders_of(self, v: DeviceView, held: LatestHolders | None) -> Sequence[object]:
+        if not self.holders_enabled:
+            return ()
+        if self.holders is None:
+            return v.holders or ()  # no resolution wired in: what the probe saw
+        return (held or {}).get(v.device_id) or ()
+
+    def _devices(self, views: ExporterView, held: LatestHolders | None = None) -> Iterator[Metric]:
         dn = self.device_names
         state = GaugeMetricFamily(
             "capmon_device_state",
@@ -180,9 +208,10 @@ class ViewCollector:
             ):
                 if value is not None:
                     family.add_metric(lv, float(value))
-            if v.holders:
+            holders_now = self._holders_of(v, held)
+            if holders_now:
                 memory: dict[tuple[str, ...], float | None] = {}
-                ordered = sorted(v.holders, key=lambda h: -(getattr(h, "memory_bytes", None) or 0))
+                ordered = sorted(holders_now, key=lambda h: -(getattr(h, "memory_bytes", None) or 0))
                 for h in ordered[: wire.MAX_HOLDERS]:
                     key = _holder_labels(h)
                     used = getattr(h, "memory_bytes", None)
@@ -241,9 +270,10 @@ class AgentExporter:
         snapshot: Callable[[], ExporterView],
         agent_stats: Callable[[], wire.AgentStats | None],
         clock: Callable[[], float] = time.time,
+        holders: Callable[[], LatestHolders] | None = None,
     ) -> None:
         self.config = config
-        self.collector = ViewCollector(config, snapshot, agent_stats, clock)
+        self.collector = ViewCollector(config, snapshot, agent_stats, clock, holders)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self._runner: web.AppRunner | None = None
@@ -259,17 +289,24 @@ class AgentExporter:
         # The view is read on the loop (the classifier is not thread-safe; the views are frozen
         # copies) and encoded off it: hundreds of devices take a tenth of a second to encode.
         views, stats = self.collector.snapshot(), self.collector.agent_stats()
+        held = self.collector.latest_holders()
         body, content_type = await asyncio.to_thread(
-            self._encode, views, stats, request.headers.get("Accept", "")
+            self._encode, views, stats, request.headers.get("Accept", ""), held
         )
         return web.Response(body=body, headers={"Content-Type": content_type})
 
-    def _encode(self, views: ExporterView, stats: wire.AgentStats | None, accept: str) -> tuple[bytes, str]:
+    def _encode(
+        self,
+        views: ExporterView,
+        stats: wire.AgentStats | None,
+        accept: str,
+        held: LatestHolders | None = None,
+    ) -> tuple[bytes, str]:
         collector = self.collector
 
         class _Read:
             def collect(self) -> Iterator[Metric]:
-                return collector.families(views, stats)
+                return collector.families(views, stats, held)
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Read())

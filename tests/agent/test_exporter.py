@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import socket
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -14,8 +15,10 @@ from capmon.agent.classifier import IdleClassifier
 from capmon.agent.config import AgentConfig, AgentSection, ConfigError, ExporterSection, load_config
 from capmon.agent.daemon import Agent
 from capmon.agent.exporter import AgentExporter
+from capmon.agent.holders import HoldersConfig, parse_cgroup
 from capmon.agent.probe import DeviceSample, Holder
 from capmon.plugins.mock import MockConfig, MockProbe
+from capmon.plugins.mock.probe import USERS
 
 T0 = 1_760_000_000.0
 
@@ -126,6 +129,80 @@ async def test_a_real_prometheus_scrapes_a_running_agent(tmp_path, prometheus):
         stop.set()
         await asyncio.wait_for(running, 30)
     assert exporter.address is None or not _listening(exporter.address)  # stopped with the agent
+
+
+HOLDING = ("training", "inference", "notebook", "training", "idle", "training")
+
+
+async def scrape_running_agent(tmp_path, holders: HoldersConfig, until_holders: bool = True):
+    """A real Agent on the mock probe (its holders resolved through the mock's simulated /proc),
+    scraped over HTTP as text once its exporter has seen a tick: the parsed samples, and the probe."""
+    cfg = dataclasses.replace(config(tmp_path, window_s=60), holders=holders)
+    probe = MockProbe(MockConfig(devices=len(HOLDING), profiles=HOLDING, interval_s=0.1, seed=7))
+    probe.setup()
+    agent = Agent(cfg, probes=[probe])
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(1000):
+                if agent.exporter.address is not None:
+                    url = f"http://127.0.0.1:{agent.exporter.address[1]}/metrics"
+                    async with http.get(url) as resp:
+                        text = await resp.text()
+                    ticked = "capmon_device_state{" in text
+                    if ticked and (not until_holders or "capmon_device_holder_info{" in text):
+                        return samples(text), probe
+                await asyncio.sleep(0.01)
+        raise AssertionError("the exporter served no tick")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        probe.close()
+
+
+def holder_infos(parsed) -> dict[str, set[tuple[str, ...]]]:
+    out: dict[str, set[tuple[str, ...]]] = {}
+    for name, labels in parsed:
+        if name == "capmon_device_holder_info":
+            d = dict(labels)
+            assert "pid" not in d
+            out.setdefault(d["device"], set()).add(
+                tuple(
+                    d[k]
+                    for k in ("source", "user", "namespace", "pod", "container", "slurm_job_id", "command")
+                )
+            )
+    return out
+
+
+async def test_holder_info_names_the_resolved_owners_never_pids(tmp_path):
+    parsed, probe = await scrape_running_agent(tmp_path, HoldersConfig())
+    want = {}
+    for i, profile in enumerate(HOLDING):
+        if profile == "idle":
+            continue
+        want[f"MOCK-000-{i:02d}"] = {
+            ("process", USERS[p.uid], "", "", "", parse_cgroup(p.cgroup).slurm_job_id or "", p.command)
+            for p in probe.processes(i, profile)
+        }
+    assert holder_infos(parsed) == want
+    # The seed holds devices for Slurm jobs and for users: the owners, not only process names.
+    assert {k[5] for ks in want.values() for k in ks} - {""}
+    assert {k[1] for ks in want.values() for k in ks} <= set(USERS.values())
+    memory = by(parsed, "capmon_device_holder_memory_bytes")
+    assert set(memory) == set(want) and all(v > 0 for v in memory.values())
+
+
+async def test_holder_privacy_settings_reach_the_exporter(tmp_path):
+    parsed, _ = await scrape_running_agent(tmp_path, HoldersConfig(users="uid", commands=False))
+    infos = holder_infos(parsed)
+    assert infos and {k[6] for ks in infos.values() for k in ks} == {""}  # no process names
+    assert {k[1] for ks in infos.values() for k in ks} <= {str(uid) for uid in USERS}
+    # [holders] enabled = false: no holder series at all, not the probe's raw process names.
+    parsed, _ = await scrape_running_agent(tmp_path, HoldersConfig(enabled=False), until_holders=False)
+    assert by(parsed, "capmon_device_state", state="allocated_idle")  # held devices, still classified
+    assert not holder_infos(parsed) and not by(parsed, "capmon_device_holder_memory_bytes")
 
 
 def test_state_seconds_keep_counting_across_windows():
