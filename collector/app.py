@@ -441,7 +441,6 @@ def create_app(
     app[LIVE] = live = make_live_view(config, fleet, clock)
     app[STORAGE] = storage = GroupCommitWriter(writer or make_writer(config.storage), config.storage, metrics)
     pricing = fleet.pricing
-    price = getattr(pricing, "for_device", None) or (lambda d: pricing.price(d.model))
     app[INGEST] = service = IngestService(
         IngestLimits.from_config(config),
         # The storage view answers from the store: nothing to keep here.
@@ -449,8 +448,9 @@ def create_app(
         storage,
         metrics,
         clock,
-        price,
+        pricing.for_device,
         forget_after_s=config.collector.forget_after_s,
+        energy_cost=pricing.energy_cost,
     )
     metrics.gauge("live_devices", "Devices in the live view.", live.device_count)
     metrics.gauge("agents", "Agents in the live view.", live.agent_count)

@@ -420,6 +420,7 @@ class IngestService:
         clock: Callable[[], float],
         price: Callable[[DeviceWindow], float] | None,
         forget_after_s: float = 86400.0,
+        energy_cost: Callable[[float], float | None] | None = None,
     ) -> None:
         self.limits = limits
         self.fleet = fleet
@@ -427,6 +428,7 @@ class IngestService:
         self.metrics = metrics
         self.clock = clock
         self.price = price
+        self.energy_cost = energy_cost
         self.budget = DecodedBudget(limits.max_inflight_decoded_bytes)
         self.bounds = AgentTagBounds(limits, forget_after_s)
         self.refusals: dict[tuple[str, str], RefusalTally] = {}
@@ -507,7 +509,7 @@ class IngestService:
         dropped = sum(1 for k in batch.agent.labels if k not in limits.label_keys)
         if dropped:
             metrics.labels_dropped.inc(dropped)
-        lines = batch_lines(batch, limits.label_keys, self.price)
+        lines = batch_lines(batch, limits.label_keys, self.price, self.energy_cost)
         # The live view takes the batch once storage has answered: not when storage refuses the data
         # itself (400: the agent dead-letters it) or the request is too large (413: the agent splits it),
         # but still when storage merely cannot take it now (429/503: the agent retries, and "idle now"

@@ -128,9 +128,10 @@ async def test_the_api_gives_the_scripts_idle_kwh_cost_and_power(api):
     assert devices["GPU-2"]["idle_energy_kwh"] == 0.0 and devices["GPU-2"]["idle_power_w"] == 0.0
 
 
-async def test_the_store_filled_by_the_collector_sums_to_the_scripts_idle_kwh(api, stores):
+async def test_the_store_filled_by_the_collector_sums_to_the_scripts_idle_kwh_and_cost(api, stores):
     row = one_row(stores, IDLE_ENERGY.format(range=RANGE), "capmon_energy")
-    assert close(row["idle_energy_kwh"], KWH)
+    # The collector prices idle energy itself ([pricing] energy_price_per_kwh × pue).
+    assert close(row["idle_energy_kwh"], KWH) and close(row["idle_energy_cost"], COST)
     assert stores.field_types("capmon_energy", "capmon_device")["idle_energy_j"] == "float"
     assert stores.field_types("capmon_energy", "capmon_device")["energy_j"] == "float"
     assert close(one_row(stores, IDLE_POWER_NOW, "capmon_energy")["idle_power_w"], IDLE_W)

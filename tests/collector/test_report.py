@@ -170,10 +170,17 @@ def test_filters_narrow_every_figure_to_the_chosen_model(filled, tmp_path):
 @pytest.mark.integration
 def test_energy_figures_appear_only_once_the_store_has_them(filled, tmp_path):
     influxd, _ = filled
+    # A store from an older collector, which wrote no energy fields: no energy figures, not zeros.
+    influxd.create_database("capmon_no_energy")
+    influxd.write(
+        "capmon_no_energy",
+        f"capmon_device,host=e1,device=E0,model=X idle_gpu_s=60,window_gpu_s=60 {SINCE + 60}",
+    )
     md = tmp_path / "r.md"
-    assert main([*RANGE, "--format", "md", "--out", str(md), "--influx-url", influxd.url]) == 0
+    argv = [*RANGE, "--format", "md", "--out", str(md), "--influx-url", influxd.url]
+    assert main([*argv, "--influx-db", "capmon_no_energy"]) == 0
     assert "kWh" not in md.read_text()
-    # The collector of issue 16 item 1 writes these fields; one point is enough to show them.
+    # The collector writes these fields (issue 16 item 1); one point is enough to show them.
     influxd.create_database("capmon_e")
     influxd.write(
         "capmon_e",

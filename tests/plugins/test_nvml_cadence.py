@@ -22,6 +22,7 @@ PER_TICK = {
     "nvmlDeviceGetTemperature",
     "nvmlDeviceGetComputeRunningProcesses",
     "nvmlDeviceGetGraphicsRunningProcesses",
+    "nvmlDeviceGetTotalEnergyConsumption",  # the energy counter (whole GPUs)
 }
 # What changes in minutes: read every slow_interval_s.
 SLOW = {
@@ -100,7 +101,8 @@ def test_a_tick_reads_only_what_changes_every_second(probes):
     assert set(nvml.calls) <= PER_TICK, set(nvml.calls) - PER_TICK
     assert not set(nvml.calls) & SLOW
     per_gpu_tick = sum(nvml.calls.values()) / (20 * len(gpus))
-    assert per_gpu_tick == 8  # samples, GPM get + compare, memory, power, temperature, 2 process lists
+    # samples, GPM get + compare, memory, power, temperature, 2 process lists, energy counter
+    assert per_gpu_tick == 9
     assert nvml.calls["nvmlGpmSampleAlloc"] == 0  # GPM buffers are reused, not allocated per tick
 
 
