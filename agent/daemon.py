@@ -420,6 +420,18 @@ class Agent:
             probes=probes[: wire.MAX_PROBES],
         )
 
+    async def _close(self, start: int, end: int) -> None:
+        """Close the window [start, end) and keep it. A window that cannot even be built (a bug, or
+        garbage a plugin slipped past the checks) is counted lost, never the end of the agent."""
+        seq = self.sink.next_seq()
+        try:
+            report = self.close_window(seq, start, end)
+        except Exception:
+            self.lost_windows += 1
+            log.exception("window seq %d could not be built and is lost", seq)
+            return
+        await self._keep(report)
+
     async def _keep(self, report: wire.Report) -> None:
         """Hand a finished window to the sink; a failure the sink does not count itself costs that
         window (counted in `lost_windows`), never the agent."""
@@ -497,7 +509,7 @@ class Agent:
                     # Round up: samples already taken this second belong inside the window.
                     end = math.ceil(now)
                     if end > start:
-                        await self._keep(self.close_window(self.sink.next_seq(), start, end))
+                        await self._close(start, end)
                     break
                 if now < start - window:
                     # The wall clock stepped back by more than a window (NTP step, VM restore): waiting
@@ -507,7 +519,7 @@ class Agent:
                     self._close_devices(start, start + window)
                     start = int(now)
                     continue
-                await self._keep(self.close_window(self.sink.next_seq(), start, end))
+                await self._close(start, end)
                 start = end
         finally:
             sampling_stop.set()
@@ -544,7 +556,8 @@ def checked_report(report: wire.Report) -> wire.Report:
     """The report as the collector will judge it (typed decoding, then `wire.check_report`): a record
     it would refuse (and with it the whole window of every device) is dropped here, with the reason in
     the log, and the rest goes. A window that is wrong as a whole raises `ValueError`."""
-    for _ in range(len(report.devices) + 3):
+    holders = sum(len(d.holders or ()) for d in report.devices)
+    for _ in range(len(report.devices) + holders + 3):
         try:
             wire.decode_report(wire.encode(report))
             problem = wire.check_report(report)
@@ -553,8 +566,27 @@ def checked_report(report: wire.Report) -> wire.Report:
         if problem is None:
             return report
         reason, path = problem[0], problem[1] or ""
+        h = re.match(r"\$\.devices\[(\d+)\]\.holders\[(\d+)\]", path)
         m = re.match(r"\$\.devices\[(\d+)\]", path)
-        if m:
+        if h:
+            # One bad holder record costs that holder, not the device's whole window.
+            i, k = int(h.group(1)), int(h.group(2))
+            d = report.devices[i]
+            log.error(
+                "a holder of device %s left out of window seq %d: %s at %s",
+                d.device_id,
+                report.seq,
+                reason,
+                path,
+            )
+            kept = d.holders[:k] + d.holders[k + 1 :]
+            d = msgspec.structs.replace(
+                d, holders=kept, holders_omitted=min(d.holders_omitted + 1, wire.MAX_COUNT)
+            )
+            report = msgspec.structs.replace(
+                report, devices=[*report.devices[:i], d, *report.devices[i + 1 :]]
+            )
+        elif m:
             i = int(m.group(1))
             log.error(
                 "device %s left out of window seq %d: %s at %s",

@@ -21,8 +21,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from capmon.agent import wire
 from capmon.agent.allocation import Allocation, AllocationSource
-from capmon.agent.probe import DeviceSample, HostSample, Probe
+from capmon.agent.probe import DeviceSample, Holder, HostSample, Probe
 
 log = logging.getLogger("capmon.agent.sampler")
 
@@ -139,9 +140,49 @@ def _sanitise(s: DeviceSample) -> tuple[DeviceSample, str | None]:
         why.append(f"parent_id {s.parent_id!r} dropped")
     if s.error is not None and not isinstance(s.error, str):
         changes["error"] = str(s.error)
+    if s.holders is not None:
+        holders, dropped = _holders(s.holders)
+        if holders is None or dropped:
+            changes["holders"] = holders
+            why.append(
+                f"holders {type(s.holders).__name__} is not a list of Holder, dropped"
+                if holders is None
+                else f"{dropped} invalid holder(s) dropped"
+            )
     if not changes:
         return s, None
     return replace(s, **changes), "; ".join(why) or None
+
+
+def _integral(value: object, hi: int) -> int | None:
+    """An int in 0..hi (an integral float taken as one), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if 0 <= value <= hi else None
+
+
+def _holders(raw: object) -> tuple[tuple[Holder, ...] | None, int]:
+    """A probe's holders as the agent can resolve and send them: each a `Holder` with an integer pid
+    in range (one pid once), memory a byte count or unknown, a name a bounded string or unknown. A bad
+    record costs that record (counted), never the device or the window; a holders value that is not a
+    list at all is "cannot tell" (None)."""
+    if not isinstance(raw, (tuple, list)):
+        return None, 0
+    kept: list[Holder] = []
+    seen: set[int] = set()
+    for h in raw:
+        pid = _integral(getattr(h, "pid", None), 2**31) if isinstance(h, Holder) else None
+        if pid is None or pid in seen:
+            continue
+        seen.add(pid)
+        memory = h.memory_bytes if h.memory_bytes is None else _integral(h.memory_bytes, 2**53)
+        name = h.name[: wire.MAX_NAME_LEN] if isinstance(h.name, str) and h.name else None
+        if (pid, memory, name) != (h.pid, h.memory_bytes, h.name):
+            h = Holder(pid, memory, name)
+        kept.append(h)
+    return tuple(kept), len(raw) - len(kept)
 
 
 def unavailable(device_id: str, vendor: str, reason: str, last: DeviceSample | None = None) -> DeviceSample:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 from capmon.agent import DeviceSample, Probe, ProbeConfig
@@ -174,7 +175,11 @@ def test_a_mig_parent_is_not_counted_beside_its_instances():
     agent._on_samples("nvml", 1_000_000_000, [parent, *instances], None)
     windows = agent.classifier.close_window(1_000_000_000, 1_000_000_060)
     assert sorted(w.device_id for w in windows) == ["MIG-0", "MIG-1", "MIG-2"]
-    assert {w.device_id: w.state for w in windows} == {"MIG-0": "free", "MIG-1": "allocated_idle", "MIG-2": "free"}
+    assert {w.device_id: w.state for w in windows} == {
+        "MIG-0": "free",
+        "MIG-1": "allocated_idle",
+        "MIG-2": "free",
+    }
 
 
 async def test_strings_beyond_the_wire_limits_are_mended_not_sent():
@@ -282,3 +287,62 @@ async def test_an_agent_restart_keeps_idle_since(tmp_path):
         await asyncio.wait_for(task, 10)
         firsts.append(next(r for r in reports if r.devices).devices[0].idle_since)
     assert firsts[0] is not None and firsts[1] == firsts[0]
+
+
+def test_garbage_holders_cost_the_record_not_the_device():
+    """A third-party probe's holders: a string or float pid, a non-string name, a negative pid, a
+    dict instead of a Holder. Each bad record is dropped (counted), the good ones kept, and a
+    holders value that is not a list is "cannot tell"."""
+    from capmon.agent.probe import Holder
+    from capmon.agent.sampler import check_samples
+
+    class P:
+        name = "plugin"
+
+    bad = DeviceSample(
+        "D0",
+        "acme",
+        processes=5,
+        holders=(
+            Holder(41, 2**20, "ok"),
+            Holder(42.0, 1.0, 123),  # integral float pid, float memory, non-string name
+            Holder("43"),
+            Holder(-1),
+            Holder(41),  # the same pid twice
+            {"pid": 44},
+        ),
+    )
+    not_a_list = DeviceSample("D1", "acme", holders=Holder(1))
+    [d0, d1], _, notes = check_samples(P(), [bad, not_a_list])
+    assert d0.holders == (Holder(41, 2**20, "ok"), Holder(42, 1, None))
+    assert d1.holders is None
+    assert any("4 invalid holder(s) dropped" in n for n in notes)
+
+
+async def test_garbage_holders_from_a_plugin_never_stop_the_agent(tmp_path):
+    """Through the real agent: windows keep coming, with the device and its good holders."""
+    from capmon.agent.probe import Holder
+
+    class Garbage:
+        name, vendor, interval_s, timeout_s, proc_root = "garbage", "acme", 0.05, 1.0, None
+
+        def sample(self):
+            holders = (Holder(os.getpid()), Holder(str(os.getpid())), Holder(99999999, name=123), Holder(1.5))
+            return [DeviceSample("ACME-0", "acme", util_pct=0.0, processes=4, holders=holders)]
+
+        def close(self):
+            pass
+
+    config = AgentConfig(agent=AgentSection(id="t", host="h", window_s=1))
+    sink = ListSink()
+    agent = Agent(config, sink=sink, probes=[Garbage()])
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    await asyncio.sleep(2.5)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    windows = [r for r in sink.reports if r.devices]
+    assert len(windows) >= 2
+    device = windows[-1].devices[0]
+    assert device.device_id == "ACME-0"
+    assert {h.pid for h in device.holders} == {os.getpid(), 99999999}
