@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -48,8 +49,8 @@ def window_lines(agents: int, seq: int, first_end: int) -> tuple[list[str], int]
 
 
 def fields_of(line: str) -> int:
-    """Fields of one line-protocol line (string fields here hold no commas or spaces)."""
-    return len(line.split(" ")[1].split(","))
+    """Fields of one line-protocol line (string fields here hold no commas or spaces; tags escape theirs)."""
+    return len(re.split(r"(?<!\\) ", line)[1].split(","))
 
 
 def main() -> None:
