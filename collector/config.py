@@ -11,6 +11,7 @@ they fall back to.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import os
@@ -20,10 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
+
 from capmon.agent import wire
 from capmon.agent.configfile import ConfigError, Where, bounds, check_sections, decode, parse_toml, read_toml
 
 __all__ = [
+    "RESERVED_FIELDS",
     "RESERVED_TAGS",
     "AuthConfig",
     "CollectorConfig",
@@ -33,6 +37,7 @@ __all__ = [
     "StorageConfig",
     "TokenConfig",
     "hash_token",
+    "install_hint",
     "load",
     "parse",
     "validate",
@@ -40,8 +45,78 @@ __all__ = [
 
 MiB = 1024 * 1024
 
-# Tags the collector writes itself: a label may not take one of these names.
-RESERVED_TAGS = frozenset({"host", "agent", "vendor", "model", "device", "parent", "probe"})
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra: capmon is installed from a checkout, not from PyPI."""
+    return f"pip install '.[{extra}]' in a capmon checkout (README: Install)"
+
+
+_ANY_KEY = "zzanykey"  # an extra/info key: its field shows where the writer puts agents' own keys
+
+
+def _every_field(cls: type, **given: Any) -> Any:
+    """`cls` with every optional wire field set, so the writer writes every field it can."""
+    values = dict(given)
+    for f in msgspec.structs.fields(cls):
+        if f.name in values or f.default is not None:
+            continue
+        for candidate in ("x", 1, 1_700_000_000):
+            try:
+                msgspec.convert({**values, f.name: candidate}, cls)
+            except msgspec.ValidationError:
+                continue
+            values[f.name] = candidate
+            break
+    return msgspec.convert(values, cls)
+
+
+@functools.cache
+def _written_keys() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(tag key, field key) -> measurements, read off `lineproto`'s own output for a report in
+    which every optional field is set, so this list can never drift from what is written."""
+    from capmon.collector import lineproto
+
+    holder = _every_field(wire.HolderWindow)
+    device = _every_field(
+        wire.DeviceWindow,
+        device_id="d",
+        vendor="v",
+        state="allocated_idle",
+        allocated_idle_s=1.0,
+        extra={_ANY_KEY: 1.0},
+        info={_ANY_KEY: "x"},
+        holders=[msgspec.to_builtins(holder)],
+    )
+    probe = _every_field(wire.ProbeStats, name="p", status="active")
+    report = wire.Report(
+        seq=1,
+        start=1_700_000_000,
+        end=1_700_000_060,
+        devices=[device],
+        host=_every_field(wire.HostWindow),
+        agent=_every_field(wire.AgentStats, probes=[msgspec.to_builtins(probe)]),
+    )
+    batch = wire.Batch(agent=wire.AgentIdentity(id="a", host="h", version="1"), reports=[report])
+    tags: dict[str, set[str]] = {}
+    fields: dict[str, set[str]] = {}
+    for line in lineproto.batch_lines(batch, (), price=lambda d: 1.0, energy_cost=lambda j: 1.0):
+        head, field_text, _ = line.split(" ")  # no value above holds a space
+        measurement, *tag_pairs = head.split(",")
+        for pair in tag_pairs:
+            tags.setdefault(pair.partition("=")[0], set()).add(measurement)
+        for pair in re.findall(r'([a-z0-9_]+)=(?:"[^"]*"|[^,]*)', field_text):
+            fields.setdefault(pair, set()).add(measurement)
+    return tags, fields
+
+
+# Tags the collector writes itself: a label may not take one of these names (a point would carry
+# the key twice, and InfluxDB refuses it; remote write would send duplicate labels).
+RESERVED_TAGS = frozenset(_written_keys()[0])
+# Field names the collector writes: a tag of the same name makes InfluxQL answer `state` and `state_1`.
+RESERVED_FIELDS = frozenset(k for k in _written_keys()[1] if not k.endswith(_ANY_KEY))
+# Prefixes of the fields that carry an agent's own `extra` and `info` keys (`extra_<key>`).
+_RESERVED_PREFIXES = tuple(sorted(k.removesuffix(_ANY_KEY) for k in _written_keys()[1] if k.endswith(_ANY_KEY)))
 _LABEL_KEY = re.compile(wire.KEY_PATTERN)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _WIRE = "the wire protocol's limit: tighter is fine, looser cannot be honoured"
@@ -218,13 +293,31 @@ def _check_collector(c: CollectorConfig, where: Where) -> None:
                 f"{key!r} is not a label key (lower-case letters, digits and _ starting with a letter, "
                 f"at most {wire.MAX_KEY_LEN} characters)"
             )
+        tags, fields = _written_keys()
         if key in RESERVED_TAGS:
-            raise spot.error(f"{key!r} is a tag the collector writes itself")
+            raise spot.error(f"{key!r} is a tag the collector writes itself (on {_on(tags[key])})")
+        if key in RESERVED_FIELDS:
+            raise spot.error(
+                f"{key!r} is a field the collector writes (on {_on(fields[key])}): a tag of the same "
+                "name would make queries answer two columns, "
+                f"{key} and {key}_1"
+            )
+        if key == "time":
+            raise spot.error("'time' is InfluxDB's timestamp column, never a tag key it accepts")
+        if key.startswith(_RESERVED_PREFIXES):
+            raise spot.error(
+                f"{key!r} starts like the fields of agents' own extra and info keys "
+                f"({', '.join(p + '<key>' for p in _RESERVED_PREFIXES)}), which it could collide with"
+            )
     if c.max_inflight_decoded_bytes < c.max_decoded_bytes:
         raise where.child("max_inflight_decoded_bytes").error(
             f"must be at least max_decoded_bytes ({c.max_decoded_bytes}), or the largest request "
             "allowed could never be taken"
         )
+
+
+def _on(measurements: set[str]) -> str:
+    return ", ".join(sorted(measurements))
 
 
 def _check_token(tok: TokenConfig, where: Where, env: Mapping[str, str]) -> None:
@@ -265,7 +358,7 @@ def _require_influxdb_client(where: Where) -> None:
     except ImportError as exc:
         raise where.error(
             f"storage.kind influxdb_v2 needs the influxdb-client package ({exc}): "
-            "pip install 'capmon[collector]'"
+            + install_hint("collector")
         ) from None
 
 
@@ -314,7 +407,7 @@ def _check_remote_write(s: StorageConfig, where: Where, env: Mapping[str, str]) 
         except ImportError:
             raise where.error(
                 f"storage.kind prometheus_remote_write needs the {package} package: "
-                "pip install 'capmon[collector]'"
+                + install_hint("collector")
             ) from None
     return s
 

@@ -152,7 +152,8 @@ def test_influxdb_v2_without_influxdb_client_names_the_extra(monkeypatch):
     assert str(exc.value).startswith(
         "collector.toml: [storage]: storage.kind influxdb_v2 needs the influxdb-client"
     )
-    assert "pip install 'capmon[collector]'" in str(exc.value)
+    # capmon is installed from a checkout, not from PyPI.
+    assert "pip install '.[collector]' in a capmon checkout (README: Install)" in str(exc.value)
     # Other kinds never need it.
     assert parse("[storage]\nkind = 'influxdb_v1'\n", "collector.toml", env={}).storage.kind == "influxdb_v1"
 
@@ -318,3 +319,68 @@ def test_both_roles_word_their_errors_alike(tmp_path):
         assert re.fullmatch(
             rf"{re.escape(str(path))}: unknown section \[{section}x\] \(known: [a-z, ]+\)", messages[role][2]
         )
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        # Tags of capmon_holder: a point would carry the key twice (influxd: "duplicate tags").
+        ("user", "'user' is a tag the collector writes itself (on capmon_holder)"),
+        ("namespace", "'namespace' is a tag the collector writes itself (on capmon_holder)"),
+        ("runtime", "'runtime' is a tag the collector writes itself (on capmon_holder)"),
+        ("slot", "'slot' is a tag the collector writes itself (on capmon_holder)"),
+        ("probe", "'probe' is a tag the collector writes itself (on capmon_agent)"),
+        ("time", "'time' is InfluxDB's timestamp column"),
+        # Fields: a tag of the same name makes InfluxQL answer `state` and `state_1`.
+        ("state", "'state' is a field the collector writes (on capmon_device, capmon_holder)"),
+        ("reason", "'reason' is a field the collector writes (on capmon_agent, capmon_device)"),
+        ("pid", "'pid' is a field the collector writes (on capmon_holder)"),
+        ("pod", "'pod' is a field the collector writes (on capmon_holder)"),
+        ("seq", "'seq' is a field the collector writes (on capmon_agent)"),
+        ("load1", "'load1' is a field the collector writes (on capmon_host)"),
+        ("extra_team", "'extra_team' starts like the fields of agents' own extra and info keys"),
+        ("info_x", "'info_x' starts like the fields of agents' own extra and info keys"),
+    ],
+)
+def test_a_label_key_the_collector_writes_itself_is_refused_at_load(key, why):
+    """Review: `label_keys = ["namespace"]` dead-lettered every window with a holder in a namespace."""
+    with pytest.raises(ConfigError) as exc:
+        parse(f"[collector]\nlabel_keys = ['site', '{key}']\n", "collector.toml", env={})
+    assert str(exc.value).startswith(f"collector.toml: [collector] label_keys[1]: {why}")
+
+
+def test_no_key_the_writer_writes_can_become_a_label_tag():
+    """Every tag and field key of a full report (holders, host, agent, probes), read off the lines
+    the collector writes, is refused as a label key; ordinary label keys are not."""
+    import msgspec
+    from collector_helpers import batch, device, report
+
+    from capmon.agent.wire import Batch
+    from capmon.collector.config import PricingConfig
+    from capmon.collector.fleet import Pricing
+    from capmon.collector.lineproto import batch_lines
+
+    holder = {
+        "pid": 7, "user": "u", "uid": 1, "command": "c", "runtime": "docker", "container_id": "i",
+        "pod_uid": "p", "namespace": "n", "pod": "p", "container": "k", "slurm_job_id": "9",
+        "partition": "g", "memory_bytes": 1, "held_s": 1.0, "since": 1_700_000_000,
+    }  # fmt: skip
+    dev = device(
+        state="allocated_idle", model="H100", holders=[holder], idle_since=1_700_000_000, state_since=1_700_000_000,
+        parent_id="GPU-P", error="e", reason="r", fraction=0.5, energy_j=1.0, idle_energy_j=1.0,
+    )  # fmt: skip
+    data = msgspec.convert(batch([report(devices=[dev])], labels={}), Batch)
+    pricing = Pricing(PricingConfig(default=1.0, energy_price_per_kwh=0.2))
+    lines = batch_lines(data, (), pricing.for_device, pricing.energy_cost)
+    keys = set()
+    for line in lines:
+        head, fields, _ = line.split(" ")
+        keys |= {pair.split("=")[0] for pair in head.split(",")[1:]}
+        keys |= set(re.findall(r'(?:^|,)([a-z0-9_]+)=(?:"[^"]*"|[^,]*)', fields))
+    assert {"user", "namespace", "runtime", "slot", "state", "reason", "pid", "idle_energy_cost"} <= keys
+    for key in sorted(keys):
+        with pytest.raises(ConfigError, match=rf"label_keys\[0\]: '{key}' is a"):
+            parse(f"[collector]\nlabel_keys = ['{key}']\n", "c.toml", env={})
+    ok = parse("[collector]\nlabel_keys = ['site', 'team', 'rack', 'gpu_pool']\n", "c.toml", env={})
+    assert ok.collector.label_keys == ("site", "team", "rack", "gpu_pool")
+
