@@ -29,6 +29,8 @@ class SpoolingSink:
     can tell a restarted agent (same instance, seq continues) from a fresh spool (new instance, seq 1);
     everything else in it (labels, `window_s`) goes as given.
     `transport_options` go to `Transport` (tests inject `sleep`, `clock`, `rng`, `environ`).
+    `discarded_at_exit`: the spool is thrown away after `close()` (`capmon demo`), so what is left in it
+    is not "sent when the agent starts again".
     """
 
     def __init__(
@@ -36,9 +38,12 @@ class SpoolingSink:
         identity: wire.AgentIdentity,
         spool: SpoolConfig,
         transport: TransportConfig,
+        *,
+        discarded_at_exit: bool = False,
         **transport_options: Any,
     ) -> None:
         self._identity = identity
+        self._discarded_at_exit = discarded_at_exit
         self._spool_config = spool
         self._transport_config = transport
         self._transport_options = transport_options
@@ -129,7 +134,9 @@ class SpoolingSink:
             self._task = None
         if self._spool is not None:
             left = self._spool.stats()["spool_reports"]
-            if left:
+            if left and self._discarded_at_exit:
+                log.info("stopping with %d report(s) not delivered; this spool is discarded", left)
+            elif left:
                 log.warning(
                     "stopping with %d report(s) spooled; they are sent when the agent starts again", left
                 )

@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import importlib
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -27,7 +29,9 @@ from aiohttp import web
 from capmon.agent.allocation import Allocation, AllocationSource
 from capmon.agent.config import AgentConfig, AgentSection
 from capmon.agent.daemon import Agent
+from capmon.agent.delivery import SpoolingSink
 from capmon.agent.holders import parse_cgroup
+from capmon.agent.sinks import identity_of
 from capmon.agent.spool import SpoolConfig
 from capmon.agent.transport import TransportConfig
 from capmon.collector.app import create_app
@@ -35,10 +39,12 @@ from capmon.collector.config import (
     AuthConfig,
     CollectorConfig,
     Config,
+    ConfigError,
     PricingConfig,
     StorageConfig,
     TokenConfig,
     hash_token,
+    validate,
 )
 from capmon.plugins.mock import MockProbe, mock_fleet
 from capmon.plugins.mock.probe import USERS
@@ -208,15 +214,67 @@ class MockAllocations(AllocationSource):
         return vendor == "mock"
 
 
-class CannotListen(Exception):
-    """The demo's collector port cannot be bound; the message is the one line a person sees."""
+class CannotStart(Exception):
+    """The demo cannot start as asked; the message is the one line a person sees."""
+
+
+class CannotListen(CannotStart):
+    """The demo's collector port cannot be bound."""
+
+
+INSTALL_COLLECTOR = "pip install '.[collector]' in a capmon checkout (README: Install)"
+
+
+def checked_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
+    """The demo's collector configuration, checked by the collector's own validator, so what the
+    options miss is one line in the demo's terms (its flags), never a traceback from a writer."""
+    if args.influx_url and args.influx_version == "2":
+        try:
+            importlib.import_module("influxdb_client.client.influxdb_client_async")
+        except ImportError as exc:
+            raise CannotStart(
+                f"--influx-version 2 writes through the influxdb-client package ({exc}): "
+                f"{INSTALL_COLLECTOR}; or --influx-version 1 for an InfluxDB 1.x"
+            ) from None
+    try:
+        return validate(demo_config(args), env)
+    except ConfigError as exc:
+        text = str(exc).removeprefix("<demo>: ")
+        for key, flag in (
+            ("storage.token or $CAPMON_INFLUX_TOKEN", "--influx-token or $CAPMON_INFLUX_TOKEN"),
+            ("storage.org", "--influx-org"),
+            ("storage.bucket", "--influx-bucket"),
+        ):
+            text = text.replace(key, flag)
+        raise CannotStart(text) from None
+
+
+async def check_influx(args: argparse.Namespace, timeout_s: float = 5.0) -> None:
+    """Ask the store once, before any agent starts, whether it is there and speaks the write API
+    --influx-version names: an InfluxDB before 1.8 has no v2 API, and every write would answer 404."""
+    if not args.influx_url:
+        return
+    url = args.influx_url.rstrip("/")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+            async with http.get(f"{url}/ping") as resp:
+                version = resp.headers.get("X-Influxdb-Version", "")
+    except aiohttp.ClientConnectorError as exc:
+        reason = os.strerror(exc.os_error.errno) if exc.os_error and exc.os_error.errno else str(exc)
+        reason = reason[:1].lower() + reason[1:]
+        raise CannotStart(f"cannot reach InfluxDB at {url}: {reason}") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        raise CannotStart(f"cannot reach InfluxDB at {url}: {type(exc).__name__}: {exc}") from None
+    major_minor = re.match(r"v?(\d+)\.(\d+)", version)
+    if args.influx_version == "2" and major_minor and (int(major_minor[1]), int(major_minor[2])) < (1, 8):
+        raise CannotStart(f"{url} is InfluxDB {version}, which has no v2 write API: use --influx-version 1")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run_demo(args))
-    except CannotListen as exc:
+    except CannotStart as exc:
         print(f"capmon demo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -238,7 +296,8 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> CannotListen:
 
 async def run_demo(args: argparse.Namespace, out=None) -> None:
     out = out or sys.stdout
-    config = demo_config(args)
+    config = checked_config(args)
+    await check_influx(args)
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -270,7 +329,11 @@ async def run_demo(args: argparse.Namespace, out=None) -> None:
             source="<demo>",
         )
         probe = MockProbe(host.config)
-        agents.append(Agent(agent_config, probes=[probe], sources=[MockAllocations(probe)]))
+        # The demo's spools are removed when it stops: its agents never start again to send them.
+        sink = SpoolingSink(
+            identity_of(agent_config), agent_config.spool, agent_config.transport, discarded_at_exit=True
+        )
+        agents.append(Agent(agent_config, probes=[probe], sources=[MockAllocations(probe)], sink=sink))
     tasks = [asyncio.create_task(a.run(stop)) for a in agents]
     print(f"capmon demo: live page {url}/  (read token: {READ_TOKEN})", file=out)
     print(

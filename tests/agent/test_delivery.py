@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from aiohttp import web
@@ -130,3 +131,29 @@ async def test_stats_count_what_the_spool_holds_and_drops(tmp_path, unused_tcp_p
     assert stats["spool_bytes"] == 3 * size
     assert stats["dead_letter_reports"] == 0
     await sink.close(timeout_s=0)
+
+
+async def test_a_spool_discarded_at_exit_never_promises_a_restart_that_will_not_come(
+    tmp_path, unused_tcp_port, caplog
+):
+    # `capmon demo` removes its agents' spools when it stops: they never start again to send them.
+    url = f"http://127.0.0.1:{unused_tcp_port}/api/v1/reports"  # nobody listens
+    for discarded, expected in (
+        (False, "sent when the agent starts again"),
+        (True, "this spool is discarded"),
+    ):
+        sink = SpoolingSink(
+            IDENTITY,
+            SpoolConfig(path=str(tmp_path / str(discarded))),
+            TransportConfig(url=url),
+            discarded_at_exit=discarded,
+        )
+        await sink.start()
+        await put_windows(sink, 2)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="capmon.agent.delivery"):
+            await sink.close(timeout_s=0)
+        assert expected in caplog.text
+        if discarded:
+            assert "starts again" not in caplog.text
+            assert all(r.levelno < logging.WARNING for r in caplog.records)

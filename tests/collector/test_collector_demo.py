@@ -57,3 +57,75 @@ async def test_on_a_terminal_every_frame_keeps_the_curl_hint_below_the_table():
     for frame in frames:
         _table, hint = frame.split("LONGEST IDLE", 1)[1].split("\n\n", 1)
         assert hint.startswith("  try: curl -s -H 'Authorization: Bearer demo-read-token' http://127.0.0.1:")
+
+
+def _demo(*argv: str, block: str = "") -> subprocess.CompletedProcess[str]:
+    """The real `capmon demo` in a subprocess; `block` names a module the interpreter cannot import
+    (a plain `pip install .` without that extra)."""
+    code = (
+        "import sys\n"
+        + (f"sys.modules[{block!r}] = None\n" if block else "")
+        + "from capmon.agent.cli import main\n"
+        + "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, "demo", "--port", "0", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_without_influxdb_client_the_v2_store_is_one_line_and_exit_1():
+    proc = _demo("--influx-url", "http://127.0.0.1:9", "--seconds", "1", block="influxdb_client")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(
+        "capmon demo: --influx-version 2 writes through the influxdb-client package"
+    )
+    assert "pip install '.[collector]' in a capmon checkout (README: Install)" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_v2_against_an_influxdb_1_x_says_use_version_1_once_at_start(influxd):
+    proc = _demo("--influx-url", influxd.url, "--influx-org", "o", "--influx-token", "t", "--seconds", "1")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"capmon demo: {influxd.url} is InfluxDB 1.6.7~rc0, which has no v2 write API: "
+        "use --influx-version 1\n"
+    )
+    assert proc.stdout == ""
+
+
+def test_an_unreachable_store_is_one_line_before_any_agent_starts():
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = _demo("--influx-url", f"http://127.0.0.1:{port}", "--influx-version", "1", "--seconds", "1")
+    assert proc.returncode == 1
+    assert (
+        proc.stderr == f"capmon demo: cannot reach InfluxDB at http://127.0.0.1:{port}: connection refused\n"
+    )
+
+
+def test_the_demo_writes_to_an_influxdb_1_x_and_never_promises_a_restart(influxd):
+    # The collector down for the agents' last window: the reports left behind are the demo's to drop.
+    proc = _demo(
+        "--influx-url",
+        influxd.url,
+        "--influx-version",
+        "1",
+        "--hosts",
+        "1",
+        "--devices",
+        "2",
+        "--window",
+        "1",
+        "--seconds",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "sent when the agent starts again" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert influxd.rows("SELECT count(*) FROM capmon_device", "capmon")
