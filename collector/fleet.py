@@ -35,7 +35,12 @@ seconds are kept per agent per holder key, at most `MAX_HOLDER_KEYS_PER_AGENT` p
 recently active folded into "(other)" and counted.
 
 Memory matters at 100,000 devices: per-device state is a `__slots__` object whose repeated strings
-(vendor, model, host, labels) are interned, so thousands of devices share one copy.
+(vendor, model, host, labels) are interned, so thousands of devices share one copy. Memory is bounded
+fleet-wide, not only per agent (agent ids are bounded only by a token's pattern): at most
+`MAX_VIEW_AGENTS` agents, `MAX_VIEW_DEVICES` devices and `MAX_VIEW_HOLDERS` holder records. A report
+that would pass one is stored all the same but kept out of the view: its agent (if it was in the view)
+leaves it, and `GET /api/v1/agents` lists it with `live_view` saying why, until a later report fits
+again. A device no longer reported keeps no holders.
 """
 
 from __future__ import annotations
@@ -92,6 +97,16 @@ MAX_PRICE_CACHE = 4096
 # least recently active keys fold into "(other)"); devices listed per holder in `holders()`.
 MAX_HOLDER_KEYS_PER_AGENT = 256
 MAX_HELD_LISTED = 50
+# Fleet-wide bounds on what the view keeps (agent ids are bounded only by a token's pattern, so one
+# token could otherwise fill the collector's memory): agents, devices (listed and "no longer
+# reported"), and holder records of the latest windows. A report that would take the view beyond one
+# is stored but kept out of the live view (`KEPT_OUT`), its agent listed as such; at most
+# MAX_KEPT_OUT_AGENTS of those are remembered, the least recently seen dropped first.
+MAX_VIEW_AGENTS = 50_000
+MAX_VIEW_DEVICES = 100_000
+MAX_VIEW_HOLDERS = 500_000
+MAX_KEPT_OUT_AGENTS = 1000
+KEPT_OUT = "not in the live view: fleet bound"
 
 log = logging.getLogger("capmon.collector.fleet")
 
@@ -246,6 +261,7 @@ class AgentState:
         "folded_models",
         "held",
         "held_folded",
+        "holder_count",
         "host",
         "id",
         "idle_energy",
@@ -275,6 +291,8 @@ class AgentState:
         self.longest_window = 0
         self.window_s = DEFAULT_WINDOW_S
         self.devices: dict[str, DeviceState] = {}
+        # Holder records its devices keep (the fleet-wide bound counts them).
+        self.holder_count = 0
         # model → seconds in each state (STATES order), then the same in GPU-equivalents, since the
         # collector started.
         self.seconds: dict[str, list[float]] = {}
@@ -406,6 +424,19 @@ def holder_dict(h: HolderWindow) -> dict[str, Any]:
     }
 
 
+class _KeptOut:
+    """An agent the fleet-wide bound keeps out of the view: what `GET /api/v1/agents` says of it."""
+
+    __slots__ = ("bound", "devices", "host", "last_seen", "reports")
+
+    def __init__(self) -> None:
+        self.host = ""
+        self.last_seen = 0.0
+        self.reports = 0
+        self.devices = 0
+        self.bound = ""
+
+
 class _HolderTally:
     __slots__ = (
         "alloc_idle_value",
@@ -532,6 +563,9 @@ class FleetView:
         clock: Callable[[], float] = time.time,
         forget_after_s: float = 86400.0,
         on_forget: Callable[[int], object] | None = None,
+        max_agents: int | None = None,
+        max_devices: int | None = None,
+        max_holders: int | None = None,
     ) -> None:
         self.label_keys = label_keys
         self.pricing = pricing
@@ -543,6 +577,16 @@ class FleetView:
         self.refused_only: OrderedDict[str, AgentState] = OrderedDict()
         self.refused_only_evicted = 0
         self.missing_dropped = 0
+        self.max_agents = MAX_VIEW_AGENTS if max_agents is None else max_agents
+        self.max_devices = MAX_VIEW_DEVICES if max_devices is None else max_devices
+        self.max_holders = MAX_VIEW_HOLDERS if max_holders is None else max_holders
+        # What the agents in `by_id` keep: devices (listed and missing) and holder records.
+        self.device_total = 0
+        self.holder_total = 0
+        # Agents whose latest report the fleet-wide bound kept out, least recently seen first.
+        self.kept_out: OrderedDict[str, _KeptOut] = OrderedDict()
+        self.kept_out_reports = 0
+        self.kept_out_evicted = 0
         self.forget_after_s = forget_after_s
         self.on_forget = on_forget
         self._sweep_interval = min(SWEEP_INTERVAL_S, forget_after_s)
@@ -553,6 +597,14 @@ class FleetView:
         """Fold a validated batch into the view; returns (reports applied, reports already seen)."""
         ident = batch.agent
         agent = self.by_id.get(ident.id)
+        latest = max(batch.reports, key=lambda r: r.end, default=None)
+        if agent is None or (latest is not None and latest.end > agent.last_end):
+            over = self._beyond_bound(agent, latest)
+            if over is not None:
+                self._keep_out(ident.id, ident.host, latest, over)
+                return 0, 0
+            agent = self.by_id.get(ident.id)
+        self.kept_out.pop(ident.id, None)
         if agent is None:
             agent = self.refused_only.pop(ident.id, None) or AgentState(ident.id)
             self.by_id[agent.id] = agent
@@ -594,6 +646,57 @@ class FleetView:
             self._sweep(now)
         return applied, seen
 
+    def _beyond_bound(self, agent: AgentState | None, latest: Report | None) -> str | None:
+        """Which fleet-wide bound the view would pass if this agent's devices were `latest`'s
+        (and its other devices kept as missing: an upper bound); None when it fits."""
+        listed = {d.device_id for d in latest.devices} if latest is not None else set()
+        devices = len(listed)
+        if agent is not None:
+            devices += min(MAX_MISSING_DEVICES, sum(1 for k in agent.devices if k not in listed))
+        holders = sum(len(d.holders) for d in latest.devices if d.holders) if latest is not None else 0
+        for attempt in range(2):
+            if agent is not None and self.by_id.get(agent.id) is not agent:
+                agent = None  # the sweep below forgot it: it comes back as a new agent
+            now_devices = self.device_total - (len(agent.devices) if agent is not None else 0)
+            now_holders = self.holder_total - (agent.holder_count if agent is not None else 0)
+            if agent is None and len(self.by_id) >= self.max_agents:
+                over = f"{self.max_agents} agents"
+            elif now_devices + devices > self.max_devices:
+                over = f"{self.max_devices} devices"
+            elif now_holders + holders > self.max_holders:
+                over = f"{self.max_holders} holder records"
+            else:
+                return None
+            if attempt == 0:
+                self._sweep(self.clock())  # forgotten agents not swept yet may be what fills it
+        return over
+
+    def _keep_out(self, agent_id: str, host: str, latest: Report | None, over: str) -> None:
+        """Keep an agent out of the view (its reports are stored all the same): what it held leaves."""
+        agent = self.by_id.pop(agent_id, None)
+        if agent is not None:
+            self.device_total -= len(agent.devices)
+            self.holder_total -= agent.holder_count
+        rec = self.kept_out.pop(agent_id, None)
+        if rec is None:
+            if len(self.kept_out) >= MAX_KEPT_OUT_AGENTS:
+                self.kept_out.popitem(last=False)
+                self.kept_out_evicted += 1
+            rec = _KeptOut()
+            log.warning(
+                "agent %r kept out of the live view: it would pass the fleet-wide bound of %s "
+                "(its reports are still stored)",
+                agent_id[:128],
+                over,
+            )
+        self.kept_out[sys.intern(agent_id)] = rec
+        rec.host = sys.intern(host)
+        rec.last_seen = self.clock()
+        rec.reports += 1
+        rec.devices = len(latest.devices) if latest is not None else 0
+        rec.bound = over
+        self.kept_out_reports += 1
+
     def _count(self, agent: AgentState, report: Report) -> None:
         seconds = agent.seconds
         for d in report.devices:
@@ -617,6 +720,9 @@ class FleetView:
 
     def _replace_devices(self, agent: AgentState, report: Report, counted: bool = True) -> None:
         old = agent.devices
+        self.device_total -= len(old)
+        self.holder_total -= agent.holder_count
+        holders = 0
         new: dict[str, DeviceState] = {}
         # Whose layout this report states: a MIG parent's instances, or a whole device itself.
         stated: set[str] = set()
@@ -630,6 +736,8 @@ class FleetView:
                 dev.update(d, report.end, value)
             if counted and d.idle_energy_j is not None:
                 dev.idle_energy_j = (dev.idle_energy_j or 0.0) + d.idle_energy_j
+            if d.holders:
+                holders += len(d.holders)
             new[dev.device_id] = dev
         missing = []
         for dev in old.values():
@@ -640,6 +748,9 @@ class FleetView:
             if report.end - dev.end > self.forget_after_s:
                 continue
             dev.missing = True
+            # Who held it is no longer known (nor shown): its last holders are not kept.
+            dev.holders = None
+            dev.holders_omitted = 0
             missing.append(dev)
         if len(missing) > MAX_MISSING_DEVICES:
             missing.sort(key=lambda m: -m.end)
@@ -648,6 +759,9 @@ class FleetView:
         for dev in missing:
             new[dev.device_id] = dev
         agent.devices = new
+        agent.holder_count = holders
+        self.device_total += len(new)
+        self.holder_total += holders
 
     def record_refusal(
         self, agent_id: str, reason: str, detail: str, now: float, host: str | None = None
@@ -682,9 +796,13 @@ class FleetView:
         self.sweeps += 1
         gone = [a.id for a in self.by_id.values() if self.is_forgotten(a, now)]
         for agent_id in gone:
-            del self.by_id[agent_id]
+            agent = self.by_id.pop(agent_id)
+            self.device_total -= len(agent.devices)
+            self.holder_total -= agent.holder_count
         for agent_id in [a.id for a in self.refused_only.values() if self.is_forgotten(a, now)]:
             del self.refused_only[agent_id]
+        for agent_id in [k for k, r in self.kept_out.items() if now - r.last_seen > self.forget_after_s]:
+            del self.kept_out[agent_id]
         if gone:
             log.info(
                 "forgot %d agent(s) silent for more than %gs: %s%s",
@@ -723,10 +841,13 @@ class FleetView:
     def agents(self, now: float | None = None) -> list[dict[str, Any]]:
         """`GET /api/v1/agents`: every agent with its last report and its refusals, by id.
 
-        Includes agents that never delivered a valid report (every window refused: a clock far off).
+        Includes agents that never delivered a valid report (every window refused: a clock far off),
+        and agents whose reports are stored but kept out of the live view by its fleet-wide bound
+        (`live_view` says so; None: the agent is in the view, or known only by refusals).
         """
         now = self.clock() if now is None else now
         out = []
+        rows: dict[str, dict[str, Any]] = {}
         for agent in self.live_agents(now):
             out.append(
                 {
@@ -741,26 +862,51 @@ class FleetView:
                     "devices": len(agent.devices),
                     "models_folded": agent.folded_models,
                     "refusals": _refusals_dict(agent.refusals),
+                    "live_view": None,
                 }
             )
         for agent in self.refused_only.values():
             if self.is_forgotten(agent, now):
                 continue
-            out.append(
+            rows[agent.id] = {
+                "id": agent.id,
+                "host": agent.host or None,
+                "instance": None,
+                "version": None,
+                "window_s": None,
+                "last_report_end": None,
+                "last_seen": None,
+                "stale": True,
+                "devices": 0,
+                "models_folded": 0,
+                "refusals": _refusals_dict(agent.refusals),
+                "live_view": None,
+            }
+        for agent_id, rec in self.kept_out.items():
+            if now - rec.last_seen > self.forget_after_s:
+                continue
+            row = rows.setdefault(
+                agent_id,
                 {
-                    "id": agent.id,
-                    "host": agent.host or None,
+                    "id": agent_id,
                     "instance": None,
                     "version": None,
                     "window_s": None,
                     "last_report_end": None,
-                    "last_seen": None,
                     "stale": True,
-                    "devices": 0,
                     "models_folded": 0,
-                    "refusals": _refusals_dict(agent.refusals),
-                }
+                    "refusals": {},
+                },
             )
+            row.update(
+                host=rec.host,
+                last_seen=rec.last_seen,
+                # What its latest report listed; the view keeps none of them.
+                devices=rec.devices,
+                kept_out_reports=rec.reports,
+                live_view=f"{KEPT_OUT} ({rec.bound})",
+            )
+        out.extend(rows.values())
         out.sort(key=lambda a: a["id"])
         return out
 
@@ -920,6 +1066,8 @@ class FleetView:
                     continue
                 if want_model is not None and dev.model != want_model:
                     continue
+                if dev.missing:
+                    continue  # no longer reported: who holds it now is not known
                 if not dev.holders and dev.state not in _HELD_STATES:
                     continue  # nobody held it in its latest window
                 idle_for = (
