@@ -191,7 +191,8 @@ def _check_exporter(exporter: ExporterSection, where: Where) -> None:
         import prometheus_client  # noqa: F401
     except ImportError:
         raise where.child("listen").error(
-            "the exporter needs the prometheus-client package: pip install 'capmon[prometheus]'"
+            "the exporter needs the prometheus-client package: "
+            "pip install '.[prometheus]' in a capmon checkout (README: Install)"
         ) from None
 
 

@@ -121,7 +121,9 @@ class KubernetesSource(AllocationSource):
 
             from capmon.plugins.kubernetes import podresources
         except ImportError as exc:
-            raise ProbeUnavailable(f"{exc.name} not installed (pip install 'capmon[kubernetes]')") from None
+            raise ProbeUnavailable(
+                f"{exc.name} not installed: pip install '.[kubernetes]' in a capmon checkout (README: Install)"
+            ) from None
         self._grpc = grpc
         self._channel = grpc.insecure_channel(
             f"unix://{self.socket}",

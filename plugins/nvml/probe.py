@@ -16,7 +16,7 @@ from capmon.agent.probe import Holder
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "nvidia-ml-py not installed: pip install 'capmon[nvidia]'"
+INSTALL_HINT = "nvidia-ml-py not installed: pip install '.[nvidia]' in a capmon checkout (README: Install)"
 
 # After one of these the NVML session itself is gone, not just one field: shut down and init again.
 _REINIT_ERRORS = (
