@@ -77,13 +77,14 @@ def authenticate(request: web.Request, role: str) -> Principal:
         raise Refusal(401, "unauthorized", "missing or unknown bearer token", reason="unauthorized")
     if principal.role != role:
         what = "write reports" if role == "agent" else "read the fleet"
+        article = "an" if principal.role[0] in "aeiou" else "a"
         request.app[AUTH_LOG].note(
             403,
             f"token {principal.name!r}",
             request.remote,
             f"forbidden {request.path} ({principal.role} token)",
         )
-        raise Refusal(403, "forbidden", f"a {principal.role} token cannot {what}", reason="forbidden")
+        raise Refusal(403, "forbidden", f"{article} {principal.role} token cannot {what}", reason="forbidden")
     return principal
 
 
@@ -109,16 +110,34 @@ async def ingest(request: web.Request) -> web.Response:
     return json_response(answer)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+# ASCII only: `\d` and `int()` also take other scripts' digits (`１２`, `١`) and `int()` takes `1_0`.
+_DURATION = re.compile(r"[ ]*([0-9]{1,12}(?:\.[0-9]{1,9})?)[ ]*(s|m|h|d)?[ ]*")
+_LIMIT = re.compile(r"[0-9]{1,6}")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Longer than any idle time or range a store holds: beyond it a duration is a typo or a probe.
+MAX_DURATION_S = 100 * 365 * 86400
 
 
 def parse_duration(text: str) -> float:
-    """`90`, `90s`, `15m`, `2h`, `1d` → seconds."""
-    m = _DURATION.match(text)
+    """`90`, `90s`, `15m`, `2h`, `1d` → seconds (ASCII digits, at most MAX_DURATION_S)."""
+    m = _DURATION.fullmatch(text)
     if m is None:
         raise ValueError(text)
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if not seconds <= MAX_DURATION_S:
+        raise ValueError(text)
+    return seconds
+
+
+def refuse_unknown(query: Mapping[str, str], known: set[str] | frozenset[str]) -> None:
+    """Every read endpoint answers a parameter it does not know alike: 400 naming it and the known."""
+    unknown = sorted({key[:64] for key in query if key not in known})
+    if unknown:
+        raise Refusal(
+            400,
+            "unknown parameter",
+            f"{', '.join(map(repr, unknown[:8]))}; known: {', '.join(sorted(known)) or 'none'}",
+        )
 
 
 def parse_states(text: str) -> frozenset[str] | None:
@@ -142,14 +161,14 @@ def min_idle_and_limit(query: Mapping[str, str]) -> tuple[float, int]:
         min_idle = parse_duration(query.get("min_idle", "0"))
     except ValueError:
         raise Refusal(
-            400, "invalid parameter", "min_idle: seconds, or a duration like 90s, 15m, 2h, 1d"
+            400,
+            "invalid parameter",
+            "min_idle: seconds, or a duration like 90s, 15m, 2h, 1d (ASCII digits, at most 36500d)",
         ) from None
-    try:
-        limit = int(query.get("limit", "100"))
-        if not 1 <= limit <= 100_000:
-            raise ValueError
-    except ValueError:
-        raise Refusal(400, "invalid parameter", "limit: an integer 1..100000") from None
+    text = query.get("limit", "100")
+    limit = int(text) if _LIMIT.fullmatch(text) else 0
+    if not 1 <= limit <= 100_000:
+        raise Refusal(400, "invalid parameter", "limit: an integer 1..100000 (ASCII digits)")
     return min_idle, limit
 
 
@@ -174,10 +193,9 @@ async def devices(request: web.Request) -> web.Response:
     authenticate(request, "read")
     fleet = request.app[LIVE]
     query: Mapping[str, str] = request.query
-    known = {"state", "min_idle", "limit", "model", "vendor", "host", "agent", *fleet.label_keys}
-    for key in query:
-        if key not in known:
-            raise Refusal(400, "unknown parameter", f"{key[:64]!r}; known: {', '.join(sorted(known))}")
+    refuse_unknown(
+        query, {"state", "min_idle", "limit", "model", "vendor", "host", "agent", *fleet.label_keys}
+    )
     try:
         states = parse_states(query.get("state", "free"))
     except ValueError as exc:
@@ -202,14 +220,9 @@ async def holders(request: web.Request) -> web.Response:
     authenticate(request, "read")
     fleet = request.app[LIVE]
     query: Mapping[str, str] = request.query
-    known = {"by", "state", "min_idle", "limit", "since", "model", "host", "agent", *fleet.label_keys}
-    unknown = sorted({key[:64] for key in query if key not in known})
-    if unknown:
-        raise Refusal(
-            400,
-            "unknown parameter",
-            f"{', '.join(map(repr, unknown[:8]))}; known: {', '.join(sorted(known))}",
-        )
+    refuse_unknown(
+        query, {"by", "state", "min_idle", "limit", "since", "model", "host", "agent", *fleet.label_keys}
+    )
     by = query.get("by", "user")
     if by not in HOLDER_KEYS:
         raise Refusal(400, "invalid parameter", f"by {by[:64]!r}: one of {', '.join(HOLDER_KEYS)}")
@@ -226,9 +239,7 @@ async def holders(request: web.Request) -> web.Response:
 async def fleet_summary(request: web.Request) -> web.Response:
     """`GET /api/v1/fleet?since=24h`: counts now, totals since start (memory) or over `since` (storage)."""
     authenticate(request, "read")
-    for key in request.query:
-        if key != "since":
-            raise Refusal(400, "unknown parameter", f"{key[:64]!r}; known: since")
+    refuse_unknown(request.query, {"since"})
     return json_response(await request.app[LIVE].summary(since_param(request.query)))
 
 
@@ -272,6 +283,7 @@ async def metrics_page(request: web.Request) -> web.Response:
 async def agents(request: web.Request) -> web.Response:
     """`GET /api/v1/agents`: each agent's last report and its refusals (a clock far off shows here)."""
     authenticate(request, "read")
+    refuse_unknown(request.query, frozenset())
     listed = await request.app[LIVE].agents()
     return json_response({"agents": listed, "count": len(listed)})
 

@@ -408,6 +408,12 @@ class RefusalTally:
     written_count: int = 0
 
 
+def _patterns(agents: tuple[str, ...], most: int = 8) -> str:
+    """A token's agent-id patterns for a refusal: bounded, however many the token has."""
+    shown = ", ".join(repr(p[:128]) for p in agents[:most])
+    return shown + (f" and {len(agents) - most} more" if len(agents) > most else "")
+
+
 class IngestService:
     """Owns the rule of `POST /api/v1/reports`: store, then apply to the live view unless refused."""
 
@@ -492,11 +498,17 @@ class IngestService:
                 reason="too_large",
             )
         if not principal.may_write_as(batch.agent.id):
-            log.info("token %s may not write as agent %r", principal.name, batch.agent.id[:128])
+            # The patterns are configuration, not secrets: the operator needs them to decide whether
+            # the agent's [agent] id or the token's `agents` is wrong.
+            may = _patterns(principal.agents)
+            log.info(
+                "token %s may not write as agent %r (it may write as %s)", principal.name, batch.agent.id, may
+            )
             raise Refusal(
                 403,
                 "forbidden",
-                "this token may not write as this agent id",
+                f"this token may not write as agent id {batch.agent.id!r}; it may write as {may} "
+                "(change the agent's [agent] id, or the token's `agents` in the collector's [auth])",
                 "$.agent.id",
                 reason="wrong_agent",
             )

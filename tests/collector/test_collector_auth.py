@@ -67,7 +67,9 @@ async def test_agent_token_writes_only_as_its_agents(client, writer):
     assert all("rack3" not in line for line in writer.lines)
 
 
-@pytest.mark.parametrize("path", ["/api/v1/fleet", "/api/v1/devices", "/metrics"])
+@pytest.mark.parametrize(
+    "path", ["/api/v1/fleet", "/api/v1/devices", "/api/v1/holders", "/api/v1/agents", "/metrics"]
+)
 async def test_read_apis_need_a_read_token(client, path):
     assert (await client.get(path)).status == 401
     assert (await client.get(path, headers=auth("nope"))).status == 401
@@ -103,3 +105,34 @@ def test_env_token_and_patterns():
     assert store.authenticate("bearer s3cret") is not None
     assert store.authenticate("Bearer s3cre") is None
     assert "s3cret" not in repr(p)
+
+
+async def test_a_wrong_agent_id_is_refused_naming_the_id_and_the_tokens_patterns(client, caplog):
+    """The operator must see whether `[agent] id` or the token's `agents` is wrong, never the token."""
+    caplog.set_level(logging.INFO, logger="capmon.collector")
+    resp = await ingest(client, auth(RACK_TOKEN), agent_id="rack3-node-1")
+    assert resp.status == 403
+    answer = await resp.json()
+    assert answer["path"] == "$.agent.id"
+    assert "agent id 'rack3-node-1'" in answer["detail"] and "may write as 'rack2-*'" in answer["detail"]
+    [line] = [r.getMessage() for r in caplog.records if "may not write" in r.getMessage()]
+    assert "'rack3-node-1'" in line and "'rack2-*'" in line and "rack2" in line
+    assert RACK_TOKEN not in caplog.text and RACK_TOKEN not in answer["detail"]
+
+
+def test_a_token_with_many_patterns_is_named_with_a_bounded_list():
+    from capmon.collector.ingest import _patterns
+
+    assert _patterns(("a-*", "b")) == "'a-*', 'b'"
+    many = _patterns(tuple(f"rack{i}-*" for i in range(20)))
+    assert many.startswith("'rack0-*', 'rack1-*'") and many.endswith("'rack7-*' and 12 more")
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/fleet", "/api/v1/devices", "/api/v1/holders", "/api/v1/agents", "/metrics"]
+)
+async def test_the_wrong_kind_of_token_reads_in_plain_english(client, path):
+    resp = await client.get(path, headers=auth(AGENT_TOKEN))
+    assert resp.status == 403 and (await resp.json())["detail"] == "an agent token cannot read the fleet"
+    resp = await ingest(client, auth(READ_TOKEN))
+    assert resp.status == 403 and (await resp.json())["detail"] == "a read token cannot write reports"
