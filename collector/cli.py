@@ -50,7 +50,11 @@ def register_collector(subparsers: argparse._SubParsersAction) -> None:  # type:
 
     hashing = commands.add_parser("hash-token", help="print the sha256 of a token for [auth] in the config")
     hashing.add_argument("token", nargs="?", help="the token (default: read from stdin; never echoed)")
-    hashing.add_argument("--generate", action="store_true", help="make a new random token and print both")
+    hashing.add_argument(
+        "--generate",
+        action="store_true",
+        help="make a new random token; print it, its sha256 and the [auth] lines to paste",
+    )
     hashing.set_defaults(func=cmd_hash_token)
 
 
@@ -66,8 +70,19 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_hash_token(args: argparse.Namespace) -> int:
     if args.generate:
         token = secrets.token_urlsafe(32)
+        digest = hash_token(token)
         print(f"token:  {token}")
-        print(f"sha256: {hash_token(token)}")
+        print(f"sha256: {digest}")
+        print()
+        print("# The token goes to the client (the agent, Grafana, the live page); only the sha256")
+        print("# goes in the collector's [auth]. Paste one of these lines there (or add the { … } entry")
+        print("# to the list you have) and replace every <…> placeholder first:")
+        print("# an agent token, writing only as the agent ids it names (fnmatch patterns):")
+        print(
+            f'agent_tokens = [{{ name = "<name for logs>", sha256 = "{digest}", agents = ["<agent id or pattern, e.g. rack7-*>"] }}]'
+        )
+        print("# or a read token, for /api/v1/*, /metrics and the live page:")
+        print(f'read_tokens = [{{ name = "<name for logs>", sha256 = "{digest}" }}]')
         return 0
     token = args.token if args.token is not None else sys.stdin.readline().strip()
     if not token:

@@ -128,8 +128,30 @@ def test_cli_hash_token(capsys):
     assert capsys.readouterr().out.strip() == hash_token("example-read-token")
     args = cli("collector", "hash-token", "--generate")
     assert args.func(args) == 0
-    token, digest = (line.split()[-1] for line in capsys.readouterr().out.splitlines())
+    lines = capsys.readouterr().out.splitlines()
+    token, digest = (line.split()[-1] for line in lines[:2])
     assert hash_token(token) == digest
+
+
+def test_hash_token_generate_prints_the_auth_lines_to_paste(capsys):
+    """Review: --generate printed the token and sha256 but not the TOML that uses them."""
+    from capmon.collector.auth import TokenStore
+
+    args = cli("collector", "hash-token", "--generate")
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    token = out.splitlines()[0].split()[-1]
+    [agent_line] = [line for line in out.splitlines() if line.startswith("agent_tokens = ")]
+    [read_line] = [line for line in out.splitlines() if line.startswith("read_tokens = ")]
+    assert "replace every <…> placeholder" in out and token not in agent_line + read_line
+    edited = re.sub(r"<agent id or pattern[^>]*>", "rack7-*", agent_line).replace("<name for logs>", "rack7")
+    config = parse(f"[auth]\n{edited}\n", "collector.toml", env={})
+    principal = TokenStore(config.auth, env={}).authenticate(f"Bearer {token}")
+    assert principal is not None and principal.role == "agent" and principal.name == "rack7"
+    assert principal.may_write_as("rack7-node-1") and not principal.may_write_as("rack8-node-1")
+    config = parse(f"[auth]\n{read_line.replace('<name for logs>', 'grafana')}\n", "c.toml", env={})
+    principal = TokenStore(config.auth, env={}).authenticate(f"Bearer {token}")
+    assert principal is not None and principal.role == "read"
 
 
 def test_cli_run_refuses_a_bad_config(tmp_path, capsys):
@@ -383,4 +405,3 @@ def test_no_key_the_writer_writes_can_become_a_label_tag():
             parse(f"[collector]\nlabel_keys = ['{key}']\n", "c.toml", env={})
     ok = parse("[collector]\nlabel_keys = ['site', 'team', 'rack', 'gpu_pool']\n", "c.toml", env={})
     assert ok.collector.label_keys == ("site", "team", "rack", "gpu_pool")
-
