@@ -146,7 +146,16 @@ class Transport:
         self.config = config
         self._spool = spool
         self._identity_json = wire.encode(identity)
+        self._agent_id = identity.id
         self._token = environ.get(TOKEN_ENV) or config.token
+        if not self._token:
+            # Otherwise the first hint is the collector's 401, up to a window later.
+            log.warning(
+                "no token for the collector at %s: set [transport] token or $%s (a collector that checks "
+                "tokens refuses every report with HTTP 401)",
+                config.url,
+                TOKEN_ENV,
+            )
         self._sleep = sleep or self._interruptible_sleep
         self._clock = clock
         self._rng = rng
@@ -157,6 +166,12 @@ class Transport:
         self._finish = False
         self._give_up = False
         self._failures = 0
+        # Confirming that delivery works, once per start and once per recovery (never per window):
+        # attempts that failed in a row, reports delivered since the last confirmation, and whether
+        # delivery has been confirmed since the last failure.
+        self._failed_in_row = 0
+        self._delivered_unconfirmed = 0
+        self._confirmed = False
         # Lowered by 413 answers for the rest of this run.
         self.batch_reports = config.batch_reports
         self.batch_bytes = config.batch_bytes
@@ -174,6 +189,7 @@ class Transport:
                 except Exception as exc:  # a bug must not end delivery for good
                     log.exception("delivery attempt failed unexpectedly")
                     attempt = Attempt(Outcome.RETRY, self._backoff(), repr(exc))
+                self._confirm(attempt)
                 if attempt.outcome is Outcome.EMPTY:
                     if self._finish:
                         return
@@ -181,12 +197,42 @@ class Transport:
                 elif attempt.outcome is Outcome.RETRY:
                     if self._give_up and attempt.delay_s > 0:
                         # Stopping, and the collector cannot take the backlog now: it is spooled
-                        # durably, so there is nothing to wait for.
-                        log.info("not delivering the rest now (%s); it stays spooled", attempt.reason)
+                        # durably, so there is nothing to wait for (the failure said so already).
                         return
                     await self._sleep(attempt.delay_s)
         finally:
             await self.close()
+
+    def _confirm(self, attempt: Attempt) -> None:
+        """One INFO line when delivery is seen to work: after the first backlog drains after a start
+        or a failure ("delivered N report(s); spool empty"), and at the first delivery after failed
+        attempts. Silent in steady state."""
+        if attempt.outcome is Outcome.RETRY and attempt.delay_s > 0:
+            self._failed_in_row += 1
+            self._confirmed = False
+        elif attempt.outcome is Outcome.DELIVERED and self._failed_in_row:
+            log.info(
+                "delivering to %s again after %d failed attempt(s)", self.config.url, self._failed_in_row
+            )
+            self._failed_in_row = 0
+        elif attempt.outcome is Outcome.EMPTY:
+            if not self._confirmed and self._delivered_unconfirmed:
+                log.info(
+                    "delivered %d report(s) to %s; spool empty", self._delivered_unconfirmed, self.config.url
+                )
+                self._confirmed = True
+            if self._confirmed:
+                self._delivered_unconfirmed = 0
+
+    def _then(self, delay_s: float, every: bool = False) -> str:
+        """What happens next, as the end of a failure's log line: only what is true while stopping."""
+        if self._give_up:
+            return (
+                f"not retrying while stopping; {self._spool.stats()['spool_reports']} report(s) stay spooled"
+            )
+        if every:
+            return f"keeping {self._spool.stats()['spool_reports']} report(s), retrying every {delay_s:g}s"
+        return f"retrying in {delay_s:.1f}s"
 
     def wake(self) -> None:
         """A report was spooled: send now unless backing off."""
@@ -236,6 +282,7 @@ class Transport:
         status, headers, text = answer.status, answer.headers, answer.text
         if status is not None and 200 <= status < 300:
             await asyncio.to_thread(self._spool.remove, seqs)
+            self._delivered_unconfirmed += len(seqs)
             return Attempt(Outcome.DELIVERED)
         if not answer.maybe_stored or (status is not None and 300 <= status < 500):
             # The collector stores nothing of a batch it answers 3xx/4xx to (it validates first).
@@ -244,10 +291,9 @@ class Transport:
             if _names_batch_field(text):
                 log.error(
                     "collector rejects this agent's identity, not a report (%s); check the agent's id, "
-                    "host and labels; keeping %d report(s), retrying every %gs",
+                    "host and labels; %s",
                     text,
-                    self._spool.stats()["spool_reports"],
-                    self.config.auth_retry_s,
+                    self._then(self.config.auth_retry_s, every=True),
                 )
                 return Attempt(Outcome.RETRY, self.config.auth_retry_s, "400 identity")
             if len(batch) == 1:
@@ -276,16 +322,25 @@ class Transport:
                 self.batch_bytes,
             )
             return Attempt(Outcome.RETRY, 0.0, "413")
+        if status == 403 and _names_agent_id(text):
+            # The token is right, but bound to other agent ids: setting a token would not help.
+            log.error(
+                "collector %s: the collector's token is not bound to agent id %r: change [agent] id or the "
+                "token's agents patterns on the collector (HTTP 403: %s); %s",
+                self.config.url,
+                self._agent_id,
+                text,
+                self._then(self.config.auth_retry_s, every=True),
+            )
+            return Attempt(Outcome.RETRY, self.config.auth_retry_s, "403 agent id")
         if status in (401, 403):
             log.error(
-                "collector %s refuses this agent's token (HTTP %d: %s); set the token in the config or %s; "
-                "keeping %d report(s), retrying every %gs",
+                "collector %s refuses this agent's token (HTTP %d: %s); set the token in the config or %s; %s",
                 self.config.url,
                 status,
                 text,
                 TOKEN_ENV,
-                self._spool.stats()["spool_reports"],
-                self.config.auth_retry_s,
+                self._then(self.config.auth_retry_s, every=True),
             )
             return Attempt(Outcome.RETRY, self.config.auth_retry_s, f"{status}")
         delay = self._backoff()
@@ -294,7 +349,7 @@ class Transport:
             delay = min(retry_after, self.config.retry_after_max_s)
         what = f"HTTP {status}: {text}" if status is not None else text
         level = logging.WARNING if status is None or status in (429, 503) or status >= 500 else logging.ERROR
-        log.log(level, "delivery to %s failed (%s); retrying in %.1fs", self.config.url, what, delay)
+        log.log(level, "delivery to %s failed (%s); %s", self.config.url, what, self._then(delay))
         return Attempt(Outcome.RETRY, delay, what)
 
     async def _post(self, batch: list[tuple[int, bytes]]) -> _Answer:
@@ -392,6 +447,12 @@ def _names_batch_field(text: str) -> bool:
     """Does a 400's error point at the batch's own fields (identity, protocol) rather than a report?"""
     _, sep, path = text.rpartition(" at ")
     return bool(sep) and path.startswith(("$.agent", "$.protocol"))
+
+
+def _names_agent_id(text: str) -> bool:
+    """Does a 403 say this token may not write as this agent id (the error's path `$.agent.id`)?"""
+    _, sep, path = text.rpartition(" at ")
+    return bool(sep) and path.strip() == "$.agent.id"
 
 
 def _retry_after(value: str | None, now: float) -> float | None:

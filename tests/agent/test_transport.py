@@ -474,3 +474,77 @@ async def test_a_spool_that_cannot_be_written_holds_delivery_without_a_traceback
     spool._db.execute("PRAGMA query_only = 0")
     await run_until_empty(make_transport(spool, url))
     assert c.delivered == [1, 2]
+
+
+async def test_a_403_for_another_agent_id_says_change_the_id_or_the_tokens_patterns(spool, collector, caplog):
+    detail = "this token may not write as agent id 'node-1'; it may write as 'gpu-*'"
+
+    def wrong_agent(batch: wire.Batch) -> web.Response:
+        return web.json_response({"error": "forbidden", "detail": detail, "path": "$.agent.id"}, status=403)
+
+    _, url = await collector(wrong_agent)
+    fill(spool, 1)
+    transport = make_transport(spool, url, auth_retry_s=60)
+    with caplog.at_level(logging.INFO):
+        attempt = await transport.attempt()
+    await transport.close()
+    assert attempt.outcome is Outcome.RETRY and attempt.delay_s == 60
+    assert (
+        "the collector's token is not bound to agent id 'node-1': change [agent] id or the token's agents "
+        "patterns on the collector" in caplog.text
+    )
+    assert detail in caplog.text  # the collector names the patterns this token may write as
+    assert "set the token" not in caplog.text and TOKEN not in caplog.text
+
+
+def test_no_token_at_all_is_one_warning_at_start(spool, caplog):
+    with caplog.at_level(logging.INFO):
+        make_transport(spool, "http://127.0.0.1:9/api/v1/reports", token="")
+        make_transport(spool, "http://127.0.0.1:9/api/v1/reports")  # a token: nothing to say
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "no token for the collector at http://127.0.0.1:9/api/v1/reports: set [transport] token or "
+        "$CAPMON_AGENT_TOKEN (a collector that checks tokens refuses every report with HTTP 401)"
+    ]
+
+
+async def test_delivery_is_confirmed_after_start_and_after_a_recovery_never_per_window(
+    spool, collector, caplog
+):
+    c, url = await collector(ok, ok, status(503), status(503), ok)
+    sleeps = Sleeps()
+    transport = make_transport(spool, url, sleeps)
+
+    def infos() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+        caplog.clear()
+        return lines
+
+    with caplog.at_level(logging.INFO, logger="capmon.agent.transport"):
+        fill(spool, 3)
+        await run_until_empty(transport)
+        assert infos() == [f"delivered 3 report(s) to {url}; spool empty"]
+        fill(spool, 1)  # steady state: a window delivered at once says nothing
+        await run_until_empty(transport)
+        assert infos() == []
+        fill(spool, 2)  # the collector fails twice, then takes them
+        await run_until_empty(transport)
+        assert infos() == [
+            f"delivering to {url} again after 2 failed attempt(s)",
+            f"delivered 2 report(s) to {url}; spool empty",
+        ]
+    assert c.delivered == [1, 2, 3, 4, 5, 6]
+
+
+async def test_stopping_with_the_collector_down_says_only_what_is_true(spool, unused_tcp_port, caplog):
+    fill(spool, 3)
+    url = f"http://127.0.0.1:{unused_tcp_port}/api/v1/reports"
+    transport = make_transport(spool, url)
+    transport.finish(retry=False)
+    with caplog.at_level(logging.INFO, logger="capmon.agent.transport"):
+        await transport.run()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"delivery to {url} failed (cannot connect to http://127.0.0.1:{unused_tcp_port}: Connection refused); "
+        "not retrying while stopping; 3 report(s) stay spooled"
+    ]
