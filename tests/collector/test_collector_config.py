@@ -176,6 +176,7 @@ def test_influxdb_v2_without_influxdb_client_names_the_extra(monkeypatch):
     )
     # capmon is installed from a checkout, not from PyPI.
     assert "pip install '.[collector]' in a capmon checkout (README: Install)" in str(exc.value)
+    assert "capmon[" not in sample_config()  # capmon is not on PyPI
     # Other kinds never need it.
     assert parse("[storage]\nkind = 'influxdb_v1'\n", "collector.toml", env={}).storage.kind == "influxdb_v1"
 
