@@ -46,7 +46,6 @@ __all__ = [
 MiB = 1024 * 1024
 
 
-
 def install_hint(extra: str) -> str:
     """How to install an optional extra: capmon is installed from a checkout, not from PyPI."""
     return f"pip install '.[{extra}]' in a capmon checkout (README: Install)"
@@ -116,7 +115,9 @@ RESERVED_TAGS = frozenset(_written_keys()[0])
 # Field names the collector writes: a tag of the same name makes InfluxQL answer `state` and `state_1`.
 RESERVED_FIELDS = frozenset(k for k in _written_keys()[1] if not k.endswith(_ANY_KEY))
 # Prefixes of the fields that carry an agent's own `extra` and `info` keys (`extra_<key>`).
-_RESERVED_PREFIXES = tuple(sorted(k.removesuffix(_ANY_KEY) for k in _written_keys()[1] if k.endswith(_ANY_KEY)))
+_RESERVED_PREFIXES = tuple(
+    sorted(k.removesuffix(_ANY_KEY) for k in _written_keys()[1] if k.endswith(_ANY_KEY))
+)
 _LABEL_KEY = re.compile(wire.KEY_PATTERN)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _WIRE = "the wire protocol's limit: tighter is fine, looser cannot be honoured"
