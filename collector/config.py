@@ -27,6 +27,7 @@ from capmon.agent import wire
 from capmon.agent.configfile import ConfigError, Where, bounds, check_sections, decode, parse_toml, read_toml
 
 __all__ = [
+    "API_PARAMETERS",
     "RESERVED_FIELDS",
     "RESERVED_TAGS",
     "AuthConfig",
@@ -118,6 +119,9 @@ RESERVED_FIELDS = frozenset(k for k in _written_keys()[1] if not k.endswith(_ANY
 _RESERVED_PREFIXES = tuple(
     sorted(k.removesuffix(_ANY_KEY) for k in _written_keys()[1] if k.endswith(_ANY_KEY))
 )
+# Parameters of the read APIs (/api/v1/devices, /holders, /fleet) that are not label filters: a label
+# key of one of these names could never be filtered by.
+API_PARAMETERS = frozenset({"by", "limit", "min_idle", "since", "state"})
 _LABEL_KEY = re.compile(wire.KEY_PATTERN)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _WIRE = "the wire protocol's limit: tighter is fine, looser cannot be honoured"
@@ -302,6 +306,11 @@ def _check_collector(c: CollectorConfig, where: Where) -> None:
                 f"{key!r} is a field the collector writes (on {_on(fields[key])}): a tag of the same "
                 "name would make queries answer two columns, "
                 f"{key} and {key}_1"
+            )
+        if key in API_PARAMETERS:
+            raise spot.error(
+                f"{key!r} is a parameter of /api/v1/devices and /api/v1/holders, so no one could filter by "
+                "a label of that name"
             )
         if key == "time":
             raise spot.error("'time' is InfluxDB's timestamp column, never a tag key it accepts")

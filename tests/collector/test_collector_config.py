@@ -361,6 +361,10 @@ def test_both_roles_word_their_errors_alike(tmp_path):
         ("pod", "'pod' is a field the collector writes (on capmon_holder)"),
         ("seq", "'seq' is a field the collector writes (on capmon_agent)"),
         ("load1", "'load1' is a field the collector writes (on capmon_host)"),
+        # Parameters of the read APIs: a filter by such a label could never be asked for.
+        ("limit", "'limit' is a parameter of /api/v1/devices and /api/v1/holders"),
+        ("min_idle", "'min_idle' is a parameter of /api/v1/devices and /api/v1/holders"),
+        ("by", "'by' is a parameter of /api/v1/devices and /api/v1/holders"),
         ("extra_team", "'extra_team' starts like the fields of agents' own extra and info keys"),
         ("info_x", "'info_x' starts like the fields of agents' own extra and info keys"),
     ],

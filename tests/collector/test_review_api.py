@@ -81,3 +81,15 @@ def test_durations_people_write_still_parse(text, seconds):
 async def test_good_parameters_still_answer(client):
     assert (await get(client, "/api/v1/devices", limit="5", min_idle="15m", state="idle"))[0] == 200
     assert (await get(client, "/api/v1/holders", limit="100000", min_idle="36500d"))[0] == 200
+
+
+@pytest.mark.parametrize("path", READ_PATHS)
+async def test_no_parameter_of_a_read_api_can_be_a_label_key(client, path):
+    """A label named like a parameter (`limit`, `by`) could never be filtered by: the config refuses it."""
+    from capmon.collector.config import ConfigError, parse
+
+    _, answer = await get(client, path, x="1")
+    known = answer["detail"].split("; known: ", 1)[1].split(", ")
+    for name in set(known) - {"site", "cluster", "pool", "none"}:
+        with pytest.raises(ConfigError, match=rf"label_keys\[0\]: '{name}' is a"):
+            parse(f"[collector]\nlabel_keys = ['{name}']\n", "c.toml", env={})
