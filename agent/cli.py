@@ -325,14 +325,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_probe_statuses(statuses: Sequence[ProbeStatus], enabled: Sequence[str]) -> None:
-    # A probe whose hardware is absent is normal (a collector host has no GPU): INFO. WARNING only for
-    # a broken probe, or a missing one the configuration asked for by name.
+def _log_probe_statuses(
+    statuses: Sequence[ProbeStatus | SourceStatus], enabled: Sequence[str], kind: str = "probe"
+) -> None:
+    # A probe (or allocation source) whose hardware or scheduler is absent is normal (a collector host
+    # has no GPU, most hosts no Slurm): INFO. WARNING only for a broken one, or a missing one the
+    # configuration asked for by name.
     for s in statuses:
         warn = s.status == "failed" or (s.status == "skipped" and s.name in enabled)
         log.log(
             logging.WARNING if warn else logging.INFO,
-            "probe %s: %s%s",
+            "%s %s: %s%s",
+            kind,
             s.name,
             s.status,
             f": {s.reason}" if s.reason else "",
@@ -364,6 +368,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or config.agent.log_level)
     agent = Agent(config)
     _log_probe_statuses(agent.statuses, config.probes.enable)
+    _log_probe_statuses(agent.source_statuses, config.allocations.enable, "allocation source")
     if not agent.probes:
         log.warning("no probe is active: the agent reports nothing but its own health")
 

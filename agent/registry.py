@@ -10,6 +10,7 @@ never fatal.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import logging
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,7 @@ import pluggy
 
 from capmon.agent import hookspecs
 from capmon.agent.allocation import AllocationSource
+from capmon.agent.configfile import ConfigError
 from capmon.agent.probe import Probe, ProbeUnavailable, config_from_mapping
 
 log = logging.getLogger("capmon.agent.registry")
@@ -150,10 +152,7 @@ class ProbeRegistry:
         known = set(self.source_types) | set(self.source_load_errors)
         unknown = sorted((enable | disable | set(options)) - known)
         if unknown:
-            raise ValueError(
-                f"{where}: unknown allocation source {unknown[0]!r} "
-                f"(known: {', '.join(self.source_types) or 'none'})"
-            )
+            raise unknown_plugin(where, "allocation source", unknown[0], self.source_types)
         configs = {
             name: config_from_mapping(cls.Config, options.get(name, {}), f"{where}: [allocations.{name}]")
             for name, cls in self.source_types.items()
@@ -232,9 +231,7 @@ class ProbeRegistry:
         known = set(self.types) | set(self.load_errors)
         unknown = sorted((enable | disable | set(options)) - known)
         if unknown:
-            raise ValueError(
-                f"{where}: unknown probe {unknown[0]!r} (known: {', '.join(self.types) or 'none'})"
-            )
+            raise unknown_plugin(where, "probe", unknown[0], self.types)
         # Every probe's options are checked, whether or not it runs here: a typo is an error today,
         # not on the day the hardware arrives.
         configs = {
@@ -278,3 +275,12 @@ def _close(source: AllocationSource | None) -> None:
         source.close()
     except Exception:
         log.exception("allocation source %s: close() failed", source.name)
+
+
+def unknown_plugin(where: str, kind: str, name: str, known: Iterable[str]) -> ConfigError:
+    """A configuration error like every other (`capmon: configuration error: <file>: …`), with the
+    closest known name: `enable = ["mokc"]` is a typo of "mock" far more often than a missing plugin."""
+    names = sorted(known)
+    close = difflib.get_close_matches(name, names, n=1)
+    guess = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{where}: unknown {kind} {name!r}{guess} (known: {', '.join(names) or 'none'})")

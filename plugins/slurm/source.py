@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -94,7 +95,7 @@ class SlurmSource(AllocationSource):
         self._deadline = self._clock() + self.timeout_s * _COMMAND_SHARE_OF_TIMEOUT
         rc, out, err = self._call([self.config.scontrol, "show", "node", self.node])
         if rc != 0 or not out.startswith("NodeName="):
-            raise ProbeUnavailable(f"{self.node} is not a Slurm node here: {_first_line(err or out)}")
+            raise ProbeUnavailable(_not_a_node(self.node, err or out))
         self.gres_files, self.gres_files_note = self._read_gres_conf()
         if self.gres_files_note:
             log.warning("slurm: %s; GRES indices are taken as device minor numbers", self.gres_files_note)
@@ -219,6 +220,25 @@ def _user_of(uid: int | None) -> str | None:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+# What scontrol says on a host with no slurm.conf and no DNS SRV record for a controller (configless).
+_NO_CONTROLLER = (
+    "resolve_ctls_from_dns_srv",
+    "fetch_config",
+    "establish_config_source",
+    "Could not establish a configuration source",
+)
+_SCONTROL_PREFIX = re.compile(r"^scontrol: (?:error|fatal): ")
+
+
+def _not_a_node(node: str, text: str) -> str:
+    """Why setup skips: on most hosts simply that Slurm is not set up here, not its DNS lookup's errno."""
+    if any(marker in text for marker in _NO_CONTROLLER):
+        lines = [s.strip() for s in text.splitlines() if s.strip()]
+        last = _SCONTROL_PREFIX.sub("", lines[-1])[:120]
+        return f"no Slurm controller configured on this host (scontrol: {last})"
+    return f"{node} is not a Slurm node here: {_first_line(text)}"
 
 
 def _first_line(text: str) -> str:
