@@ -43,6 +43,11 @@ class StreakFile:
         return devices
 
     def save(self, devices: Mapping[str, tuple[object, ...]]) -> None:
+        """Atomically (a temporary file renamed over it), and owner-only (0600) like the spool files
+        beside it."""
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"saved_at": self.clock(), "devices": devices}))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # a .tmp left by an older agent keeps its mode otherwise
+            f.write(json.dumps({"saved_at": self.clock(), "devices": devices}))
         os.replace(tmp, self.path)
