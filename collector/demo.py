@@ -337,7 +337,8 @@ async def run_demo(args: argparse.Namespace, out=None) -> None:
     tasks = [asyncio.create_task(a.run(stop)) for a in agents]
     print(f"capmon demo: live page {url}/  (read token: {READ_TOKEN})", file=out)
     print(
-        f"capmon demo: collector on {url}, {args.hosts} simulated hosts × {args.devices} devices, "
+        f"capmon demo: collector on {url}, {_count(args.hosts, 'simulated host')} × "
+        f"{_count(args.devices, 'device')}, "
         f"{args.window}s windows. Ctrl-C stops.",
         file=out,
     )
@@ -346,13 +347,11 @@ async def run_demo(args: argparse.Namespace, out=None) -> None:
     out.flush()
     clear = out.isatty()
     started = time.monotonic()
+    deadline = started + args.seconds if args.seconds else None
     try:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {READ_TOKEN}"}) as http:
-            while not stop.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), args.window)
-                if stop.is_set():
-                    break
+
+            async def frame() -> None:
                 fleet = await (await http.get(f"{url}/api/v1/fleet")).json()
                 devices = await (
                     await http.get(f"{url}/api/v1/devices", params={"state": "idle", "limit": "8"})
@@ -369,14 +368,32 @@ async def run_demo(args: argparse.Namespace, out=None) -> None:
                     file=out,
                 )
                 out.flush()
-                if args.seconds and time.monotonic() - started >= args.seconds:
+
+            while not stop.is_set():
+                wait = args.window if deadline is None else min(args.window, deadline - time.monotonic())
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(wait, 0.0))
+                if stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
                     break
+                await frame()
+            if deadline is not None and not stop.is_set():
+                # --seconds ends the demo on time, not at the next window: the agents stop first and
+                # deliver their last, partial window, so the final frame shows the whole run even when
+                # it is shorter than one window.
+                stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await frame()
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await runner.cleanup()
         shutil.rmtree(spool_root, ignore_errors=True)
         print("capmon demo stopped.", file=out)
+
+
+def _count(n: int, noun: str) -> str:
+    """ "1 agent", "3 agents": the plural only for more than one."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _fmt_hours(seconds: float) -> str:
@@ -403,8 +420,8 @@ def render(
     total = totals.get("states", {})
     agents = fleet.get("agents", {})
     lines.append(
-        f"capmon fleet  {time.strftime('%H:%M:%S')}  {agents.get('total', 0)} agents, "
-        f"{totals.get('devices', 0)} devices  ({url})"
+        f"capmon fleet  {time.strftime('%H:%M:%S')}  {_count(agents.get('total', 0), 'agent')}, "
+        f"{_count(totals.get('devices', 0), 'device')}  ({url})"
     )
     lines.append(
         "  ".join(f"{s.upper()} {total.get(s, 0)}" for s in states)

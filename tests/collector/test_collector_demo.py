@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import subprocess
@@ -129,3 +130,18 @@ def test_the_demo_writes_to_an_influxdb_1_x_and_never_promises_a_restart(influxd
     assert "sent when the agent starts again" not in proc.stderr
     assert "Traceback" not in proc.stderr
     assert influxd.rows("SELECT count(*) FROM capmon_device", "capmon")
+
+
+async def test_seconds_shorter_than_a_window_ends_the_demo_with_the_whole_run_shown():
+    # --seconds 1 with 60 s windows: the demo used to wait a whole window for its first frame.
+    args = default_args(hosts=1, devices=2, window=60, port=0, seconds=1)
+    out = io.StringIO()
+    await asyncio.wait_for(run_demo(args, out), 30)  # a guard against a hang, not a speed bound
+    text = out.getvalue()
+    assert text.count("capmon fleet") == 1
+    last = text.rsplit("capmon fleet", 1)[1]
+    # The agents stopped first and delivered their partial window, so the frame holds the run.
+    assert "1 agent, 2 devices" in last
+    assert "MOCK-000-" in last.split("LONGEST IDLE", 1)[1]
+    assert "1 simulated host × 2 devices, 60s windows" in text
+    assert "1 agents" not in text and "1 simulated hosts" not in text
