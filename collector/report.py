@@ -352,10 +352,25 @@ def _dur(seconds: float | None) -> str:
     return f"{s}s"
 
 
-def _num(value: float | None, digits: int = 2) -> str:
+def _num(value: float | None) -> str:
+    """Every figure of the report, cards and tables alike: three significant digits (whole numbers
+    from 100 up), so the same figure reads the same everywhere and a few seconds' worth of GPU-hours
+    (0.00412) is not shown as 0.00."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return f"{value:,.{digits}f}"
+    if value == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(value)))
+    if magnitude >= 2:
+        return f"{value:,.0f}"
+    text = f"{value:,.{min(MAX_DECIMALS, 2 - magnitude)}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+# Below 10^-6 a figure reads 0: a millionth of a GPU-hour is 4 ms.
+MAX_DECIMALS = 6
+# The unit of values when the store does not say (it holds no currency): the generic currency sign.
+NO_CURRENCY = "¤"
 
 
 class Table:
@@ -368,7 +383,17 @@ class Table:
 
 
 def _money(data: ReportData) -> str:
-    return f" ({data.currency})" if data.currency else ""
+    return f" ({data.currency or NO_CURRENCY})"
+
+
+def _currency_note(data: ReportData) -> str:
+    """Said wherever values are shown without --currency: the store keeps prices, not their currency."""
+    if data.currency:
+        return ""
+    return (
+        f" Values ({NO_CURRENCY}) are priced with the collector's [pricing], whose currency the store does "
+        "not hold: pass --currency (e.g. --currency USD) to name it."
+    )
 
 
 def tables(data: ReportData) -> list[Table]:
@@ -380,7 +405,7 @@ def tables(data: ReportData) -> list[Table]:
         ["allocated-idle GPU-hours", _num(t["allocated_idle_gpu_hours"])],
         ["unavailable GPU-hours", _num(t.get("unavailable_gpu_hours"))],
         ["reported GPU-hours", _num(t["gpu_hours"])],
-        ["idle share of GPU-time (%)", _num(t["idle_share_pct"], 1)],
+        ["idle share of GPU-time (%)", _num(t["idle_share_pct"])],
         [f"idle value{cur}", _num(t["idle_value"])],
     ]
     if data.has_energy:
@@ -390,7 +415,8 @@ def tables(data: ReportData) -> list[Table]:
     out = [
         Table(
             "Summary",
-            "Over the whole range, in GPU-equivalents (a MIG instance counts as its share).",
+            "Over the whole range, in GPU-equivalents (a MIG instance counts as its share)."
+            + _currency_note(data),
             ["figure", "value"],
             summary_rows,
             "summary",
@@ -411,7 +437,7 @@ def tables(data: ReportData) -> list[Table]:
             cells = [
                 *(v or "(none)" for v in r["key"].values()),
                 _num(r["idle_gpu_hours"]),
-                _num(r["idle_share_pct"], 1),
+                _num(r["idle_share_pct"]),
                 _num(r["idle_value"]),
                 _num(r["allocated_idle_gpu_hours"]),
             ]
@@ -478,7 +504,7 @@ def tables(data: ReportData) -> list[Table]:
             "Hours each device could not be read, was unhealthy or its agent silent, and the share of its reported time.",
             ["host", "device", "model", "unavailable hours", "share (%)"],
             [
-                [r["host"], r["device"], r["model"], _num(r["unavailable_hours"]), _num(r["share_pct"], 1)]
+                [r["host"], r["device"], r["model"], _num(r["unavailable_hours"]), _num(r["share_pct"])]
                 for r in data.unavailable[:TOP]
             ],
             "unavailable",
@@ -630,17 +656,17 @@ figure{margin:12px 0;break-inside:avoid}figure img{width:100%;height:auto}figcap
 def render_html(data: ReportData) -> str:
     e = html.escape
     t = data.totals
-    cur = data.currency
+    cur = data.currency or NO_CURRENCY
     cards = [
-        (_num(t["idle_gpu_hours"], 1), "idle GPU-hours"),
-        (_num(t["idle_share_pct"], 1) + " %", "idle share of GPU-time"),
-        (_num(t["idle_value"]) + (f" {cur}" if cur else ""), "idle value"),
-        (_num(t["allocated_idle_gpu_hours"], 1), "allocated-idle GPU-hours"),
+        (_num(t["idle_gpu_hours"]), "idle GPU-hours"),
+        (_num(t["idle_share_pct"]) + " %", "idle share of GPU-time"),
+        (f"{_num(t['idle_value'])} {cur}", "idle value"),
+        (_num(t["allocated_idle_gpu_hours"]), "allocated-idle GPU-hours"),
     ]
     if data.has_energy:
-        cards.append((_num(t["idle_energy_kwh"], 1), "idle energy kWh"))
+        cards.append((_num(t["idle_energy_kwh"]), "idle energy kWh"))
     if t.get("idle_energy_cost") is not None:
-        cards.append((_num(t["idle_energy_cost"]) + (f" {cur}" if cur else ""), "idle energy cost"))
+        cards.append((f"{_num(t['idle_energy_cost'])} {cur}", "idle energy cost"))
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         # The file runs nothing and loads nothing: its charts are data URIs, its style inline.
@@ -649,7 +675,8 @@ def render_html(data: ReportData) -> str:
         f"<title>{e(_title(data))}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(_title(data))}</h1>",
         f"<p class=note>Generated {e(_iso(data.generated_at))} by <code>capmon report</code> from InfluxDB "
-        "(capmon_device, capmon_holder). GPU-equivalents: a MIG instance counts as its share of the GPU.</p>",
+        "(capmon_device, capmon_holder). GPU-equivalents: a MIG instance counts as its share of the GPU."
+        f"{e(_currency_note(data))}</p>",
         "<div class=cards id=cards>"
         + "".join(
             f'<div class=card><b data-figure="{e(label)}">{e(v)}</b><span>{e(label)}</span></div>'
@@ -738,7 +765,10 @@ def register_report(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--influx-rp", default="", help="retention policy (default: the database's default)")
     p.add_argument("--influx-user", default="", help="1.x user (or $CAPMON_INFLUX_USER)")
     p.add_argument(
-        "--currency", default="", help="currency of idle_value, as the collector's [pricing] currency says"
+        "--currency",
+        default="",
+        help="currency of idle_value, as the collector's [pricing] currency says (the store does not hold "
+        f"it; without this option values are shown in {NO_CURRENCY}, with a note)",
     )
     p.add_argument(
         "--now-window",

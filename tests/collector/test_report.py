@@ -18,7 +18,16 @@ from dashboard_fleet import DURATION_S, H100, PRICES, T0, fill
 from test_dashboard_queries import panel_rows
 from test_page import PHONE, Recorder, async_playwright, launch, screenshots
 
-from capmon.collector.report import InfluxQL, collect, main, parse_time
+from capmon.collector.report import (
+    InfluxQL,
+    ReportData,
+    _num,
+    collect,
+    main,
+    parse_time,
+    render_html,
+    render_md,
+)
 
 DB = "capmon"  # the database test_dashboard_queries' panel_rows reads
 SINCE, UNTIL = T0, T0 + DURATION_S
@@ -47,6 +56,78 @@ def test_times_are_durations_unix_seconds_or_iso_and_bad_ones_name_the_option():
     assert parse_time("2025-10-10T00:00", now, field_name="--until") == T0  # no zone: UTC
     with pytest.raises(ValueError, match=r"^--since: 'last week' is not a duration"):
         parse_time("last week", now, field_name="--since")
+
+
+# -- figures as people read them -------------------------------------------------------------------
+
+
+def scripted(currency: str = "", **totals: float | None) -> ReportData:
+    """A report's data as `collect` returns it, without a store: the demo's first minute."""
+    t: dict[str, float | None] = {
+        "idle_gpu_hours": 0.15,
+        "allocated_idle_gpu_hours": 0.0912,
+        "unavailable_gpu_hours": 0.0,
+        "gpu_hours": 0.283,
+        "idle_share_pct": 53.1,
+        "idle_value": 0.375,
+        "idle_energy_kwh": None,
+        "idle_energy_cost": None,
+    }
+    t.update(totals)
+    return ReportData(
+        since=T0,
+        until=T0 + 60,
+        filters={},
+        group_keys=("site",),
+        currency=currency,
+        step_s=60,
+        totals=t,
+        by_model=[],
+        by_group=[],
+        over_time=[],
+        streaks=[],
+        holders=[],
+        unavailable=[],
+    )
+
+
+def summary_cells(md: str) -> dict[str, str]:
+    lines = md.split("## Summary", 1)[1].split("## ", 1)[0].splitlines()
+    return {c[0]: c[1] for c in (line.strip("| ").split(" | ") for line in lines if line.startswith("| "))}
+
+
+def test_the_cards_read_the_same_figures_as_the_summary_table():
+    """Reviewed: the cards said 0.1 idle and 0.1 allocated-idle GPU-hours over a table of 0.15 and 0.09."""
+    data = scripted("USD")
+    page = render_html(data)
+    cells = summary_cells(render_md(data))
+    for card, row in (
+        ("idle GPU-hours", "idle GPU-hours"),
+        ("allocated-idle GPU-hours", "allocated-idle GPU-hours"),
+        ("idle share of GPU-time", "idle share of GPU-time (%)"),
+    ):
+        shown = page.split(f'data-figure="{card}">', 1)[1].split("<", 1)[0].removesuffix(" %")
+        assert shown == cells[row]
+    assert cells["idle GPU-hours"] == "0.15" and cells["allocated-idle GPU-hours"] == "0.0912"
+
+
+def test_a_few_seconds_of_gpu_time_is_not_shown_as_zero():
+    """Right after the demo starts: 15 GPU-seconds idle of 28 is 53.6 % and 0.00417 GPU-hours, not 0.00."""
+    cells = summary_cells(
+        render_md(scripted(idle_gpu_hours=15 / 3600, gpu_hours=28 / 3600, idle_share_pct=53.57))
+    )
+    assert cells["idle GPU-hours"] == "0.00417" and cells["reported GPU-hours"] == "0.00778"
+    assert cells["idle share of GPU-time (%)"] == "53.6"
+    assert [_num(v) for v in (1234.5, 12.345, 0.0, None, 2.5)] == ["1,234", "12.3", "0", "", "2.5"]
+
+
+def test_without_currency_the_values_say_the_store_does_not_know_it():
+    md = render_md(scripted())
+    assert "| idle value (¤) | 0.375 |" in md
+    assert "currency the store does not hold: pass --currency" in md
+    assert "0.375 ¤" in render_html(scripted())
+    named = render_md(scripted("EUR"))
+    assert "| idle value (EUR) | 0.375 |" in named and "¤" not in named
 
 
 def test_an_unreachable_store_is_one_line_and_exit_1(capsys, tmp_path):
@@ -219,9 +300,9 @@ async def test_the_html_report_works_offline_in_chromium_and_shows_the_store_num
             label: await page.inner_text(f'[data-figure="{label}"]')
             for label in ("idle GPU-hours", "idle value", "allocated-idle GPU-hours")
         }
-        assert figures["idle GPU-hours"] == f"{api['totals']['idle_gpu_hours']:,.1f}"
+        assert figures["idle GPU-hours"] == _num(api["totals"]["idle_gpu_hours"])
         (idle_value,) = panel_rows(influxd, "capmon-fleet", "Idle value ($currency)")
-        assert figures["idle value"] == f"{idle_value['sum']:,.2f} USD"
+        assert figures["idle value"] == f"{_num(idle_value['sum'])} USD"
         # Every chart is an inline image that decoded; nothing was fetched but the file itself.
         sizes = await page.eval_on_selector_all("figure img", "imgs => imgs.map(i => i.naturalWidth)")
         assert len(sizes) == 3 and all(w > 100 for w in sizes), sizes
