@@ -29,8 +29,10 @@ delivered a valid report, so an agent whose clock is off is visible in `GET /api
 
 Who holds each device (`DeviceWindow.holders`, the latest window's) is kept with it, and `holders()`
 groups the devices held now by user, namespace, pod, Slurm job or container: the reclaim candidates,
-most wasteful first. A device's value and its allocated-idle seconds are split evenly over its listed
-holders (as in `capmon_holder`), so the holders' shares sum to the fleet's; since-start allocated-idle
+most wasteful first. A device's value and its allocated-idle seconds are split evenly over the parties
+holding it (`holder_shares`: a pod's allocation and the processes in that pod are one, as are a Slurm
+job's records), so the holders' shares sum to the fleet's; a record without the grouping's key (a
+pod's allocation has no user) takes the key of its party's other records. Since-start allocated-idle
 seconds are kept per agent per holder key, at most `MAX_HOLDER_KEYS_PER_AGENT` per grouping, the least
 recently active folded into "(other)" and counted.
 
@@ -352,16 +354,51 @@ HOLDER_KEYS: dict[str, Callable[[HolderWindow], str | None]] = {
 }
 
 
+def _party(h: HolderWindow) -> tuple[str, str | int | None]:
+    """Who a holder record holds the device for: its pod (an allocation and the processes in that pod
+    are one holder), its Slurm job, its container, else the process (or allocation) alone."""
+    if h.pod_uid or h.pod:
+        return "pod", h.pod_uid or f"{h.namespace}/{h.pod}"
+    if h.slurm_job_id:
+        return "job", h.slurm_job_id
+    if h.container_id:
+        return "container", h.container_id
+    return "alone", id(h)
+
+
+def holder_shares(holders: Sequence[HolderWindow]) -> list[float]:
+    """Each record's share of its device: split evenly over the parties holding it (`_party`), then
+    evenly over a party's records; the shares sum to 1."""
+    parties: dict[tuple[str, str | int | None], int] = {}
+    keys = [_party(h) for h in holders]
+    for k in keys:
+        parties[k] = parties.get(k, 0) + 1
+    n = len(parties)
+    return [1.0 / n / parties[k] for k in keys]
+
+
 def _shares(holders: Sequence[HolderWindow] | None, key_of: Callable[[HolderWindow], str | None]):
-    """Holder key → (share of the device, its holders): the device split evenly over its listed
-    holders; a device held by nobody known is all None's."""
+    """Holder key → (share of the device, its holders), by `holder_shares`; a device held by nobody
+    known is all None's. A record without the key (a pod's allocation has no user) takes its party's
+    key when the party's other records agree on one."""
     if not holders:
         return {None: (1.0, [])}
-    by_key: dict[str | None, list[HolderWindow]] = {}
+    known: dict[tuple[str, str | int | None], set[str]] = {}
     for h in holders:
-        by_key.setdefault(key_of(h), []).append(h)
-    n = len(holders)
-    return {key: (len(hs) / n, hs) for key, hs in by_key.items()}
+        key = key_of(h)
+        if key is not None:
+            known.setdefault(_party(h), set()).add(key)
+    out: dict[str | None, tuple[float, list[HolderWindow]]] = {}
+    for h, share in zip(holders, holder_shares(holders), strict=True):
+        key = key_of(h)
+        if key is None:
+            party_keys = known.get(_party(h))
+            if party_keys is not None and len(party_keys) == 1:
+                (key,) = party_keys
+        total, hs = out.get(key, (0.0, []))
+        hs.append(h)
+        out[key] = (total + share, hs)
+    return out
 
 
 def _count_held(agent: AgentState, d: DeviceWindow, model: str, fraction: float) -> None:
