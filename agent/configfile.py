@@ -9,6 +9,7 @@ its metadata (`bounds(gt=0)`), next to the option they bound, and are checked wh
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import sys
@@ -94,12 +95,20 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
 
 
+def _guess(name: str, known: Iterable[str]) -> str:
+    """ "; did you mean 'window_s'?" for a near miss, else nothing."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def check_sections(data: Mapping[str, Any], known: Iterable[str], source: str) -> None:
     """An unknown top-level table is an error listing the known ones."""
     known = sorted(known)
     for name in data:
         if name not in known:
-            raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(known)})")
+            raise ConfigError(
+                f"{source}: unknown section [{name}] (known: {', '.join(known)}){_guess(name, known)}"
+            )
 
 
 _SECRET_NAMES = frozenset({"token", "password", "secret"})
@@ -124,7 +133,7 @@ def decode(cls: type, table: Any, where: Where | str) -> Any:
         f = fields.get(key)
         if f is None:
             known = ", ".join(sorted(fields))
-            raise where.error(f"unknown key {spot.dotted!r} (known: {known})")
+            raise where.error(f"unknown key {spot.dotted!r} (known: {known}){_guess(key, fields)}")
         # Never echo a secret's value, even a mistyped one.
         secret = not f.repr or key in _SECRET_NAMES
         tp = hints.get(key, _type_of_default(f))

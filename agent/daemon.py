@@ -462,7 +462,8 @@ class Agent:
             waiting = getattr(self.sink, "waiting", lambda: 0)()
             if waiting or self.config.transport.url:
                 log.info(
-                    "stopping: delivering %d spooled window(s), up to %gs; Ctrl-C again to exit now",
+                    "stopping: delivering %d spooled window(s) and the last, partial one, up to %gs;"
+                    " Ctrl-C again to exit now",
                     waiting,
                     self.config.agent.shutdown_timeout_s,
                 )

@@ -69,7 +69,7 @@ def test_a_bad_config_file_is_one_clear_line(tmp_path, capsys):
         err.strip()
         == f"capmon: configuration error: {path}: [probes.mock]: unknown key 'probes.mock.devcies' "
         "(known: count_processes, devices, "
-        "hang_s, host_index, interval_s, models, profiles, raise_every, seed, timeout_s)"
+        "hang_s, host_index, interval_s, models, profiles, raise_every, seed, timeout_s); did you mean 'devices'?"
     )
 
 

@@ -28,13 +28,16 @@ def test_unknown_key_names_the_key_the_file_and_the_known_keys(tmp_path):
         load_config(path, env={})
     assert str(exc.value) == (
         f"{path}: [agent]: unknown key 'agent.windwo' "
-        "(known: host, id, labels, log_level, output, shutdown_timeout_s, window_s)"
+        "(known: host, id, labels, log_level, output, shutdown_timeout_s, window_s); did you mean 'window_s'?"
     )
 
 
 def test_unknown_section_and_wrong_type_are_errors(tmp_path):
     path = write(tmp_path, "[agnet]\n")
-    with pytest.raises(ConfigError, match=r"unknown section \[agnet\] \(known: agent, allocations, classifier, exporter, holders, probes"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown section \[agnet\] \(known: agent, allocations, classifier, exporter, holders, probes",
+    ):
         load_config(path, env={})
     path = write(tmp_path, '[classifier]\nbusy_util_pct = "ten"\n')
     with pytest.raises(

@@ -98,7 +98,7 @@ inners = [{ name = "p" }, { weight = 0.5 }]
         ({"inner": {"weight": 0}}, "f.toml: [s] inner.weight: must be > 0, got 0"),
         (
             {"inners": [{}, {"nmae": "x"}]},
-            "f.toml: [s] inners[1]: unknown key 's.inners[1].nmae' (known: name, weight)",
+            "f.toml: [s] inners[1]: unknown key 's.inners[1].nmae' (known: name, weight); did you mean 'name'?",
         ),
         ({"text": "forbidden"}, "f.toml: [s]: text may not be 'forbidden'"),
         ({"token": ["s3cret"]}, "f.toml: [s] token: must be a string, got a list"),
@@ -124,7 +124,10 @@ def test_a_section_that_is_not_a_table():
 def test_the_older_prefix_string_reads_the_same():
     with pytest.raises(ConfigError) as exc:
         decode(Inner, {"nmae": 1}, "agent.toml: [probes.mock]")
-    assert str(exc.value) == "agent.toml: [probes.mock]: unknown key 'probes.mock.nmae' (known: name, weight)"
+    assert (
+        str(exc.value)
+        == "agent.toml: [probes.mock]: unknown key 'probes.mock.nmae' (known: name, weight); did you mean 'name'?"
+    )
 
 
 def test_files_and_sections(tmp_path):
@@ -136,9 +139,25 @@ def test_files_and_sections(tmp_path):
         read_toml(bad)
     with pytest.raises(ConfigError) as exc:
         check_sections({"agnet": {}}, ["agent", "spool"], "a.toml")
-    assert str(exc.value) == "a.toml: unknown section [agnet] (known: agent, spool)"
+    assert str(exc.value) == "a.toml: unknown section [agnet] (known: agent, spool); did you mean 'agent'?"
 
 
 def test_config_error_is_a_value_error():
     """Callers that catch ValueError (the agent CLI, the probe registry) keep catching it."""
     assert issubclass(ConfigError, ValueError)
+
+
+def test_a_near_miss_key_or_section_says_what_was_meant(tmp_path):
+    from capmon.agent.config import load_config
+
+    path = tmp_path / "agent.toml"
+    path.write_text("[agent]\nwindows_s = 5\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'agent.windows_s' \(known: .*\); did you mean 'window_s'\?$"
+    ):
+        load_config(path, env={})
+    path.write_text("[clasifier]\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown section \[clasifier\] \(known: .*\); did you mean 'classifier'\?$"
+    ):
+        load_config(path, env={})

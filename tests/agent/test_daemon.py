@@ -100,7 +100,10 @@ async def test_stopping_with_the_collector_unreachable_says_so_and_does_not_wait
     # The transport backs off 300 s after its first failure and shutdown would allow 600 s: the agent
     # returns anyway, because nothing can be delivered and the spool is durable.
     await run_until(agent, clock, clock.boundary + 0.3)
-    assert "stopping: delivering 1 spooled window(s), up to 600s; Ctrl-C again to exit now" in caplog.text
+    assert (
+        "stopping: delivering 1 spooled window(s) and the last, partial one, up to 600s; Ctrl-C again to exit now"
+        in caplog.text
+    )
     assert [r.seq for r in spooled(cfg)] == [1, 2]
 
 

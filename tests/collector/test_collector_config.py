@@ -340,7 +340,8 @@ def test_both_roles_word_their_errors_alike(tmp_path):
         )
         assert messages[role][1] == f"{path}: [{section}] {int_key}: must be an integer, got 'x'"
         assert re.fullmatch(
-            rf"{re.escape(str(path))}: unknown section \[{section}x\] \(known: [a-z, ]+\)", messages[role][2]
+            rf"{re.escape(str(path))}: unknown section \[{section}x\] \(known: [a-z, ]+\); did you mean '{section}'\?",
+            messages[role][2],
         )
 
 
