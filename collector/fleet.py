@@ -69,6 +69,8 @@ from capmon.agent.wire import (
 )
 
 from .config import PricingConfig
+from .shares import holder_shares
+from .shares import party as _party
 
 _STATE_INDEX = {s: i for i, s in enumerate(STATES)}
 _UNAVAILABLE = _STATE_INDEX["unavailable"]
@@ -352,29 +354,6 @@ HOLDER_KEYS: dict[str, Callable[[HolderWindow], str | None]] = {
     "job": lambda h: h.slurm_job_id,
     "container": _container,
 }
-
-
-def _party(h: HolderWindow) -> tuple[str, str | int | None]:
-    """Who a holder record holds the device for: its pod (an allocation and the processes in that pod
-    are one holder), its Slurm job, its container, else the process (or allocation) alone."""
-    if h.pod_uid or h.pod:
-        return "pod", h.pod_uid or f"{h.namespace}/{h.pod}"
-    if h.slurm_job_id:
-        return "job", h.slurm_job_id
-    if h.container_id:
-        return "container", h.container_id
-    return "alone", id(h)
-
-
-def holder_shares(holders: Sequence[HolderWindow]) -> list[float]:
-    """Each record's share of its device: split evenly over the parties holding it (`_party`), then
-    evenly over a party's records; the shares sum to 1."""
-    parties: dict[tuple[str, str | int | None], int] = {}
-    keys = [_party(h) for h in holders]
-    for k in keys:
-        parties[k] = parties.get(k, 0) + 1
-    n = len(parties)
-    return [1.0 / n / parties[k] for k in keys]
 
 
 def _shares(holders: Sequence[HolderWindow] | None, key_of: Callable[[HolderWindow], str | None]):

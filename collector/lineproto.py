@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from capmon.agent.wire import STATES, AgentIdentity, Batch, DeviceWindow, HolderWindow, Report
 
+from .shares import holder_shares
+
 STATE_CODE: dict[str, float] = {state: float(i) for i, state in enumerate(STATES)}
 
 _CONTROL = [*range(32), 0x7F]
@@ -228,10 +230,10 @@ _HOLDER_STRINGS = (
 def _holder_lines(d: DeviceWindow, tags: str, ts: int, value_per_hour: float, out: list[str]) -> None:
     """`capmon_holder`: one point per holder of the device. Tags are bounded identities only (user,
     namespace, runtime); pid, command, pod, job are fields. The device's state and idle time ride
-    along, and its allocated-idle seconds and value are split evenly over its listed holders, so a
-    SUM by user is what that user holds idle and the sum over holders is the device's."""
+    along, and its allocated-idle seconds and value are split over its holders as the live view
+    splits them (`shares.holder_shares`: per pod / job / container, then per record), so a SUM by
+    user is what that user holds idle and the sum over holders is the device's."""
     holders = d.holders or ()
-    share = 1.0 / len(holders)
     fraction = float(d.fraction) if d.fraction is not None else 1.0
     device_tags = ["capmon_holder", tags, ",vendor=", _tag(d.vendor), ",device=", escape_tag(d.device_id)]
     if d.model:
@@ -239,12 +241,8 @@ def _holder_lines(d: DeviceWindow, tags: str, ts: int, value_per_hour: float, ou
     head = "".join(device_tags)
     common = [
         f" state={string_field(d.state)},state_code={STATE_CODE[d.state]!r}",
-        f",allocated_idle_s={d.allocated_idle_s * share!r}",
-        f",allocated_idle_gpu_s={d.allocated_idle_s * share * fraction!r}",
         f",gpu_fraction={fraction!r}",
     ]
-    if value_per_hour > 0:
-        common.append(f",idle_value={d.allocated_idle_s / 3600 * value_per_hour * share!r}")
     if d.idle_since is not None:
         common.append(f",idle_for_s={float(max(0, ts - d.idle_since))!r}")
     if d.state_since is not None:
@@ -253,7 +251,7 @@ def _holder_lines(d: DeviceWindow, tags: str, ts: int, value_per_hour: float, ou
     # Two holders with the same tags (two processes of one user) would be one series at one
     # timestamp, and the second point would overwrite the first: `slot` numbers them (< MAX_HOLDERS).
     slots: dict[str, int] = {}
-    for h in holders:
+    for h, share in zip(holders, holder_shares(holders), strict=True):
         line = [head]
         if h.user:
             line += (",user=", escape_tag(h.user))
@@ -264,7 +262,13 @@ def _holder_lines(d: DeviceWindow, tags: str, ts: int, value_per_hour: float, ou
         identity = "".join(line)
         slot = slots.get(identity, 0)
         slots[identity] = slot + 1
-        line.append(f",slot={slot}{device_fields}")
+        line.append(
+            f",slot={slot}{device_fields}"
+            f",allocated_idle_s={d.allocated_idle_s * share!r}"
+            f",allocated_idle_gpu_s={d.allocated_idle_s * share * fraction!r}"
+        )
+        if value_per_hour > 0:
+            line.append(f",idle_value={d.allocated_idle_s / 3600 * value_per_hour * share!r}")
         _holder_fields(h, line)
         line.append(f" {ts}")
         out.append("".join(line))

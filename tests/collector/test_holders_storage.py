@@ -150,6 +150,25 @@ def test_allocated_idle_value_and_seconds_split_evenly_over_the_holders():
     assert sum(float(f["allocated_idle_s"]) for _, f, _ in parsed) == pytest.approx(60.0)
 
 
+def test_the_store_splits_a_device_as_the_live_view_does():
+    """A pod's allocation and the process in that pod are one holder (half the device), a process of
+    another user alone the other half: the store's shares are the live view's (`holder_shares`)."""
+    from capmon.collector.shares import holder_shares
+
+    pod = {"namespace": "ml", "pod": "nb-0", "pod_uid": "0b5e4c2a-0000-4000-8000-000000000001"}
+    allocation = {"source": "kubernetes", "held_s": 60.0, **pod}
+    records = [
+        allocation,
+        holder(2, **pod),
+        holder(3, user="bob"),
+    ]
+    d = held_device(holders=records)
+    parsed = [split_line(x) for x in holder_lines(batch([report(devices=[d])]))]
+    stored = [float(f["allocated_idle_s"]) / 60.0 for _, f, _ in parsed]
+    assert stored == pytest.approx([0.25, 0.25, 0.5])
+    assert stored == pytest.approx(holder_shares([msgspec.convert(h, HolderWindow) for h in records]))
+
+
 def test_a_mig_instance_counts_as_its_fraction():
     d = held_device("MIG-1", holders=[holder(1)], parent_id="GPU-p", fraction=1 / 7)
     [(_, fields, _)] = [split_line(x) for x in holder_lines(batch([report(devices=[d])]))]
