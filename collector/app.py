@@ -448,6 +448,9 @@ def create_app(
         clock,
         forget_after_s=config.collector.forget_after_s,
         on_forget=metrics.forgotten_agents.inc,
+        max_agents=config.collector.live_view_max_agents,
+        max_devices=config.collector.live_view_max_devices,
+        max_holders=config.collector.live_view_max_holders,
     )
     app[WORKER] = worker
     app[LIVE] = live = make_live_view(config, fleet, clock)
@@ -467,6 +470,16 @@ def create_app(
     metrics.gauge("live_devices", "Devices in the live view.", live.device_count)
     metrics.gauge("agents", "Agents in the live view.", live.agent_count)
     metrics.gauge("stale_agents", "Agents silent for more than stale_windows windows.", live.stale_agents)
+    metrics.gauge(
+        "live_view_kept_out_reports",
+        "Reports stored but kept out of the live view by its fleet-wide bound (a running total).",
+        lambda: fleet.kept_out_reports,
+    )
+    metrics.gauge(
+        "live_view_kept_out_agents",
+        "Agents kept out of the live view by its fleet-wide bound now.",
+        lambda: len(fleet.kept_out),
+    )
     store = getattr(live, "store", None)
     if store is not None:
         metrics.gauge(

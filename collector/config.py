@@ -187,6 +187,12 @@ class CollectorConfig:
     # how long one set of queries may take before the answer is 503.
     live_view_cache_s: float = field(default=2.0, metadata=bounds(ge=0))
     live_view_query_timeout_s: float = field(default=10.0, metadata=bounds(gt=0))
+    # The memory live view's fleet-wide bound: a report that would take it past any of these is still
+    # stored and answered, but kept out of the live view (listed in /api/v1/agents, counted in
+    # /metrics), so no token can exhaust the collector's memory.
+    live_view_max_agents: int = field(default=50_000, metadata=bounds(ge=1))
+    live_view_max_devices: int = field(default=100_000, metadata=bounds(ge=1))
+    live_view_max_holders: int = field(default=500_000, metadata=bounds(ge=1))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ The numbers are InfluxQL sums over the schema in collector/README.md, the same e
 Grafana dashboards use (dashboards/generate.py): idle GPU-hours `SUM(idle_gpu_s) / 3600`, idle share
 `SUM(idle_gpu_s) / SUM(window_gpu_s)`, idle value `SUM(idle_value)`, holders from `capmon_holder`.
 InfluxQL runs on InfluxDB 1.x, on 2.x through a DBRP mapping (`--influx-db` is the mapped database)
-and on 3.x. HTML charts come from matplotlib (the optional extra `capmon[report]`), embedded as SVG
+and on 3.x. HTML charts come from matplotlib (the optional extra `report`), embedded as SVG
 data URIs, so the file works offline and prints to PDF; md and csv need nothing beyond capmon.
 """
 
@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
+from .config import install_hint
 
 __all__ = [
     "FORMATS",
@@ -583,7 +585,7 @@ def _pyplot():
         import matplotlib
     except ImportError:
         raise RuntimeError(
-            "--format html draws its charts with matplotlib: pip install 'capmon[report]' (or use --format md/csv)"
+            f"--format html draws its charts with matplotlib: {install_hint('report')} (or use --format md/csv)"
         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -751,7 +753,7 @@ def register_report(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         help="tags of the second breakdown (default site,cluster,pool)",
     )
     p.add_argument(
-        "--format", choices=FORMATS, default="html", help="html (default; needs capmon[report]), md, csv"
+        "--format", choices=FORMATS, default="html", help="html (default; needs the report extra), md, csv"
     )
     p.add_argument("--out", default="-", help="file to write (default -, stdout)")
     p.add_argument(

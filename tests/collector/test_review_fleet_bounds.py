@@ -27,7 +27,6 @@ from collector_helpers import device as device_payload
 from collector_helpers import report as report_payload
 
 from capmon.agent import wire
-from capmon.collector import fleet as fleet_module
 from capmon.collector.app import create_app
 from capmon.collector.config import PricingConfig
 from capmon.collector.fleet import FleetView, Pricing
@@ -138,10 +137,16 @@ def test_totals_follow_replays_sweeps_and_forgetting():
 
 
 @pytest.fixture
-async def client(aiohttp_client, monkeypatch):
-    monkeypatch.setattr(fleet_module, "MAX_VIEW_DEVICES", 10)
+async def client(aiohttp_client):
+    import dataclasses
+
     writer = RecordingWriter()
-    app = create_app(make_config(), writer=writer, clock=Clock(NOW + 1))
+    config = make_config()
+    # The bound comes from [collector] live_view_max_devices.
+    config = dataclasses.replace(
+        config, collector=dataclasses.replace(config.collector, live_view_max_devices=10)
+    )
+    app = create_app(config, writer=writer, clock=Clock(NOW + 1))
     client = await aiohttp_client(app)
     client.writer = writer
     return client
