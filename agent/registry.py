@@ -96,8 +96,10 @@ class ProbeRegistry:
         for name, plugin in plugins:
             self._register(plugin, name, repr(plugin), self.load_errors)
         self.pm.check_pending()
-        self.types, self.sources = self._collect_types()
-        self.source_types, self.source_plugins = self._collect_sources()
+        self.types, self.sources = self._collect("capmon_probe_types", Probe, "probe", self.load_errors)
+        self.source_types, self.source_plugins = self._collect(
+            "capmon_allocation_sources", AllocationSource, "allocation source", self.source_load_errors
+        )
 
     def _register(self, plugin: object, name: str, source: str, errors: dict[str, str]) -> None:
         try:
@@ -105,35 +107,6 @@ class ProbeRegistry:
         except Exception as exc:
             errors[name] = f"plugin {source!r} could not register: {type(exc).__name__}: {exc}"
             log.warning("%s", errors[name])
-
-    def _collect_sources(self) -> tuple[dict[str, type[AllocationSource]], dict[str, str]]:
-        """`capmon_allocation_sources()` of every plugin, each implementation called on its own."""
-        types: dict[str, type[AllocationSource]] = {}
-        plugins: dict[str, str] = {}
-        for impl in self.pm.hook.capmon_allocation_sources.get_hookimpls():
-            plugin = impl.plugin_name
-            try:
-                returned = impl.function() or []
-            except Exception as exc:
-                self.source_load_errors[plugin] = (
-                    f"capmon_allocation_sources() raised {type(exc).__name__}: {exc}"
-                )
-                continue
-            for cls in returned:
-                if not (isinstance(cls, type) and issubclass(cls, AllocationSource) and cls.name):
-                    self.source_load_errors[plugin] = (
-                        f"capmon_allocation_sources() returned {cls!r}, not a named AllocationSource subclass"
-                    )
-                    continue
-                if cls.name in types:
-                    self.source_load_errors[f"{plugin}:{cls.name}"] = (
-                        f"allocation source name {cls.name!r} from {plugin} is already taken by "
-                        f"{plugins[cls.name]}; ignored"
-                    )
-                    continue
-                types[cls.name] = cls
-                plugins[cls.name] = plugin
-        return dict(sorted(types.items())), plugins
 
     def activate_sources(
         self,
@@ -185,31 +158,32 @@ class ProbeRegistry:
             statuses.append(SourceStatus(name, "failed", error, name))
         return statuses
 
-    def _collect_types(self) -> tuple[dict[str, type[Probe]], dict[str, str]]:
-        # Each implementation is called on its own: in pluggy one raising hookimpl aborts the call.
-        types: dict[str, type[Probe]] = {}
-        sources: dict[str, str] = {}
-        for impl in self.pm.hook.capmon_probe_types.get_hookimpls():
+    def _collect(
+        self, hook: str, base: type, kind: str, errors: dict[str, str]
+    ) -> tuple[dict, dict[str, str]]:
+        """The classes every plugin's `hook` returns, by name, and which plugin gave each. Each
+        implementation is called on its own: in pluggy one raising hookimpl aborts the whole call."""
+        types: dict[str, type] = {}
+        plugins: dict[str, str] = {}
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
             plugin = impl.plugin_name
             try:
                 returned = impl.function() or []
             except Exception as exc:
-                self.load_errors[plugin] = f"capmon_probe_types() raised {type(exc).__name__}: {exc}"
+                errors[plugin] = f"{hook}() raised {type(exc).__name__}: {exc}"
                 continue
             for cls in returned:
-                if not (isinstance(cls, type) and issubclass(cls, Probe) and cls.name):
-                    self.load_errors[plugin] = (
-                        f"capmon_probe_types() returned {cls!r}, not a named Probe subclass"
-                    )
+                if not (isinstance(cls, type) and issubclass(cls, base) and cls.name):
+                    errors[plugin] = f"{hook}() returned {cls!r}, not a named {base.__name__} subclass"
                     continue
                 if cls.name in types:
-                    self.load_errors[f"{plugin}:{cls.name}"] = (
-                        f"probe name {cls.name!r} from {plugin} is already taken by {sources[cls.name]}; ignored"
+                    errors[f"{plugin}:{cls.name}"] = (
+                        f"{kind} name {cls.name!r} from {plugin} is already taken by {plugins[cls.name]}; ignored"
                     )
                     continue
                 types[cls.name] = cls
-                sources[cls.name] = plugin
-        return dict(sorted(types.items())), sources
+                plugins[cls.name] = plugin
+        return dict(sorted(types.items())), plugins
 
     def activate(
         self,
