@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from capmon.agent.probe import ProbeConfig
+from capmon.agent.probe import Scheduled
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,29 +51,13 @@ class Allocation:
     shared: bool = False
 
 
-class AllocationSource:
+class AllocationSource(Scheduled):
     """Base class of every allocation source. Subclass it, set `name` and `Config`, implement the three
     methods. Sources take their boundary (a socket path, a command runner) as constructor parameters,
     so tests hand them fakes or real servers.
     """
 
-    name: ClassVar[str] = ""
-    Config: ClassVar[type[ProbeConfig]] = ProbeConfig
     default_interval_s: ClassVar[float] = 10.0
-    default_timeout_s: ClassVar[float] = 5.0
-    # Sources with `auto = False` run only when the configuration names them in `[allocations] enable`.
-    auto: ClassVar[bool] = True
-
-    def __init__(self, config: ProbeConfig | None = None, **boundary: Any) -> None:
-        self.config = config if config is not None else self.Config()
-
-    @property
-    def interval_s(self) -> float:
-        return self.config.interval_s or self.default_interval_s
-
-    @property
-    def timeout_s(self) -> float:
-        return self.config.timeout_s or self.default_timeout_s
 
     def setup(self) -> None:
         """Open the boundary. Raise `ProbeUnavailable` with a human reason when the scheduler is absent

@@ -82,26 +82,16 @@ class ProbeConfig:
     timeout_s: float | None = None
 
 
-class Probe:
-    """Base class of every probe. Subclass it, set `name`, `vendor` and `Config`, implement the three methods.
-
-    The agent constructs the probe with its config, calls `setup()` once, then `sample()` every
-    `interval_s` on a worker thread (never two at once), and `close()` at shutdown.
-    """
+class Scheduled:
+    """What the agent schedules, probe or allocation source: a configured object whose calls run
+    every `interval_s` on a worker thread under `timeout_s`. Boundaries come as keyword arguments."""
 
     name: ClassVar[str] = ""
-    vendor: ClassVar[str] = ""
     Config: ClassVar[type[ProbeConfig]] = ProbeConfig
     default_interval_s: ClassVar[float] = 1.0
     default_timeout_s: ClassVar[float] = 5.0
-    # Probes with `auto = False` (the mock) run only when the configuration asks for them.
+    # `auto = False`: runs only when the configuration names it (`enable`).
     auto: ClassVar[bool] = True
-    # Where the PIDs in this probe's `holders` live: None is the host's `/proc`. The mock probe points
-    # it at the simulated /proc tree it writes, so its holders resolve like real ones.
-    proc_root: str | None = None
-    # Seconds after `setup()` before a sample has every field (a rate needs two readings):
-    # `capmon agent probe` waits this long before its one sample.
-    warmup_s: ClassVar[float] = 0.0
 
     def __init__(self, config: ProbeConfig | None = None, **boundary: Any) -> None:
         self.config = config if config is not None else self.Config()
@@ -113,6 +103,22 @@ class Probe:
     @property
     def timeout_s(self) -> float:
         return self.config.timeout_s or self.default_timeout_s
+
+
+class Probe(Scheduled):
+    """Base class of every probe. Subclass it, set `name`, `vendor` and `Config`, implement the three methods.
+
+    The agent constructs the probe with its config, calls `setup()` once, then `sample()` every
+    `interval_s` on a worker thread (never two at once), and `close()` at shutdown.
+    """
+
+    vendor: ClassVar[str] = ""
+    # Where the PIDs in this probe's `holders` live: None is the host's `/proc`. The mock probe points
+    # it at the simulated /proc tree it writes, so its holders resolve like real ones.
+    proc_root: str | None = None
+    # Seconds after `setup()` before a sample has every field (a rate needs two readings):
+    # `capmon agent probe` waits this long before its one sample.
+    warmup_s: ClassVar[float] = 0.0
 
     def setup(self) -> None:
         """Open the hardware boundary. Raise `ProbeUnavailable` with a human reason when it is absent."""

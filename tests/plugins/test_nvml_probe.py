@@ -385,7 +385,7 @@ def test_without_pynvml_the_plugin_imports_and_the_probe_says_what_to_install(mo
         monkeypatch.delitem(sys.modules, name)
     plugin = importlib.import_module("capmon.plugins.nvml")
     [probe_type] = plugin.capmon_probe_types()
-    with pytest.raises(ProbeUnavailable, match=r"pip install 'capmon\[nvidia\]'"):
+    with pytest.raises(ProbeUnavailable, match=r"pip install '\.\[nvidia\]' in a capmon checkout"):
         probe_type().setup()
 
 
