@@ -194,12 +194,18 @@ def test_spool_bound_during_lost_acks_counts_only_what_never_landed(tmp_path, in
     t_test = time.monotonic()
     collector = procs.add(CollectorProc(tmp_path, influxd, db))
     collector.start()
-    # 16 devices make a ~5 kB report: a 12 kB spool holds two, so every stall overflows it.
+    # 16 mock devices with their holders make a ~13.4 kB report (measured: 13,327-13,441 B): a 30 kB
+    # spool holds two, so every stall overflows it. Checked below, so a report that grows past half
+    # the bound fails here by name instead of as a timeout.
     agent = procs.add(
-        AgentProc(tmp_path, 1, collector.ingest_url, devices=16, max_bytes=12_000, timeout_s=1.0)
+        AgentProc(tmp_path, 1, collector.ingest_url, devices=16, max_bytes=30_000, timeout_s=1.0)
     )
     agent.start()
-    wait_until("the first windows to land", lambda: caught_up(influxd, db, [agent]), 20)
+    wait_until(
+        "the first windows to land (if none ever does, a report may no longer fit twice in max_bytes)",
+        lambda: caught_up(influxd, db, [agent]),
+        20,
+    )
     for _ in range(3):
         os.kill(influxd.proc.pid, signal.SIGSTOP)  # the write waits; the agent's request times out
         try:
