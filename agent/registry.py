@@ -118,45 +118,21 @@ class ProbeRegistry:
     ) -> list[SourceStatus]:
         """Construct and set up each allocation source that should run here, as `activate` does for
         probes: not disabled, and auto-detecting or named in `enable`; `options[name]` is its
-        `[allocations.<name>]` table, `boundaries[name]` its boundary (tests pass fakes)."""
-        enable, disable = set(enable), set(disable)
-        options = options or {}
-        boundaries = boundaries or {}
-        known = set(self.source_types) | set(self.source_load_errors)
-        unknown = sorted((enable | disable | set(options)) - known)
-        if unknown:
-            raise unknown_plugin(where, "allocation source", unknown[0], self.source_types)
-        configs = {
-            name: config_from_mapping(cls.Config, options.get(name, {}), f"{where}: [allocations.{name}]")
-            for name, cls in self.source_types.items()
-        }
-        statuses: list[SourceStatus] = []
-        for name, cls in self.source_types.items():
-            plugin = self.source_plugins[name]
-            if name in disable:
-                statuses.append(SourceStatus(name, "disabled", "disabled by configuration", plugin))
-                continue
-            if not cls.auto and name not in enable:
-                statuses.append(
-                    SourceStatus(name, "disabled", "runs only when named in allocations.enable", plugin)
-                )
-                continue
-            source = None
-            try:
-                source = cls(configs[name], **boundaries.get(name, {}))
-                source.setup()
-            except ProbeUnavailable as exc:
-                statuses.append(SourceStatus(name, "skipped", str(exc) or "unavailable", plugin))
-                _close(source)
-                continue
-            except Exception as exc:
-                statuses.append(SourceStatus(name, "failed", f"{type(exc).__name__}: {exc}", plugin))
-                _close(source)
-                continue
-            statuses.append(SourceStatus(name, "active", "", plugin, source))
-        for name, error in self.source_load_errors.items():
-            statuses.append(SourceStatus(name, "failed", error, name))
-        return statuses
+        `[allocations.<name>]` table, `boundaries[name]` its boundary (tests pass fakes). A source is
+        closed after a failed setup too (its contract says so)."""
+        fates = self._activate(
+            self.source_types,
+            self.source_plugins,
+            self.source_load_errors,
+            ("allocation source", "allocations"),
+            enable,
+            disable,
+            options,
+            boundaries,
+            where,
+            close_failed=True,
+        )
+        return [SourceStatus(*fate) for fate in fates]
 
     def _collect(
         self, hook: str, base: type, kind: str, errors: dict[str, str]
@@ -199,46 +175,75 @@ class ProbeRegistry:
         `enable`. `options[name]` is its `[probes.<name>]` table; `boundaries[name]` its hardware
         boundary (tests pass fakes here).
         """
+        fates = self._activate(
+            self.types,
+            self.sources,
+            self.load_errors,
+            ("probe", "probes"),
+            enable,
+            disable,
+            options,
+            boundaries,
+            where,
+        )
+        return [ProbeStatus(*fate) for fate in fates]
+
+    def _activate(
+        self,
+        types: Mapping[str, type],
+        plugins: Mapping[str, str],
+        load_errors: Mapping[str, str],
+        kind: tuple[str, str],
+        enable: Iterable[str],
+        disable: Iterable[str],
+        options: Mapping[str, Mapping[str, Any]] | None,
+        boundaries: Mapping[str, Mapping[str, Any]] | None,
+        where: str,
+        close_failed: bool = False,
+    ) -> list[tuple[str, str, str, str, Any]]:
+        """(name, status, reason, plugin, object) for every class of one plugin kind."""
+        noun, section = kind
         enable, disable = set(enable), set(disable)
         options = options or {}
         boundaries = boundaries or {}
-        known = set(self.types) | set(self.load_errors)
-        unknown = sorted((enable | disable | set(options)) - known)
+        unknown = sorted((enable | disable | set(options)) - (set(types) | set(load_errors)))
         if unknown:
-            raise unknown_plugin(where, "probe", unknown[0], self.types)
-        # Every probe's options are checked, whether or not it runs here: a typo is an error today,
+            raise unknown_plugin(where, noun, unknown[0], types)
+        # Every one's options are checked, whether or not it runs here: a typo is an error today,
         # not on the day the hardware arrives.
         configs = {
-            name: config_from_mapping(cls.Config, options.get(name, {}), f"{where}: [probes.{name}]")
-            for name, cls in self.types.items()
+            name: config_from_mapping(cls.Config, options.get(name, {}), f"{where}: [{section}.{name}]")
+            for name, cls in types.items()
         }
-        statuses: list[ProbeStatus] = []
-        for name, cls in self.types.items():
-            source = self.sources[name]
+        fates: list[tuple[str, str, str, str, Any]] = []
+        for name, cls in types.items():
+            plugin = plugins[name]
             if name in disable:
-                statuses.append(ProbeStatus(name, "disabled", "disabled by configuration", source))
+                fates.append((name, "disabled", "disabled by configuration", plugin, None))
                 continue
-            # Only `enable` starts a probe that does not detect its hardware (the mock): its options
+            # Only `enable` starts one that does not detect its hardware (the mock): its options
             # table alone, as in `capmon agent config`'s output, must never put fake devices in a fleet.
             if not cls.auto and name not in enable:
-                statuses.append(
-                    ProbeStatus(name, "disabled", "runs only when named in probes.enable", source)
-                )
+                fates.append((name, "disabled", f"runs only when named in {section}.enable", plugin, None))
                 continue
-            config = configs[name]
+            made = None
             try:
-                probe = cls(config, **boundaries.get(name, {}))
-                probe.setup()
+                made = cls(configs[name], **boundaries.get(name, {}))
+                made.setup()
             except ProbeUnavailable as exc:
-                statuses.append(ProbeStatus(name, "skipped", str(exc) or "unavailable", source))
+                fates.append((name, "skipped", str(exc) or "unavailable", plugin, None))
+                if close_failed:
+                    _close(made)
                 continue
             except Exception as exc:
-                statuses.append(ProbeStatus(name, "failed", f"{type(exc).__name__}: {exc}", source))
+                fates.append((name, "failed", f"{type(exc).__name__}: {exc}", plugin, None))
+                if close_failed:
+                    _close(made)
                 continue
-            statuses.append(ProbeStatus(name, "active", "", source, probe))
-        for name, error in self.load_errors.items():
-            statuses.append(ProbeStatus(name, "failed", error, name))
-        return statuses
+            fates.append((name, "active", "", plugin, made))
+        for name, error in load_errors.items():
+            fates.append((name, "failed", error, name, None))
+        return fates
 
 
 def _close(source: AllocationSource | None) -> None:
