@@ -124,6 +124,11 @@ IDLE_GPU_S = "capmon_device_window_idle_gpu_seconds"
 ALLOCATED_IDLE_GPU_S = "capmon_device_window_allocated_idle_gpu_seconds"
 IDLE_VALUE = "capmon_device_window_idle_value"
 SPIN_S = "capmon_device_window_spin_seconds"
+POWER_W = "capmon_device_power_watts"
+# Not in remote_write's own names (`_DEVICE`): `_name()`'s fallback, `<measurement>_<field>`.
+IDLE_ENERGY_J = "capmon_device_idle_energy_j"
+IDLE_ENERGY_COST = "capmon_device_idle_energy_cost"
+IDLE_KWH, IDLE_COST = "idle kWh", "idle energy cost ($currency)"
 
 
 def hours_of(metric: str, by: str = "", base: str = FLEET_MATCH) -> str:
@@ -693,6 +698,59 @@ def fleet() -> dict:
             "h",
             thresholds((None, "green"), (0.5, "orange")),
             promql=hours_of(SPIN_S),
+            decimals=1,
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        stat(
+            "Idle power now",
+            "Board power of the devices idle now (allocated idle or free in their latest window in the now "
+            "window, $now_window): the sum of each one's mean power over that window, what the fleet burns "
+            "doing nothing. Devices whose probe reports no power are not counted.",
+            'SELECT SUM("p") AS "idle power" FROM (SELECT LAST("power_mean_w") AS "p", LAST("state_code") AS "s" '
+            f'FROM "capmon_device" WHERE {NOW} {FLEET_FILTER} GROUP BY "host", "device") '
+            f'WHERE "s" = {STATE_CODES["allocated_idle"]} OR "s" = {STATE_CODES["free"]}',
+            "watt",
+            thresholds((None, "green"), (1000, "yellow"), (10000, "red")),
+            promql=f"sum ({with_state(latest(POWER_W), IDLE_NOW)})",
+            decimals=0,
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        panel(
+            "stat",
+            "Idle energy cost over the range",
+            "Energy the devices spent idle (allocated idle + free) in the range, SUM(idle_energy_j) / 3.6e6 "
+            "in kWh (the agents' power × time, or the energy counter where the probe has one), and its cost: "
+            "SUM(idle_energy_cost), the kWh × [pricing] energy_price_per_kwh × pue, written by the collector "
+            "(no cost where energy is not priced). The devices' own energy, not the host's.",
+            [
+                target(
+                    f'SELECT SUM("idle_energy_j") / 3600000 AS "{IDLE_KWH}", SUM("idle_energy_cost") AS '
+                    f'"{IDLE_COST}" FROM "capmon_device" WHERE $timeFilter {FLEET_FILTER}',
+                    promql=f"sum ({over_range(IDLE_ENERGY_J)}) / 3600000",
+                    legend=IDLE_KWH,
+                ),
+                prom_target(f"sum ({over_range(IDLE_ENERGY_COST)})", "B", legend=IDLE_COST),
+            ],
+            "kwatth",
+            options={
+                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                "colorMode": "value",
+                "graphMode": "none",
+                "textMode": "value_and_name",
+            },
+            # By regex: the name holds the currency's value, not "$currency".
+            overrides=[
+                {
+                    "matcher": {"id": "byRegexp", "options": "idle energy cost.*"},
+                    "properties": [{"id": "unit", "value": "short"}, {"id": "decimals", "value": 2}],
+                }
+            ],
             decimals=1,
         ),
         4,

@@ -87,6 +87,8 @@ def schema_lines() -> list[str]:
         memory_used_bytes=1,
         memory_total_bytes=2,
         power_mean_w=3.0,
+        energy_j=180.0,
+        idle_energy_j=180.0,
         temp_max_c=4.0,
         processes=0,
         idle_since=1_760_000_000,
@@ -134,8 +136,11 @@ def schema_lines() -> list[str]:
         ),
     )
     identity = wire.AgentIdentity(id="a", host="h", version="1.0", labels={k: "v" for k in LABEL_KEYS})
-    price = Pricing(PricingConfig(default=1.0)).for_device  # so that `idle_value` is written
-    return batch_lines(wire.Batch(agent=identity, reports=[report]), LABEL_KEYS, price)
+    # Priced, so that `idle_value` and `idle_energy_cost` are written.
+    pricing = Pricing(PricingConfig(default=1.0, energy_price_per_kwh=0.25))
+    return batch_lines(
+        wire.Batch(agent=identity, reports=[report]), LABEL_KEYS, pricing.for_device, pricing.energy_cost
+    )
 
 
 def storage_schema() -> Schema:
@@ -640,6 +645,51 @@ def expected_devices() -> list[ExpectedDevice]:
     return out
 
 
+@dataclass(frozen=True)
+class ExpectedEnergy:
+    """Idle power and energy, replayed from the probes the script runs (their power is a function of
+    the clock): the agent holds each sample's power until the next sample (every SAMPLE_S), so a
+    device's idle energy is Σ power × SAMPLE_S over its samples in an idle state, and a window's
+    power its samples' mean."""
+
+    idle_energy_j: dict[tuple[str, str], float]  # (host, device) → idle joules over the run
+    idle_power_now_w: dict[tuple[str, str], float]  # devices idle now → their last window's mean power
+
+    def kwh(self, devices: Sequence[ExpectedDevice]) -> float:
+        return sum(self.idle_energy_j[(d.host, d.device)] for d in devices) / 3.6e6
+
+    def watts_now(self, devices: Sequence[ExpectedDevice]) -> float:
+        return sum(self.idle_power_now_w.get((d.host, d.device), 0.0) for d in devices)
+
+
+def expected_energy() -> ExpectedEnergy:
+    states = {(d.host, d.device): d for d in expected_devices()}
+    energy = dict.fromkeys(states, 0.0)
+    last: dict[tuple[str, str], list[float]] = {key: [] for key in states}
+    for h in FLEET:
+        clock = FakeClock(T0)
+        mock = MockProbe(
+            MockConfig(
+                devices=len(h.profiles), profiles=h.profiles, models=(h.model,), host_index=h.host_index
+            ),
+            clock=clock,
+        )
+        probes: list[Probe] = [mock, ScriptedProbe(h.model, h.scripted, clock)]
+        for k in range(DURATION_S // SAMPLE_S):
+            clock.now = T0 + k * SAMPLE_S
+            for sample in (s for p in probes for s in p.sample()):
+                key = (h.host, sample.device_id)
+                if key not in states or sample.power_w is None:
+                    continue  # a MIG parent, or a lost device
+                d = states[key]
+                if PROFILE_STATE[profile_at(d.spec, clock.now)] in wire.IDLE_STATES:
+                    energy[key] += sample.power_w * SAMPLE_S
+                if clock.now >= T0 + DURATION_S - WINDOW_S:
+                    last[key].append(sample.power_w)
+    now = {key: sum(w) / len(w) for key, w in last.items() if w and states[key].state_now in wire.IDLE_STATES}
+    return ExpectedEnergy(energy, now)
+
+
 class FakeClock:
     def __init__(self, now: float) -> None:
         self.now = now
@@ -817,6 +867,8 @@ AGENT_TOKEN = "dashboard-agent-token"
 READ_TOKEN = "dashboard-read-token"
 # Different per model, as in a real [pricing]: "910B3" is an exact key, the others substrings.
 PRICES = {"H100": 2.10, "A100": 1.20, "910B3": 0.90}
+# Electricity per kWh and the site's PUE: an idle kWh costs 0.30 × 1.4 = 0.42.
+ENERGY_PRICE_PER_KWH, PUE = 0.30, 1.4
 
 
 def collector_config(influx_url: str, db: str, storage: StorageConfig | None = None) -> Config:
@@ -827,7 +879,7 @@ def collector_config(influx_url: str, db: str, storage: StorageConfig | None = N
             read_tokens=(TokenConfig(sha256=hash_token(READ_TOKEN), name="grafana"),),
         ),
         storage=storage or StorageConfig(kind="influxdb_v1", url=influx_url, db=db, flush_interval_s=0.0),
-        pricing=PricingConfig(default=0.0, models=PRICES),
+        pricing=PricingConfig(default=0.0, models=PRICES, energy_price_per_kwh=ENERGY_PRICE_PER_KWH, pue=PUE),
         source="dashboard tests",
     )
 

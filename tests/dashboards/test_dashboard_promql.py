@@ -20,11 +20,13 @@ from dashboard_fleet import (
     A100,
     ASCEND,
     DURATION_S,
+    ENERGY_PRICE_PER_KWH,
     FLEET,
     H100,
     HOLDERS,
     MIG_HOST,
     PRICES,
+    PUE,
     SPIN_S,
     T0,
     WINDOW_S,
@@ -36,7 +38,15 @@ from dashboard_fleet import (
     panels,
     run_pipeline,
 )
-from test_dashboard_queries import IDLE_HOURS, IDLE_VALUE, allocated_idle_by, flat, gpu_hours
+from test_dashboard_queries import (
+    ENERGY,
+    ENERGY_COLUMNS,
+    IDLE_HOURS,
+    IDLE_VALUE,
+    allocated_idle_by,
+    flat,
+    gpu_hours,
+)
 
 from capmon.collector.config import StorageConfig
 
@@ -268,6 +278,28 @@ def test_idle_gpu_hours_value_and_share(filled):
     unavailable = value(results(prom, FLEET_UID, "Unavailable GPU-hours"))
     assert unavailable == pytest.approx(gpu_hours(EXPECTED, "unavailable")) == pytest.approx(3)
     assert value(results(prom, FLEET_UID, "Idle value ($currency)")) == pytest.approx(58.95)
+
+
+def test_idle_power_now_and_idle_energy_cost(filled):
+    """The same numbers as the InfluxQL panels: the replayed script and /api/v1/fleet."""
+    prom, fleet_api = filled
+    watts, kwh = ENERGY.watts_now(EXPECTED), ENERGY.kwh(EXPECTED)
+    cost = kwh * ENERGY_PRICE_PER_KWH * PUE
+    assert value(results(prom, FLEET_UID, "Idle power now")) == pytest.approx(watts)
+    assert fleet_api["totals"]["idle_power_w"] == pytest.approx(watts)
+    title = "Idle energy cost over the range"
+    p = panel_by_title(FLEET_UID, title)
+    assert [t["legendFormat"] for t in p["targets"]] == ["idle kWh", "idle energy cost ($currency)"]
+    assert ENERGY_COLUMNS[1] == "idle energy cost (USD)"  # the InfluxQL alias, with the default currency
+    assert value(results(prom, FLEET_UID, title, "A")) == pytest.approx(kwh)
+    assert value(results(prom, FLEET_UID, title, "B")) == pytest.approx(cost)
+    assert fleet_api["totals"]["idle_energy_kwh"] == pytest.approx(kwh, abs=1e-5)
+    mig = [d for d in EXPECTED if d.host == MIG_HOST]
+    assert value(results(prom, FLEET_UID, "Idle power now", host=[MIG_HOST])) == pytest.approx(600)
+    assert value(results(prom, FLEET_UID, title, "A", host=[MIG_HOST])) == pytest.approx(ENERGY.kwh(mig))
+    h100 = [d for d in EXPECTED if d.model == H100]
+    h100_cost = ENERGY.kwh(h100) * ENERGY_PRICE_PER_KWH * PUE
+    assert value(results(prom, FLEET_UID, title, "B", model=[H100])) == pytest.approx(h100_cost)
 
 
 def test_a_mig_instance_counts_as_its_share_of_the_gpu(filled):

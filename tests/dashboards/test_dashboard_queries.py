@@ -12,6 +12,7 @@ from dashboard_fleet import (
     A100,
     ASCEND,
     DURATION_S,
+    ENERGY_PRICE_PER_KWH,
     FLEET,
     H100,
     HOLDERS,
@@ -20,12 +21,14 @@ from dashboard_fleet import (
     PRICES,
     PROBE_ERRORS_EXPECTED,
     PROBE_TIMEOUTS_EXPECTED,
+    PUE,
     SPIN_S,
     T0,
     WINDOW_S,
     Selection,
     expand,
     expected_devices,
+    expected_energy,
     fill,
     load_dashboards,
     panel_interval_ms,
@@ -33,6 +36,7 @@ from dashboard_fleet import (
 )
 
 from capmon.agent import __version__
+from capmon.plugins.mock.probe import MODELS
 
 pytestmark = pytest.mark.integration
 
@@ -258,6 +262,52 @@ def test_a_mig_instance_counts_as_its_share_of_the_gpu(filled):
     assert share == pytest.approx(100 * (6 / 7) / 2)
     rows = panel_rows(influxd, "capmon-fleet", "Idle GPUs by model (average per interval)", **mig)
     assert {round(r["sum"], 9) for r in rows if r["sum"] is not None} == {round(6 / 7, 9)}
+
+
+ENERGY = expected_energy()
+ENERGY_COLUMNS = ("idle kWh", "idle energy cost (USD)")
+
+
+def test_idle_energy_replay_follows_the_mock_models():
+    """The replayed expectation is the mock's idle power × idle time: a mock device idles at its
+    model's idle watts plus up to 5 W of noise (a notebook's rare 2 % blips aside); a scripted one
+    (gpu-d01) at 100 W."""
+    for d in EXPECTED:
+        idle_s = d.seconds["free"] + d.seconds["allocated_idle"]
+        joules = ENERGY.idle_energy_j[(d.host, d.device)]
+        if d.host == MIG_HOST:
+            assert joules == pytest.approx(100 * idle_s), d.device
+        elif idle_s:
+            idle_w, max_w = MODELS[d.model][1:3]
+            assert idle_w * idle_s <= joules <= (idle_w + 5 + 0.02 * (max_w - idle_w)) * idle_s, d.device
+        else:
+            assert joules == 0, d.device
+    assert sorted(ENERGY.idle_power_now_w) == sorted(
+        (d.host, d.device) for d in EXPECTED if d.state_now in IDLE
+    )
+
+
+def test_idle_power_now_and_idle_energy_cost(filled):
+    influxd, fleet_api = filled
+    kwh = ENERGY.kwh(EXPECTED)
+    assert kwh == pytest.approx(4.8917, abs=1e-4)  # 69 idle device-hours at 55–100 W
+    watts = ENERGY.watts_now(EXPECTED)
+    assert watts == pytest.approx(1675.0)  # 20 devices idle now
+    assert value(panel_rows(influxd, "capmon-fleet", "Idle power now")) == pytest.approx(watts)
+    assert fleet_api["totals"]["idle_power_w"] == pytest.approx(watts)
+    (row,) = panel_rows(influxd, "capmon-fleet", "Idle energy cost over the range")
+    cost = kwh * ENERGY_PRICE_PER_KWH * PUE
+    assert (row[ENERGY_COLUMNS[0]], row[ENERGY_COLUMNS[1]]) == pytest.approx((kwh, cost))
+    assert fleet_api["totals"]["idle_energy_kwh"] == pytest.approx(kwh, abs=1e-5)
+    assert fleet_api["totals"]["idle_energy_cost"] == pytest.approx(cost, abs=1e-5)
+    # The filters narrow both: the MIG host's 6 idle instances, at 100 W for the 3 h.
+    mig = [d for d in EXPECTED if d.host == MIG_HOST]
+    assert value(panel_rows(influxd, "capmon-fleet", "Idle power now", host=[MIG_HOST])) == pytest.approx(600)
+    (row,) = panel_rows(influxd, "capmon-fleet", "Idle energy cost over the range", host=[MIG_HOST])
+    assert row[ENERGY_COLUMNS[0]] == pytest.approx(ENERGY.kwh(mig)) == pytest.approx(6 * 3 * 0.1)
+    h100 = [d for d in EXPECTED if d.model == H100]
+    (row,) = panel_rows(influxd, "capmon-fleet", "Idle energy cost over the range", model=[H100])
+    assert row[ENERGY_COLUMNS[1]] == pytest.approx(ENERGY.kwh(h100) * ENERGY_PRICE_PER_KWH * PUE)
 
 
 # Idle GPU-hours per model, counted by hand from FLEET's phase lists, at PRICES (dashboard_fleet):

@@ -136,8 +136,9 @@ def test_now_panels_use_the_now_window_variable():
             var = variables["now_window"]
             assert var["type"] in ("custom", "constant", "textbox") and not var.get("multi")
             assert var["current"]["value"] == "3m" and "3 × the agents' window_s" in var["description"]
-    # fleet stats, the two by-state tables, longest-idle, reclaim candidates, host devices and holders, agents
-    assert now_queries == 4 + 2 * 4 + 1 + 1 + 2 + 1
+    # fleet stats (4 states, idle power), the two by-state tables, longest-idle, reclaim candidates,
+    # host devices and holders, agents
+    assert now_queries == 5 + 2 * 4 + 1 + 1 + 2 + 1
 
 
 def test_dashboards_are_what_generate_py_writes():
