@@ -31,6 +31,7 @@ from dashboard_fleet import (
     T0,
     WINDOW_S,
     Selection,
+    default_selection,
     expand_promql,
     expected_devices,
     load_dashboards,
@@ -80,24 +81,6 @@ def _get(prom, path: str, **params) -> object:
         data = json.loads(resp.read())
     assert data["status"] == "success", data
     return data["data"]
-
-
-def default_selection(dashboard: dict, **chosen: list[str] | str) -> dict[str, Selection]:
-    out = {}
-    for var in dashboard["templating"]["list"]:
-        name = var["name"]
-        if var["type"] == "datasource":
-            continue
-        multi, include_all = var.get("multi", False), var.get("includeAll", False)
-        if name in chosen:
-            value = chosen[name]
-            values = [value] if isinstance(value, str) else list(value)
-            out[name] = Selection(values, multi, include_all, var.get("allValue"))
-        elif var["type"] in ("custom", "constant"):
-            out[name] = Selection([var["current"]["value"]])
-        elif include_all:
-            out[name] = Selection([], multi, include_all, var.get("allValue"), is_all=True)
-    return out
 
 
 def panel_by_title(uid: str, title: str) -> dict:

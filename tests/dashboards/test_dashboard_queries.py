@@ -25,7 +25,7 @@ from dashboard_fleet import (
     SPIN_S,
     T0,
     WINDOW_S,
-    Selection,
+    default_selection,
     expand,
     expected_devices,
     expected_energy,
@@ -51,25 +51,6 @@ IDLE = ("free", "allocated_idle")
 def filled(influxd):
     influxd.create_database(DB)
     return influxd, fill(influxd.url, DB)
-
-
-def default_selection(dashboard: dict, **chosen: list[str] | str) -> dict[str, Selection]:
-    """The variables' values: "All" unless chosen; a single-value variable takes its chosen value."""
-    out = {}
-    for var in dashboard["templating"]["list"]:
-        name = var["name"]
-        if var["type"] == "datasource":
-            continue
-        multi, include_all = var.get("multi", False), var.get("includeAll", False)
-        if name in chosen:
-            value = chosen[name]
-            values = [value] if isinstance(value, str) else list(value)
-            out[name] = Selection(values, multi, include_all, var.get("allValue"))
-        elif var["type"] in ("custom", "constant"):
-            out[name] = Selection([var["current"]["value"]])
-        elif include_all:
-            out[name] = Selection([], multi, include_all, var.get("allValue"), is_all=True)
-    return out
 
 
 def run(influxd, query: str) -> list[dict]:
