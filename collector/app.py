@@ -25,8 +25,9 @@ from .auth import AuthFailureLog, Principal, TokenStore, credentials_kind
 from .config import Config
 from .fleet import HOLDER_KEYS, FleetView, Pricing
 from .ingest import ClientDisconnected, IngestLimits, IngestService, Refusal
-from .liveview import LiveView, NoLiveView, make_live_view
+from .liveview import LiveView, make_live_view
 from .metrics import Metrics
+from .published import Publisher, collector_id
 from .storage import GroupCommitWriter, StorageWriter, make_writer
 
 log = logging.getLogger("capmon.collector")
@@ -41,6 +42,8 @@ INGEST = web.AppKey("capmon_ingest", IngestService)
 AUTH_LOG = web.AppKey("capmon_auth_log", AuthFailureLog)
 # What the capacity APIs answer from: this process's FleetView, or the store (live_view = "storage").
 LIVE = web.AppKey("capmon_live_view", LiveView)
+# With the storage view: what publishes this process's view for every process to answer from.
+PUBLISHER = web.AppKey("capmon_publisher", Publisher)
 WORKER = web.AppKey("capmon_worker", str)
 
 _json = msgspec.json.Encoder()
@@ -456,10 +459,36 @@ def create_app(
     app[LIVE] = live = make_live_view(config, fleet, clock)
     app[STORAGE] = storage = GroupCommitWriter(writer or make_writer(config.storage), config.storage, metrics)
     pricing = fleet.pricing
+    publisher = None
+    if config.collector.live_view == "storage":
+        # This process's view answers nothing itself: it is published, and every process answers
+        # from what all of them published.
+        app[PUBLISHER] = publisher = Publisher(
+            fleet, storage.submit, config.collector.live_publish_interval_s, collector_id(worker), clock
+        )
+        metrics.gauge(
+            "live_publishes",
+            "Times this process published its view to the store (a counter).",
+            lambda: publisher.publishes,
+        )
+        metrics.gauge(
+            "live_publish_failures",
+            "Publishes the store did not take (retried next interval; a counter).",
+            lambda: publisher.failures,
+        )
+        metrics.gauge(
+            "live_published_bytes",
+            "Size of this process's last published view (compressed, base64).",
+            lambda: publisher.last_bytes,
+        )
+        metrics.gauge(
+            "totals_late_windows",
+            "Windows that arrived too late to be added to the range totals' blocks (a counter).",
+            lambda: publisher.totals.late_windows,
+        )
     app[INGEST] = service = IngestService(
         IngestLimits.from_config(config),
-        # The storage view answers from the store: nothing to keep here.
-        fleet if config.collector.live_view == "memory" else NoLiveView(),
+        fleet,
         storage,
         metrics,
         clock,
@@ -507,9 +536,13 @@ def create_app(
         await storage.start()
         await live.start()  # LiveViewUnsupported: the store answers, but not InfluxQL
         service.start()
+        if publisher is not None:
+            publisher.start()
         if not len(app[TOKENS]):
             log.warning("no tokens configured in %s: every request except /healthz is refused", config.source)
         yield
+        if publisher is not None:
+            await publisher.close()
         await service.close()
         await storage.close(config.collector.drain_timeout_s)
         await live.close()

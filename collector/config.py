@@ -187,6 +187,10 @@ class CollectorConfig:
     # how long one set of queries may take before the answer is 503.
     live_view_cache_s: float = field(default=2.0, metadata=bounds(ge=0))
     live_view_query_timeout_s: float = field(default=10.0, metadata=bounds(gt=0))
+    # live_view = "storage": how often (at most) this process publishes the view of the reports it
+    # received (`capmon_live`) and the sums of their windows (`capmon_totals`), from which every
+    # process answers /api/v1/fleet and /api/v1/agents. The fleet answer lags reports by up to this.
+    live_publish_interval_s: float = field(default=2.0, metadata=bounds(gt=0))
     # The memory live view's fleet-wide bound: a report that would take it past any of these is still
     # stored and answered, but kept out of the live view (listed in /api/v1/agents, counted in
     # /metrics), so no token can exhaust the collector's memory.

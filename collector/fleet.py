@@ -524,6 +524,29 @@ class _Tally:
     def weight(self) -> tuple[int, float]:
         return self.devices, sum(self.seconds)
 
+    def packed(self) -> list[Any]:
+        """The device counts of a tally (what `device_tallies` fills) as a list, for the published view."""
+        return [self.devices, *self.states, *self.gpu, self.idle_value_per_hour, self.idle_power_w]
+
+    @classmethod
+    def unpacked(cls, values: Sequence[Any]) -> _Tally:
+        t = cls()
+        t.devices = int(values[0])
+        t.states = [int(v) for v in values[1:5]]
+        t.gpu = [float(v) for v in values[5:9]]
+        t.idle_value_per_hour = float(values[9])
+        t.idle_power_w = None if values[10] is None else float(values[10])
+        return t
+
+    def as_unavailable(self) -> _Tally:
+        """The same devices as an agent gone silent shows them: all unavailable, nothing idle."""
+        t = _Tally()
+        t.devices = self.devices
+        t.states[_UNAVAILABLE] = self.devices
+        t.gpu[_UNAVAILABLE] = sum(self.gpu)
+        t.idle_power_w = None if self.idle_power_w is None else 0.0
+        return t
+
     def as_dict(self, pricing: Pricing | None = None) -> dict[str, Any]:
         idle_s = sum(self.seconds[i] for i in _IDLE_INDEXES)
         energy = self.idle_energy_j
@@ -563,6 +586,132 @@ def _capped(
     return {k: t.as_dict(pricing) for k, t in sorted(kept.items())}, folded
 
 
+def agent_rows(
+    live: Iterable[tuple[AgentState, bool, int]],
+    refused_only: Iterable[AgentState],
+    kept_out: Iterable[tuple[str, _KeptOut]],
+) -> list[dict[str, Any]]:
+    """`GET /api/v1/agents` rows: (agent, stale, devices) of the agents in the view, the agents known
+    only by their refusals, and those the fleet-wide bound keeps out; by id."""
+    out = []
+    rows: dict[str, dict[str, Any]] = {}
+    for agent, stale, devices in live:
+        out.append(
+            {
+                "id": agent.id,
+                "host": agent.host,
+                "instance": agent.instance,
+                "version": agent.version,
+                "window_s": agent.window_s,
+                "last_report_end": agent.last_end or None,
+                "last_seen": agent.last_seen,
+                "stale": stale,
+                "devices": devices,
+                "models_folded": agent.folded_models,
+                "refusals": _refusals_dict(agent.refusals),
+                "live_view": None,
+            }
+        )
+    for agent in refused_only:
+        rows[agent.id] = {
+            "id": agent.id,
+            "host": agent.host or None,
+            "instance": None,
+            "version": None,
+            "window_s": None,
+            "last_report_end": None,
+            "last_seen": None,
+            "stale": True,
+            "devices": 0,
+            "models_folded": 0,
+            "refusals": _refusals_dict(agent.refusals),
+            "live_view": None,
+        }
+    for agent_id, rec in kept_out:
+        row = rows.setdefault(
+            agent_id,
+            {
+                "id": agent_id,
+                "instance": None,
+                "version": None,
+                "window_s": None,
+                "last_report_end": None,
+                "stale": True,
+                "models_folded": 0,
+                "refusals": {},
+            },
+        )
+        row.update(
+            host=rec.host,
+            last_seen=rec.last_seen,
+            # What its latest report listed; the view keeps none of them.
+            devices=rec.devices,
+            kept_out_reports=rec.reports,
+            live_view=f"{KEPT_OUT} ({rec.bound})",
+        )
+    out.extend(rows.values())
+    out.sort(key=lambda a: a["id"])
+    return out
+
+
+def compose_summary(
+    *,
+    now: float,
+    since: float,
+    label_keys: tuple[str, ...],
+    pricing: Pricing,
+    agents: int,
+    stale: int,
+    parts: Iterable[tuple[Sequence[str | None], Mapping[str, _Tally]]],
+    by_model_extra: Mapping[str, _Tally] | None = None,
+    by_label_extra: Sequence[Mapping[str, _Tally]] | None = None,
+) -> dict[str, Any]:
+    """The `GET /api/v1/fleet` answer from per-agent tallies: `parts` is (agent labels, model →
+    tally) per agent, added to the totals, its model's and its labels' breakdowns; `by_model_extra`
+    (model → tally) is added to the totals and by model only, `by_label_extra` (per label key, value →
+    tally) to by label only (the store's range totals, which are kept per model and per label)."""
+    total = _Tally()
+    by_model: dict[str, _Tally] = {}
+    by_label: list[dict[str, _Tally]] = [{} for _ in label_keys]
+    for labels, tallies in parts:
+        label_tallies = [
+            per_key.setdefault(value or NO_LABEL, _Tally())
+            for per_key, value in zip(by_label, labels or (None,) * len(label_keys), strict=True)
+        ]
+        for model, t in tallies.items():
+            model_tally = by_model.get(model)
+            if model_tally is None:
+                model_tally = by_model[model] = _Tally()
+            for acc in (total, model_tally, *label_tallies):
+                acc.add(t)
+    for model, t in (by_model_extra or {}).items():
+        model_tally = by_model.get(model)
+        if model_tally is None:
+            model_tally = by_model[model] = _Tally()
+        total.add(t)
+        model_tally.add(t)
+    for per_key, extra in zip(by_label, by_label_extra or (), strict=False):
+        for value, t in extra.items():
+            per_key.setdefault(value, _Tally()).add(t)
+    models, folded_models = _capped(by_model, pricing)
+    labels_out = {}
+    folded_labels = {}
+    for key, per_key in zip(label_keys, by_label, strict=True):
+        labels_out[key], folded_labels[key] = _capped(per_key, pricing)
+    return {
+        "generated_at": now,
+        "since": since,
+        "currency": pricing.currency,
+        "units": UNITS,
+        "agents": {"total": agents, "stale": stale},
+        "totals": total.as_dict(pricing),
+        "by_model": models,
+        "by_label": labels_out,
+        # Keys beyond MAX_BREAKDOWN_KEYS per breakdown, folded into "(other)".
+        "folded": {"by_model": folded_models, "by_label": folded_labels},
+    }
+
+
 UNITS = (
     "devices, states, idle and device_hours count every device as one; gpu_equivalents, gpu_hours and "
     "idle_value_per_hour count a MIG instance as its fraction of its GPU; idle_power_w is the power now "
@@ -582,8 +731,13 @@ class FleetView:
         max_agents: int | None = None,
         max_devices: int | None = None,
         max_holders: int | None = None,
+        on_window: Callable[[AgentState, Report], object] | None = None,
     ) -> None:
         self.label_keys = label_keys
+        # Called with each window applied (counted once per agent and window end, catch-up included).
+        self.on_window = on_window
+        # Moves on with every report or refusal taken, and every agent forgotten (what to publish).
+        self.changes = 0
         self.pricing = pricing
         self.stale_windows = stale_windows
         self.clock = clock
@@ -612,6 +766,7 @@ class FleetView:
     def apply(self, batch: Batch) -> tuple[int, int]:
         """Fold a validated batch into the view; returns (reports applied, reports already seen)."""
         ident = batch.agent
+        self.changes += 1
         agent = self.by_id.get(ident.id)
         latest = max(batch.reports, key=lambda r: r.end, default=None)
         if agent is None or (latest is not None and latest.end > agent.last_end):
@@ -642,6 +797,8 @@ class FleetView:
                 seen += 1
                 continue
             applied += 1
+            if self.on_window is not None:
+                self.on_window(agent, report)
             # Since-start totals: a window that ended before this collector started (catch-up from
             # an agent's spool) is not "since this collector started"; it is in storage.
             counted = report.end >= self.started_at
@@ -787,6 +944,7 @@ class FleetView:
         `host` names an agent known only by its refusals; a delivered report's host wins.
         """
         agent_id = agent_id[:MAX_ID_LEN]
+        self.changes += 1
         agent = self.by_id.get(agent_id)
         if agent is None:
             agent = self.refused_only.get(agent_id)
@@ -820,6 +978,7 @@ class FleetView:
         for agent_id in [k for k, r in self.kept_out.items() if now - r.last_seen > self.forget_after_s]:
             del self.kept_out[agent_id]
         if gone:
+            self.changes += 1
             log.info(
                 "forgot %d agent(s) silent for more than %gs: %s%s",
                 len(gone),
@@ -862,134 +1021,62 @@ class FleetView:
         (`live_view` says so; None: the agent is in the view, or known only by refusals).
         """
         now = self.clock() if now is None else now
-        out = []
-        rows: dict[str, dict[str, Any]] = {}
-        for agent in self.live_agents(now):
-            out.append(
-                {
-                    "id": agent.id,
-                    "host": agent.host,
-                    "instance": agent.instance,
-                    "version": agent.version,
-                    "window_s": agent.window_s,
-                    "last_report_end": agent.last_end or None,
-                    "last_seen": agent.last_seen,
-                    "stale": self.is_stale(agent, now),
-                    "devices": len(agent.devices),
-                    "models_folded": agent.folded_models,
-                    "refusals": _refusals_dict(agent.refusals),
-                    "live_view": None,
-                }
-            )
-        for agent in self.refused_only.values():
-            if self.is_forgotten(agent, now):
-                continue
-            rows[agent.id] = {
-                "id": agent.id,
-                "host": agent.host or None,
-                "instance": None,
-                "version": None,
-                "window_s": None,
-                "last_report_end": None,
-                "last_seen": None,
-                "stale": True,
-                "devices": 0,
-                "models_folded": 0,
-                "refusals": _refusals_dict(agent.refusals),
-                "live_view": None,
-            }
-        for agent_id, rec in self.kept_out.items():
-            if now - rec.last_seen > self.forget_after_s:
-                continue
-            row = rows.setdefault(
-                agent_id,
-                {
-                    "id": agent_id,
-                    "instance": None,
-                    "version": None,
-                    "window_s": None,
-                    "last_report_end": None,
-                    "stale": True,
-                    "models_folded": 0,
-                    "refusals": {},
-                },
-            )
-            row.update(
-                host=rec.host,
-                last_seen=rec.last_seen,
-                # What its latest report listed; the view keeps none of them.
-                devices=rec.devices,
-                kept_out_reports=rec.reports,
-                live_view=f"{KEPT_OUT} ({rec.bound})",
-            )
-        out.extend(rows.values())
-        out.sort(key=lambda a: a["id"])
+        return agent_rows(
+            [(a, self.is_stale(a, now), len(a.devices)) for a in self.live_agents(now)],
+            [a for a in self.refused_only.values() if not self.is_forgotten(a, now)],
+            [(k, r) for k, r in self.kept_out.items() if now - r.last_seen <= self.forget_after_s],
+        )
+
+    def device_tallies(self, agent: AgentState, stale: bool = False) -> dict[str, _Tally]:
+        """An agent's devices now, per model, as `summary()` counts them (all unavailable if `stale`)."""
+        out: dict[str, _Tally] = {}
+        for dev in agent.devices.values():
+            state = _UNAVAILABLE if stale or dev.missing else dev.state
+            model = dev.model or UNKNOWN_MODEL
+            t = out.get(model)
+            if t is None:
+                t = out[model] = _Tally()
+            idle = state in _IDLE_INDEXES
+            t.devices += 1
+            t.states[state] += 1
+            t.gpu[state] += dev.share
+            if idle:
+                t.idle_value_per_hour += dev.value_per_hour
+            t.add_power(dev.power_mean_w, idle)
         return out
 
     def summary(self) -> dict[str, Any]:
         """`GET /api/v1/fleet`: device counts by state, idle value per hour, idle device-hours; by model and label."""
         now = self.clock()
-        total = _Tally()
-        by_model: dict[str, _Tally] = {}
-        by_label: list[dict[str, _Tally]] = [{} for _ in self.label_keys]
-        stale = 0
         agents = self.live_agents(now)
+        parts = []
+        stale = 0
         for agent in agents:
             is_stale = self.is_stale(agent, now)
             stale += is_stale
-            label_tallies = [
-                per_key.setdefault(value or NO_LABEL, _Tally())
-                for per_key, value in zip(
-                    by_label, agent.labels or (None,) * len(self.label_keys), strict=True
-                )
-            ]
-            for dev in agent.devices.values():
-                state = _UNAVAILABLE if is_stale or dev.missing else dev.state
-                model = dev.model or UNKNOWN_MODEL
-                value = dev.value_per_hour if state in _IDLE_INDEXES else 0.0
-                share = dev.share
-                model_tally = by_model.get(model)
-                if model_tally is None:
-                    model_tally = by_model[model] = _Tally()
-                idle = state in _IDLE_INDEXES
-                for t in (total, model_tally, *label_tallies):
-                    t.devices += 1
-                    t.states[state] += 1
-                    t.gpu[state] += share
-                    t.idle_value_per_hour += value
-                    t.add_power(dev.power_mean_w, idle)
+            tallies = self.device_tallies(agent, is_stale)
             for model, secs in agent.seconds.items():
-                model_tally = by_model.get(model)
-                if model_tally is None:
-                    model_tally = by_model[model] = _Tally()
-                for t in (total, model_tally, *label_tallies):
-                    for i in range(4):
-                        t.seconds[i] += secs[i]
-                        t.gpu_seconds[i] += secs[4 + i]
+                t = tallies.get(model)
+                if t is None:
+                    t = tallies[model] = _Tally()
+                for i in range(4):
+                    t.seconds[i] += secs[i]
+                    t.gpu_seconds[i] += secs[4 + i]
             for model, joules in agent.idle_energy.items():
-                model_tally = by_model.get(model)
-                if model_tally is None:
-                    model_tally = by_model[model] = _Tally()
-                for t in (total, model_tally, *label_tallies):
-                    t.add_energy(joules)
-        pricing = self.pricing
-        models, folded_models = _capped(by_model, pricing)
-        labels = {}
-        folded_labels = {}
-        for key, per_key in zip(self.label_keys, by_label, strict=True):
-            labels[key], folded_labels[key] = _capped(per_key, pricing)
-        return {
-            "generated_at": now,
-            "since": self.started_at,
-            "currency": self.pricing.currency,
-            "units": UNITS,
-            "agents": {"total": len(agents), "stale": stale},
-            "totals": total.as_dict(pricing),
-            "by_model": models,
-            "by_label": labels,
-            # Keys beyond MAX_BREAKDOWN_KEYS per breakdown, folded into "(other)".
-            "folded": {"by_model": folded_models, "by_label": folded_labels},
-        }
+                t = tallies.get(model)
+                if t is None:
+                    t = tallies[model] = _Tally()
+                t.add_energy(joules)
+            parts.append((agent.labels, tallies))
+        return compose_summary(
+            now=now,
+            since=self.started_at,
+            label_keys=self.label_keys,
+            pricing=self.pricing,
+            agents=len(agents),
+            stale=stale,
+            parts=parts,
+        )
 
     def devices(
         self,

@@ -34,8 +34,9 @@ import msgspec
 from capmon.agent.wire import STATES, AgentIdentity, Batch, DeviceWindow, HolderWindow, Report
 
 from .config import Config, StorageConfig
-from .fleet import HOLDER_KEYS, OTHER, UNKNOWN_MODEL, FleetView, Pricing
+from .fleet import HOLDER_KEYS, UNKNOWN_MODEL, FleetView, Pricing
 from .ingest import Refusal
+from .published import PublishedFleet, decode_live, live_statement, totals_statements
 
 __all__ = [
     "DEFAULT_SINCE_S",
@@ -157,13 +158,6 @@ class MemoryLiveView:
 
     def stale_agents(self) -> float:
         return self.fleet.stale_agents()
-
-
-class NoLiveView:
-    """What ingest feeds when the live view is the store's: nothing to keep in this process."""
-
-    def apply(self, batch: Batch) -> tuple[int, int]:
-        return len(batch.reports), 0
 
 
 # -- InfluxQL ----------------------------------------------------------------------------------------
@@ -499,6 +493,7 @@ class StorageLiveView:
         self._answers: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
         self._inflight: dict[Any, asyncio.Future[Any]] = {}
         self.last: Snapshot | None = None
+        self.last_published: PublishedFleet | None = None
         self.snapshots = 0
         self._old: _OldTier | None = None
 
@@ -542,11 +537,16 @@ class StorageLiveView:
 
     # -- the answers --
 
+    async def published(self, since_s: float | None = None) -> PublishedFleet:
+        """The fleet as every collector process published it, with the totals over the range."""
+        span = self._range(since_s)
+        return await self._cached(("published", span), lambda: self._build_published(span))
+
     async def summary(self, since_s: float | None = None) -> dict[str, Any]:
         span = self._range(since_s)
 
         async def answer() -> dict[str, Any]:
-            return (await self.snapshot(span)).view.summary()
+            return (await self.published(span)).summary()
 
         return await self._cached(("summary", span), answer)
 
@@ -571,21 +571,39 @@ class StorageLiveView:
 
     async def agents(self) -> list[dict[str, Any]]:
         async def answer() -> list[dict[str, Any]]:
-            return (await self.snapshot()).view.agents()
+            return (await self.published()).agent_rows()
 
         return await self._cached(("agents",), answer)
 
     async def refresh(self) -> None:
-        self.last = await self.snapshot()
+        self.last_published = await self.published()
 
     def agent_count(self) -> float:
-        return self.last.view.agent_count if self.last else 0
+        return self.last_published.agent_count if self.last_published else 0
 
     def device_count(self) -> float:
-        return self.last.view.device_count if self.last else 0
+        return self.last_published.device_count if self.last_published else 0
 
     def stale_agents(self) -> float:
-        return self.last.view.stale_agents() if self.last else 0
+        return self.last_published.stale_agents() if self.last_published else 0
+
+    async def _build_published(self, span: float) -> PublishedFleet:
+        now = self.clock()
+        statements = [live_statement(now, self.forget_after_s), *totals_statements(now - span, now)]
+        live_s, *totals_s = await self.store.query(statements)
+        fleet = PublishedFleet(
+            self.label_keys, self.pricing, self.stale_windows, self.forget_after_s, now, now - span
+        )
+        for _, row in _rows(live_s):
+            payload = decode_live(row)
+            if payload is not None:
+                fleet.add_payload(payload)
+        for series in totals_s:
+            fleet.add_totals(_rows(series))
+        fleet.finish()
+        self.last_published = fleet
+        self.snapshots += 1
+        return fleet
 
     # -- building a snapshot --
 
@@ -598,8 +616,6 @@ class StorageLiveView:
         dev_fields = ", ".join(f'"{f}"' for f in _DEVICE_FIELDS)
         holder_fields = ", ".join(f'"{f}"' for f in _HOLDER_FIELDS)
         agent_fields = '"window_s", "window_cfg_s", "version", "instance"'
-        sums = 'sum("busy_s"), sum("allocated_idle_s"), sum("free_s"), sum("unavailable_s")'
-        in_range = f"time >= {since}s AND time <= {now}s"
         out = [
             f"SELECT {dev_fields}, {_tag_columns(_DEVICE_TAGS + labels)} FROM capmon_device "
             f"WHERE time > {recent}s AND time <= {now}s",
@@ -607,13 +623,6 @@ class StorageLiveView:
             f"WHERE time > {recent}s AND time <= {now}s AND probe = ''",
             f"SELECT {holder_fields}, {_tag_columns(_HOLDER_TAGS)} FROM capmon_holder "
             f"WHERE time > {recent}s AND time <= {now}s",
-            # Whole devices count 1 GPU each: summed per agent and model, not per series. MIG
-            # instances (a parent tag) are summed per device with the share they are of their GPU.
-            f"SELECT {sums} FROM capmon_device WHERE {in_range} AND parent = '' GROUP BY agent, model",
-            f'SELECT {sums}, last("gpu_fraction") FROM capmon_device '
-            f"WHERE {in_range} AND parent != '' GROUP BY agent, device, model",
-            "SELECT last(count), last(last_detail) FROM capmon_refusal "
-            f"WHERE time > {forget}s AND time <= {now}s GROUP BY agent, host, reason",
         ]
         if old_due:
             window = f"time > {forget}s AND time <= {now}s"
@@ -637,9 +646,9 @@ class StorageLiveView:
         forget = now - self.forget_after_s
         old_due = self._old_due(now_f)
         results = await self.store.query(self._statements(now, since, old_due))
-        dev_new, agents_new, holders_new, whole_s, parts_s, refusals_s = results[:6]
+        dev_new, agents_new, holders_new = results[:3]
         if old_due:
-            dev_old, agents_old, holders_old = results[6:9]
+            dev_old, agents_old, holders_old = results[3:6]
             self._old = _OldTier(
                 now_f,
                 list(_rows(dev_old)),
@@ -765,34 +774,6 @@ class StorageLiveView:
             clock_now[0] = float(ends[-1])
             view.apply(Batch(agent=ident, reports=reports))
 
-        for tags, row in [*_rows(whole_s), *_rows(parts_s)]:
-            agent = view.by_id.get(tags.get("agent", ""))
-            if agent is None:
-                continue
-            model = tags.get("model") or UNKNOWN_MODEL
-            share = row.get("last") or 1.0
-            secs = [row.get(name) or 0.0 for name in ("sum", "sum_1", "sum_2", "sum_3")]
-            acc = agent.seconds.get(model)
-            if acc is None:
-                acc = agent.seconds[model] = [0.0] * 8
-            for i, s in enumerate(secs):
-                acc[i] += s
-                acc[4 + i] += s * share
-        for agent in view.by_id.values():
-            _fold_models(agent)
-
-        for tags, row in _rows(refusals_s):
-            count = int(row.get("last") or 0)
-            if not count:
-                continue
-            agent_id, reason = tags.get("agent", ""), tags.get("reason", "")
-            view.record_refusal(
-                agent_id, reason, row.get("last_1") or "", float(row["time"]), tags.get("host")
-            )
-            owner = view.by_id.get(agent_id) or view.refused_only.get(agent_id)
-            if owner is not None and owner.refusals and reason in owner.refusals:
-                owner.refusals[reason][0] = count
-
         view.started_at = float(since)
         clock_now[0] = now_f
         self.snapshots += 1
@@ -872,26 +853,6 @@ class StorageLiveView:
 
 def _by_id(d: DeviceWindow) -> str:
     return d.device_id
-
-
-def _fold_models(agent: Any) -> None:
-    """As the memory view: at most MAX_MODELS_PER_AGENT models per agent, the smallest folded."""
-    from .fleet import MAX_MODELS_PER_AGENT
-
-    seconds = agent.seconds
-    if len(seconds) <= MAX_MODELS_PER_AGENT:
-        return
-    ranked = sorted(seconds.items(), key=lambda kv: -sum(kv[1][:4]))
-    kept = dict(ranked[: MAX_MODELS_PER_AGENT - 1])
-    other = kept.pop(OTHER, None) or [0.0] * 8
-    for model, acc in ranked[MAX_MODELS_PER_AGENT - 1 :]:
-        if model == OTHER:
-            continue
-        agent.folded_models += 1
-        for i in range(8):
-            other[i] += acc[i]
-    kept[OTHER] = other
-    agent.seconds = kept
 
 
 def make_live_view(config: Config, fleet: FleetView, clock: Callable[[], float]) -> LiveView:

@@ -24,9 +24,10 @@ from collector_helpers import (
 from servers import free_port
 
 from capmon.collector import config as collector_config
-from capmon.collector.app import LIVE, create_app
+from capmon.collector.app import LIVE, PUBLISHER, create_app
 from capmon.collector.config import ConfigError, StorageConfig
 from capmon.collector.liveview import LiveViewUnsupported
+from capmon.collector.published import range_start
 
 pytestmark = pytest.mark.integration
 
@@ -114,15 +115,25 @@ def storage(influxd, db: str) -> StorageConfig:
     return StorageConfig(kind="influxdb_v1", url=influxd.url, db=db, flush_interval_s=0.0)
 
 
+def fresh_database(influxd, db: str) -> None:
+    influxd.create_database(db)
+    influxd.query(f'DROP DATABASE "{db}"', method="POST")
+    influxd.create_database(db)
+
+
 @pytest.fixture
 async def both(aiohttp_client, influxd):
-    """A memory-view collector fed the fleet's reports (writing them to influxd), and a storage-view
-    collector on the same database that received none of them."""
+    """A memory-view collector fed the fleet's reports (writing them to influxd), a storage-view
+    collector fed the same reports (it publishes its view), and a storage-view collector on the same
+    database that received none of them."""
     db = "capmon_lv"
-    influxd.create_database(db)
-    influxd.query("DROP SERIES FROM /.*/ WHERE agent =~ /.*/", db, method="POST")
+    fresh_database(influxd, db)
     clock = Clock(NOW - 3600)
     memory = await aiohttp_client(create_app(make_config(storage(influxd, db)), clock=clock))
+    feeder_app = create_app(
+        make_config(storage(influxd, db), live_view="storage", live_view_cache_s=0.0), clock=clock
+    )
+    feeder = await aiohttp_client(feeder_app)
     stored = await aiohttp_client(
         create_app(make_config(storage(influxd, db), live_view="storage", live_view_cache_s=0.0), clock=clock)
     )
@@ -131,7 +142,9 @@ async def both(aiohttp_client, influxd):
     for token, payload in sorted(fleet_reports(), key=lambda tp: tp[1]["reports"][-1]["end"]):
         clock.now = payload["reports"][-1]["end"] + 1
         await post(memory, tokens[token], payload)
+        await post(feeder, tokens[token], payload)
     clock.now = NOW + 1
+    await feeder_app[PUBLISHER].flush()
     return memory, stored, clock
 
 
@@ -145,8 +158,9 @@ def without(answer: dict, *keys: str) -> dict:
 async def test_storage_view_answers_as_the_memory_view(both):
     memory, stored, _ = both
     mem, sto = await get(memory, "/api/v1/fleet"), await get(stored, "/api/v1/fleet")
-    # "since" differs by design: the start of the memory view, the start of the range of the store's.
-    assert sto["since"] == NOW + 1 - 86400
+    # "since" differs by design: the start of the memory view, the start of the range of the store's
+    # (its minute blocks: the start rounded up to the minute).
+    assert sto["since"] == range_start(NOW + 1 - 86400) > NOW + 1 - 86400 - 60
     assert without(sto, "since") == without(mem, "since")
     assert sto["agents"] == {"total": 3, "stale": 1}
     assert sto["totals"]["states"] == {"busy": 1, "allocated_idle": 2, "free": 1, "unavailable": 4}
@@ -164,18 +178,15 @@ async def test_storage_view_answers_as_the_memory_view(both):
             sto_h = await get(stored, "/api/v1/holders", by=by, state=state)
             assert without(sto_h, "since") == without(mem_h, "since"), (by, state)
 
-    # The store keeps no arrival time nor spool instance: the rest of each agent is the same.
-    mem_a = [without(a, "last_seen", "instance") for a in (await get(memory, "/api/v1/agents"))["agents"]]
-    sto_a = (await get(stored, "/api/v1/agents"))["agents"]
-    assert [without(a, "last_seen", "instance") for a in sto_a] == mem_a
-    assert [a["last_seen"] for a in sto_a] == [a["last_report_end"] for a in sto_a]
+    # The agents as the collector that received them published them: arrival times and instances too.
+    assert (await get(stored, "/api/v1/agents")) == (await get(memory, "/api/v1/agents"))
 
 
 async def test_totals_over_a_range_are_the_stores_sums(both):
     _, stored, _ = both
     # The last minute holds the windows ending at NOW (those ending at NOW - 60 are before NOW + 1 - 60).
     recent = await get(stored, "/api/v1/fleet", since="1m")
-    assert recent["since"] == NOW + 1 - 60
+    assert recent["since"] == range_start(NOW + 1 - 60)
     # rack2-a: GPU-0 (allocated idle), MIG-a (busy), MIG-b (free); node-1: GPU-0 (unavailable),
     # GPU-1 (allocated idle); 60 s each, MIG instances at half a GPU.
     assert recent["totals"]["device_hours"] == {
@@ -272,11 +283,29 @@ def per_series(statements: list[str]) -> list[str]:
     return [s for s in statements if "GROUP BY *" in s]
 
 
-async def test_answers_read_recent_points_not_one_group_per_device(aiohttp_client, influxd, both):
-    """influxd 1.x pays per series for a GROUP BY (2 s at 10k devices): an answer reads the recent raw
-    points and sums by agent and model; the per-series read of the older tier is reused for half of
-    RECENT_S, then read again — and the answers stay the memory view's as agents fall out of the
-    recent tier."""
+async def test_the_fleet_answer_reads_what_collectors_published_not_the_devices(aiohttp_client, influxd, both):
+    """influxd 1.x pays per series touched (20 s for the latest window of 100k devices): the fleet and
+    agents answers read one published point per collector process and the range totals' blocks."""
+    _, _, clock = both
+    app = create_app(
+        make_config(storage(influxd, "capmon_lv"), live_view="storage", live_view_cache_s=0.0), clock=clock
+    )
+    client = await aiohttp_client(app)
+    sent = record_statements(app)
+    await get(client, "/api/v1/fleet")
+    await get(client, "/api/v1/agents")
+    await client.get("/metrics", headers=auth(READ_TOKEN))
+    read = [s.split(" FROM ")[1].split()[0] for statements in sent for s in statements]
+    assert set(read) == {"capmon_live", "capmon_totals"}, read
+    # A range over whole hours sums the hour blocks, the partial hours at its ends the minute blocks.
+    await get(client, "/api/v1/fleet", since="7h")
+    assert [s.split("res = ")[1][:4] for s in sent[-1][1:]] == ["'1h'", "'1m'", "'1m'"]
+
+
+async def test_device_answers_read_recent_points_not_one_group_per_device(aiohttp_client, influxd, both):
+    """influxd 1.x pays per series for a GROUP BY (2 s at 10k devices): a devices answer reads the
+    recent raw points; the per-series read of the older tier is reused for half of RECENT_S, then
+    read again — and the answers stay the memory view's as agents fall out of the recent tier."""
     from capmon.collector.liveview import RECENT_S
 
     memory, _, clock = both
@@ -285,15 +314,14 @@ async def test_answers_read_recent_points_not_one_group_per_device(aiohttp_clien
     )
     client = await aiohttp_client(app)
     sent = record_statements(app)
-    first = await get(client, "/api/v1/fleet")
+    first = await get(client, "/api/v1/devices", state="all")
     assert len(sent) == 1 and len(per_series(sent[0])) == 3  # the first answer reads the older tier too
     clock.advance(RECENT_S / 2 - 1)
-    later = await get(client, "/api/v1/fleet")
-    assert without(later, "since", "generated_at") == without(first, "since", "generated_at")
+    later = await get(client, "/api/v1/devices", state="all")
+    assert [d["device_id"] for d in later["devices"]] == [d["device_id"] for d in first["devices"]]
     assert len(sent) == 2 and per_series(sent[1]) == []
-    assert not any("GROUP BY agent, device" in s and "parent = ''" in s for s in sent[1])
     clock.advance(2)
-    await get(client, "/api/v1/fleet")
+    await get(client, "/api/v1/devices", state="all")
     assert len(per_series(sent[2])) == 3  # reused for half the recent horizon, then read again
     # Past the recent horizon every agent is only in the older tier: still the memory view's answer.
     clock.advance(RECENT_S)

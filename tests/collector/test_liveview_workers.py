@@ -48,6 +48,7 @@ def toml(port: int, influx_url: str, db: str, live_view: str = "storage", reuse_
 port = {port}
 live_view = "{live_view}"
 live_view_cache_s = 0.5
+live_publish_interval_s = 0.5
 reuse_port = {"true" if reuse_port else "false"}
 drain_timeout_s = 5.0
 
@@ -167,8 +168,10 @@ async def test_two_workers_give_the_whole_fleet_on_every_connection(aiohttp_clie
         status, answer = http("POST", f"{base}/api/v1/reports", body(payload), {**JSON, **auth(token)})
         assert status == 200, answer
     want = await memory_reference(aiohttp_client, batches, end)
-    # The cache (0.5 s) may hold an answer from before the last report: wait for the whole fleet once.
+    # Each worker publishes what it received within live_publish_interval_s (0.5 s) and answers from
+    # a cache of 0.5 s: wait for the whole fleet once, then for any answer cached before it to expire.
     wait_for("the whole fleet", lambda: (f := fleet(base)) and f["agents"]["total"] == 6)
+    time.sleep(0.6)
     for _ in range(20):
         got = fleet(base)
         assert got is not None
