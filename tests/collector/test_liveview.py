@@ -283,7 +283,9 @@ def per_series(statements: list[str]) -> list[str]:
     return [s for s in statements if "GROUP BY *" in s]
 
 
-async def test_the_fleet_answer_reads_what_collectors_published_not_the_devices(aiohttp_client, influxd, both):
+async def test_the_fleet_answer_reads_what_collectors_published_not_the_devices(
+    aiohttp_client, influxd, both
+):
     """influxd 1.x pays per series touched (20 s for the latest window of 100k devices): the fleet and
     agents answers read one published point per collector process and the range totals' blocks."""
     _, _, clock = both

@@ -4,6 +4,7 @@ that dies is restarted and counted; SIGTERM drains them all; the memory view ref
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -171,7 +172,7 @@ async def test_two_workers_give_the_whole_fleet_on_every_connection(aiohttp_clie
     # Each worker publishes what it received within live_publish_interval_s (0.5 s) and answers from
     # a cache of 0.5 s: wait for the whole fleet once, then for any answer cached before it to expire.
     wait_for("the whole fleet", lambda: (f := fleet(base)) and f["agents"]["total"] == 6)
-    time.sleep(0.6)
+    await asyncio.sleep(0.6)
     for _ in range(20):
         got = fleet(base)
         assert got is not None
