@@ -542,8 +542,10 @@ async def test_an_agent_refused_by_another_process_stays_listed(influxd, db, wri
 
 async def publish_many(writer: InfluxV1Writer, clock: Clock, n: int) -> tuple[FleetView, Publisher]:
     rng = random.Random(n)
+    clock.now = HOUR + 55  # started before the windows: it counts them since its start
     view = fleet_view(clock, forget_after_s=600.0)
     publisher = Publisher(view, writer.write, 2.0, "proc-big", clock)
+    clock.now = HOUR + 61
     for i in range(n):
         agent_id, host = f"node-{rng.getrandbits(64):016x}-{i}", f"h{rng.getrandbits(48):012x}"
         devices = [device(f"GPU-{j}", rng.choice(("busy", "free", "allocated_idle"))) for j in range(8)]
