@@ -508,13 +508,9 @@ async def test_a_kept_out_agent_is_listed_as_kept_out(influxd, db, two):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="PublishedFleet.finish drops another process's refused-only record of an agent that is in "
-    "the view without carrying its last_refused_at over, so the agent is forgotten by its last good "
-    "report although it is still sending (the memory view keeps listing it)",
-)
 async def test_an_agent_refused_by_another_process_stays_listed(influxd, db, writer):
+    """Its reports went to A, and now are refused by B: still sending, so listed (as one view lists
+    it), not forgotten by its last good report."""
     clock = Clock(HOUR + 60)
     kw = {"forget_after_s": FORGET_S}
     a, b, memory = fleet_view(clock, **kw), fleet_view(clock, **kw), fleet_view(clock, **kw)
@@ -590,6 +586,27 @@ async def test_a_smaller_publish_in_the_same_hour_reads_its_own_chunks(influxd, 
     fleet = await read(influxd, db, clock, forget_after_s=600.0)
     assert [r["id"] for r in fleet.agent_rows()] == ["last"]
     assert fleet.agent_rows() == view.agents()
+
+
+@pytest.mark.integration
+async def test_the_newer_of_kept_out_and_live_records_wins(influxd, db, two):
+    """The bound is each process's: an agent kept out by one and in the view of another is what its
+    newer record says."""
+    clock = two.clock
+    clock.now = HOUR + 500
+    two.a.apply(as_batch(batch([report(end=HOUR + 499)], agent_id="big", host="big-host")))  # fits in A
+    two.b.apply(as_batch(batch([report(end=HOUR + 499, devices=devices_of("big", 0))], agent_id="a1")))
+    assert await two.pub_a.publish() and await two.pub_b.publish()
+    fleet = await read(influxd, db, clock, forget_after_s=FORGET_S)
+    ids = [r["id"] for r in fleet.agent_rows()]
+    assert ids == sorted(set(ids)) == ["a1", "b1", "big", "ghost", "mover"]  # one row each
+    assert fleet.summary()["agents"]["total"] == 3  # b1, big, mover in the view; a1 kept out
+    rows = rows_by_id(fleet.agent_rows())
+    assert rows["big"]["live_view"] is None and rows["big"]["devices"] == 1  # live in A, later
+    assert "kept_out_reports" not in rows["big"]
+    # a1, in A's view, now reports five devices to B, which keeps it out: A's older record is dropped.
+    assert rows["a1"]["live_view"] == "not in the live view: fleet bound (4 devices)"
+    assert rows["a1"]["devices"] == 5 and rows["a1"]["last_report_end"] is None
 
 
 # -- 4. the answer is the memory view's ------------------------------------------------------------
