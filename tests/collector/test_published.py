@@ -270,7 +270,9 @@ def sum_rows(influxd, db: str, statements: list[str]) -> dict[tuple[str, str, st
         for row in influxd.rows(statement, db):
             acc = out.setdefault((row["dim"], row.get("key") or "", row["value"]), [0.0] * 9)
             for i, name in enumerate((*TOTALS_FIELDS, "idle_energy_j")):
-                acc[i] += row[name] or 0.0
+                # The blocks' points, or their sum() (columns sum, sum_1, …): the statements' choice.
+                column = name if name in row else ("sum" if i == 0 else f"sum_{i}")
+                acc[i] += row[column] or 0.0
     return out
 
 
