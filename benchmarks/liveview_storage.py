@@ -1,12 +1,19 @@
 """The storage live view's answer latency at 1k, 10k and 100k devices in a real influxd (issue 14 item 4).
 
-Per size: agents of 8 devices, two windows each (the collector's own line protocol, written straight to
-influxd in bounded batches), then `/api/v1/fleet` answers from `StorageLiveView.summary()`: the first
-answer (it also reads the older tier per series), uncached (cache 0 s: every answer queries the store's
-recent tier) and cached (2 s), p50/p99, the store's cost per uncached answer (seconds the store took to
-answer and influxd's CPU seconds, read from its process), and the store's time per statement.
+Per size: agents of 8 devices, two 60 s windows each, received by `--processes` simulated collector
+processes (each a `FleetView` with its `Publisher`, agents dealt round-robin): their published views
+(`capmon_live`) and range totals (`capmon_totals`) and the collector's own line protocol of every
+window (`capmon_device`, ...) are written straight to influxd in bounded batches, with a day of
+earlier totals blocks (the same sums at every earlier minute and hour), so `?since=24h` reads what a
+day of publishing leaves. Then:
 
-    .venv/bin/python benchmarks/liveview_storage.py [--sizes 1000,10000,100000] [--uncached 5]
+- `/api/v1/fleet` answers from `StorageLiveView.summary()`: uncached (cache 0 s: every answer asks the
+  store), p50/p99, the store's seconds and influxd's CPU seconds per answer (read from its process),
+  and cached (2 s), p50/p99;
+- what publishing costs one collector process: the time to build its view's point, and its size;
+- one uncached `/api/v1/devices` answer (a device list: it still reads `capmon_device`, per device).
+
+    .venv/bin/python benchmarks/liveview_storage.py [--sizes 1000,10000,100000] [--uncached 10]
 
 Targets: a fleet answer at 100k devices in < 1 s uncached and < 10 ms cached.
 """
@@ -29,20 +36,23 @@ from harness import Influxd, Row, http, machine, table
 
 from capmon.agent.wire import AgentIdentity, Batch, DeviceWindow, Report
 from capmon.collector.config import CollectorConfig, Config, PricingConfig, StorageConfig
-from capmon.collector.fleet import Pricing
+from capmon.collector.fleet import FleetView, Pricing
 from capmon.collector.lineproto import batch_lines
 from capmon.collector.liveview import StorageLiveView
+from capmon.collector.published import Publisher, live_statement, totals_statements
 
 STATES = ("busy", "allocated_idle", "free", "free", "busy", "unavailable", "busy", "free")
 LABEL_KEYS = ("site", "cluster", "pool")
 
 
-def fleet_lines(devices: int, end: int, pricing: Pricing) -> list[str]:
-    lines: list[str] = []
+def fleet_batches(devices: int, end: int) -> list[Batch]:
+    batches = []
     for a in range(devices // 8):
         ident = AgentIdentity(
             id=f"bench-{a:06d}",
             host=f"node-{a:06d}",
+            instance=f"{a:08x}-0000-4000-8000-000000000000",
+            version="0.3.0",
             labels={"site": f"s{a % 7}", "cluster": f"c{a % 31}", "pool": ("train", "infer")[a % 2]},
             window_s=60,
         )
@@ -70,11 +80,50 @@ def fleet_lines(devices: int, end: int, pricing: Pricing) -> list[str]:
                         processes=1,
                         idle_since=e - 3600 if state in ("free", "allocated_idle") else None,
                         state_since=e - 600,
+                        energy_j=18_000.0,
+                        idle_energy_j=18_000.0 if state in ("free", "allocated_idle") else 0.0,
                     )
                 )
             reports.append(Report(seq=seq, start=e - 60, end=e, devices=devs))
-        lines += batch_lines(Batch(agent=ident, reports=reports), LABEL_KEYS, pricing.for_device)
-    return lines
+        batches.append(Batch(agent=ident, reports=reports))
+    return batches
+
+
+def published_lines(
+    batches: list[Batch], processes: int, pricing: Pricing, now: float
+) -> tuple[list[str], float, int]:
+    """What `processes` collector processes publish after receiving `batches` (dealt round-robin):
+    their lines, the seconds one took to build its point (the slowest), and its size (the largest)."""
+    lines: list[str] = []
+    slowest, largest = 0.0, 0
+    for p in range(processes):
+        view = FleetView(LABEL_KEYS, pricing, clock=lambda: now, forget_after_s=86400.0)
+        pub = Publisher(view, _no_submit, 2.0, f"bench:p{p}", clock=lambda: now)
+        for b in batches[p::processes]:
+            view.apply(b)
+        t = time.perf_counter()
+        lines += pub.totals.lines(pub.collector)
+        lines.append(pub.live_line(now))
+        slowest = max(slowest, time.perf_counter() - t)
+        largest = max(largest, pub.last_bytes)
+    return lines, slowest, largest
+
+
+def history(lines: list[str]) -> list[str]:
+    """The day before of each `capmon_totals` block line (the same sums at every earlier block of
+    its resolution): what a day of publishing leaves in the store for the range totals to read."""
+    out = []
+    for line in lines:
+        if not line.startswith("capmon_totals,"):
+            continue
+        head, ts = line.rsplit(" ", 1)
+        size = {"1m": 60, "10m": 600, "1h": 3600}[head.split(",res=")[1].split(",")[0]]
+        out += [f"{head} {int(ts) - k * size}" for k in range(1, 86400 // size + 1)]
+    return out
+
+
+async def _no_submit(lines: list[str]) -> None:
+    raise AssertionError("the benchmark writes the lines itself")
 
 
 def write(url: str, db: str, lines: list[str], chunk: int = 10_000) -> None:
@@ -107,7 +156,7 @@ async def measure(
     proc = psutil.Process(influx_pid)
     try:
         t = time.perf_counter()
-        await view.summary()  # the first answer: the older tier too (and, cached, fills the cache)
+        await view.summary()  # the first answer (cached: fills the cache)
         first = time.perf_counter() - t
         req0, sec0 = view.store.requests, view.store.seconds
         cpu0 = sum(proc.cpu_times()[:2])
@@ -123,26 +172,23 @@ async def measure(
         cpu_s = (sum(proc.cpu_times()[:2]) - cpu0) / reqs if reqs else 0.0
         per_statement = []
         if not cache_s:
-            now = int(time.time())
-            for q in view._statements(now, now - 86400, old_due=True):
+            now = time.time()
+            for q in [live_statement(now, 86400.0), *totals_statements(now - 86400, now)]:
                 t = time.perf_counter()
                 await view.store.raw([q])
-                per_statement.append((_short(q), time.perf_counter() - t))
+                name = q.split(" WHERE ")[0].split(" FROM ")[1]
+                if "res = " in q:
+                    name += " " + q.split("res = ")[1][:4].strip("'") + " blocks"
+                per_statement.append((f"statement: {name}", time.perf_counter() - t))
+            t = time.perf_counter()
+            await view.devices(frozenset({"free"}), 0.0, {}, 100)
+            per_statement.append(("devices answer (first: with the older tier)", time.perf_counter() - t))
+            t = time.perf_counter()
+            await view.devices(frozenset({"free"}), 0.0, {}, 100)
+            per_statement.append(("devices answer (recent tier only)", time.perf_counter() - t))
         return first, times, store_s, cpu_s, size, per_statement
     finally:
         await view.close()
-
-
-def _short(statement: str) -> str:
-    """`FROM capmon_x … GROUP BY y` of a statement: which read it is."""
-    words = statement.split()
-    name = words[words.index("FROM") + 1]
-    tail = statement.split(" GROUP BY ")[1].split(" ORDER")[0] if " GROUP BY " in statement else "raw"
-    kind = "sum" if "sum(" in statement else ("last" if "last(" in statement else "points")
-    where = (
-        " parent=''" if "parent = ''" in statement else (" parent!=''" if "parent != ''" in statement else "")
-    )
-    return f"{name} {kind}{where} by {tail}"
 
 
 class BigInfluxd(Influxd):
@@ -159,6 +205,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--uncached", type=int, default=5, help="uncached answers per size")
     parser.add_argument("--cached", type=int, default=200, help="cached answers per size")
+    parser.add_argument("--processes", type=int, default=4, help="collector processes publishing")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     pricing_cfg = PricingConfig(default=1.0, models={"H100": 2.5})
@@ -183,13 +230,17 @@ def run_sizes(
     if True:
         pid = influx.proc.pid
         for size in sizes:
+            end = int(time.time()) // 60 * 60  # per size: the agents are not stale when it is read
             db = f"lv{size}"
             influx.query(f'CREATE DATABASE "{db}"')
             t = time.perf_counter()
-            lines = fleet_lines(size, end, pricing)
-            write(influx.url, db, lines)
+            batches = fleet_batches(size, end)
+            published, build_s, live_bytes = published_lines(batches, args.processes, pricing, end + 1)
+            lines = [ln for b in batches for ln in batch_lines(b, LABEL_KEYS, pricing.for_device)]
+            write(influx.url, db, lines + published + history(published))
             print(
-                f"  [liveview] {size:,} devices: {len(lines):,} lines written in {time.perf_counter() - t:.1f} s",
+                f"  [liveview] {size:,} devices: {len(lines) + len(published):,} lines written in "
+                f"{time.perf_counter() - t:.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -205,10 +256,9 @@ def run_sizes(
             )
             _, ca, _, _, _, _ = asyncio.run(measure(config, 2.0, args.cached, pid))
             b = "liveview"
+            per_process = size // args.processes
             rows += [
-                Row(
-                    b, f"{size:,} devices: first answer (with the older tier, per series)", first * 1000, "ms"
-                ),
+                Row(b, f"{size:,} devices: first answer", first * 1000, "ms"),
                 Row(
                     b,
                     f"{size:,} devices: fleet answer uncached p50",
@@ -230,10 +280,20 @@ def run_sizes(
                 ),
                 Row(b, f"{size:,} devices: fleet answer cached p99", pct(ca, 0.99) * 1000, "ms"),
                 Row(b, f"{size:,} devices: answer size", size_b / 1000, "kB"),
+                Row(
+                    b,
+                    f"{size:,} devices: one process's publish ({per_process:,} devices): build",
+                    build_s * 1000,
+                    "ms",
+                ),
+                Row(
+                    b,
+                    f"{size:,} devices: one process's publish ({per_process:,} devices): size",
+                    live_bytes / 1000,
+                    "kB",
+                ),
             ]
-            rows += [
-                Row(b, f"{size:,} devices: statement {name}", sec * 1000, "ms") for name, sec in per_statement
-            ]
+            rows += [Row(b, f"{size:,} devices: {name}", sec * 1000, "ms") for name, sec in per_statement]
     return rows
 
 

@@ -12,11 +12,11 @@ gauges of `/metrics`) must be the whole fleet whichever process answers, and cos
   zlib-compressed JSON in base64 string fields of at most `CHUNK` characters (`chunks` says how
   many). The point's timestamp is the hour it is written in, so the store keeps one point per
   process per hour, each publish overwriting the last.
-- The windows it applies are summed per block of window end (1 minute and 1 hour), per model and per
-  label value, into `capmon_totals` points (tags `collector`, `res`, `dim`, `key`, `value`): a block
-  still filling is rewritten with its running sums. The range totals (`?since=`) are then a `sum()`
-  over a few hundred series: whole hours from the hour blocks, the partial hours at either end from
-  the minute blocks, so the range starts at `since` rounded up to the minute.
+- The windows it applies are summed per block of window end (1 minute, 10 minutes, 1 hour), per
+  model and per label value, into `capmon_totals` points (tags `collector`, `res`, `dim`, `key`, `value`): a block
+  still filling is rewritten with its running sums. The range totals (`?since=`) are then the sum
+  of a few hundred series' points: whole hours from the hour blocks, then whole ten minutes, then
+  minutes at either end, so the range starts at `since` rounded up to the minute.
 
 The reader takes each process's latest `capmon_live` point within `forget_after_s` and, per agent,
 the record with the latest window (an agent that moved to another process, or whose process died,
@@ -24,12 +24,12 @@ is in several; the newest wins), sums refusals over them, and judges staleness a
 same rules as the memory view, at read time. The answer is `fleet.compose_summary`'s, as the memory
 view's: the same JSON and, for the same reports, the same numbers.
 
-What this costs and what it does not do: a publish is ~55 B per agent compressed (13 kB per 1,000
+What this costs and what it does not do: a publish is ~15 B per agent compressed (2 kB per 1,000
 devices at 8 per agent); the answer lags the reports by up to `live_publish_interval_s`; a window an
 agent resends to a second process after the first stored it (its answer lost) is counted by both in
 the range totals (device states are not affected); a window more than `FINE_KEEP_S` old when it
 arrives is left out of the minute blocks and one more than `COARSE_KEEP_S` old out of the totals
-(`capmon_collector_totals_late_windows_total` counts them). `GET /api/v1/devices` and `/holders`
+(`capmon_collector_totals_late_windows` counts them). `GET /api/v1/devices` and `/holders`
 list devices and still read `capmon_device` (see `liveview.StorageLiveView`).
 """
 
@@ -85,7 +85,9 @@ FINE_S = 60
 COARSE_S = 3600
 FINE_KEEP_S = 3 * 3600
 COARSE_KEEP_S = 26 * 3600
-RESOLUTIONS = ((FINE_S, "1m", FINE_KEEP_S), (COARSE_S, "1h", COARSE_KEEP_S))
+# (block seconds, `res` tag, kept in memory): a range reads whole hours, then whole ten minutes, then
+# minutes at either end, so at most ~50 blocks per series however long the range.
+RESOLUTIONS = ((FINE_S, "1m", FINE_KEEP_S), (600, "10m", COARSE_KEEP_S), (COARSE_S, "1h", COARSE_KEEP_S))
 # Per block: models and values of each label key kept apart; the rest is summed as "(other)".
 MAX_TOTALS_MODELS = 256
 MAX_TOTALS_VALUES = 256
@@ -101,6 +103,8 @@ TOTALS_FIELDS = (
     "unavailable_gpu_s",
 )
 ENERGY_FIELD = "idle_energy_j"
+# Lines per write when publishing (well under storage.max_pending_lines).
+PUBLISH_LINES = 10_000
 
 
 def collector_id(worker: str = "") -> str:
@@ -123,6 +127,9 @@ class Totals:
         self.blocks: dict[tuple[int, int], dict[tuple[str, str, str], list[Any]]] = {}
         self.dirty: set[tuple[int, int]] = set()
         self.late_windows = 0
+        # Blocks kept that hold each (dim, key, value), and the values kept per (dim, key).
+        self.dims: dict[tuple[str, str, str], int] = {}
+        self.kinds: dict[tuple[str, str], int] = {}
 
     def add(self, agent: AgentState, report: Report) -> None:
         per_model: dict[str, list[Any]] = {}
@@ -151,26 +158,43 @@ class Totals:
             if block is None:
                 block = self.blocks[(size, start)] = {}
             self.dirty.add((size, start))
-            models = sum(1 for dim in block if dim[0] == "model")
             for model, acc in per_model.items():
-                dim = ("model", "", model)
-                if dim not in block and models >= MAX_TOTALS_MODELS - 1:
-                    dim = ("model", "", OTHER)
-                models += dim not in block
-                _add(block, dim, acc)
+                self._add(block, ("model", "", model), acc, MAX_TOTALS_MODELS)
             whole = _sum(per_model.values())
             for key, value in zip(self.label_keys, labels, strict=True):
-                dim = ("label", key, value or NO_LABEL)
-                if dim not in block:
-                    n = sum(1 for d in block if d[0] == "label" and d[1] == key)
-                    if n >= MAX_TOTALS_VALUES - 1:
-                        dim = ("label", key, OTHER)
-                _add(block, dim, whole)
+                self._add(block, ("label", key, value or NO_LABEL), whole, MAX_TOTALS_VALUES)
         self.late_windows += late
 
+    def _add(
+        self,
+        block: dict[tuple[str, str, str], list[Any]],
+        dim: tuple[str, str, str],
+        acc: Sequence[Any],
+        cap: int,
+    ) -> None:
+        """Add to a block; a model or label value new to every block kept folds into "(other)" once
+        `cap` of its kind are kept (a name per window cannot make a series per window)."""
+        if dim not in block:
+            if dim not in self.dims and self.kinds.get(dim[:2], 0) >= cap - 1 and dim[2] != OTHER:
+                dim = (dim[0], dim[1], OTHER)
+            if dim not in block:
+                n = self.dims.get(dim, 0)
+                if n == 0:
+                    self.kinds[dim[:2]] = self.kinds.get(dim[:2], 0) + 1
+                self.dims[dim] = n + 1
+        _add(block, dim, acc)
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        for dim in self.blocks.pop(key):
+            n = self.dims[dim] - 1
+            if n:
+                self.dims[dim] = n
+            else:
+                del self.dims[dim]
+                self.kinds[dim[:2]] -= 1
+
     def lines(self, collector: str) -> list[str]:
-        """The points of every block changed since the last call (its running sums), then forget the
-        blocks too old to be added to."""
+        """The points of every block changed since the last call (its running sums)."""
         out = []
         tag = escape_tag(collector)
         names = {size: name for size, name, _ in RESOLUTIONS}
@@ -185,11 +209,14 @@ class Totals:
                     f"value={escape_tag(value)} {fields} {start}"
                 )
         self.dirty.clear()
+        return out
+
+    def forget_old(self) -> None:
+        """Forget the blocks too old to be added to (once their last sums are written)."""
         now = self.clock()
         keep = {size: k for size, _, k in RESOLUTIONS}
-        for size, start in [b for b in self.blocks if b[1] + b[0] < now - keep[b[0]]]:
-            del self.blocks[(size, start)]
-        return out
+        for key in [b for b in self.blocks if b not in self.dirty and b[1] + b[0] < now - keep[b[0]]]:
+            self._forget(key)
 
     def mark_dirty(self, blocks: Iterable[tuple[int, int]]) -> None:
         """Blocks whose write failed: written again with the next lines."""
@@ -221,22 +248,35 @@ def range_start(since: float) -> int:
     return -(-int(since) // FINE_S) * FINE_S
 
 
+def _pieces(start: int, stop: int, sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """[start, stop) as (block seconds, first block, end) of the largest whole blocks, smaller ones
+    at either end; start and stop are multiples of the smallest size."""
+    if start >= stop:
+        return []
+    if len(sizes) == 1:
+        return [(sizes[0], start, stop)]
+    size = sizes[-1]
+    first, last = -(-start // size) * size, stop // size * size
+    if first >= last:
+        return _pieces(start, stop, sizes[:-1])
+    return [*_pieces(start, first, sizes[:-1]), (size, first, last), *_pieces(last, stop, sizes[:-1])]
+
+
 def totals_statements(since: float, now: float) -> list[str]:
-    """InfluxQL summing `capmon_totals` over [range_start(since), now], per dim, key and value:
-    whole hours from the hour blocks, the partial hours at either end from the minute blocks."""
-    start, end = range_start(since), int(now)
-    sums = ", ".join(f'sum("{f}")' for f in (*TOTALS_FIELDS, ENERGY_FIELD))
-    head = f"SELECT {sums} FROM capmon_totals WHERE"
-    tail = 'GROUP BY "dim", "key", "value"'
-    first_hour = -(-start // COARSE_S) * COARSE_S
-    last_hour = end // COARSE_S * COARSE_S
-    if first_hour >= last_hour:
-        return [f"{head} res = '1m' AND time >= {start}s AND time <= {end}s {tail}"]
-    out = [f"{head} res = '1h' AND time >= {first_hour}s AND time < {last_hour}s {tail}"]
-    if start < first_hour:
-        out.append(f"{head} res = '1m' AND time >= {start}s AND time < {first_hour}s {tail}")
-    out.append(f"{head} res = '1m' AND time >= {last_hour}s AND time <= {end}s {tail}")
-    return out
+    """InfluxQL reading the `capmon_totals` points over [range_start(since), now], per dim, key and
+    value (summed by `PublishedFleet.add_totals`): whole hours from the hour blocks, whole ten minutes
+    from those blocks, the minutes at either end from the minute blocks; the minute block holding
+    `now` is the last one."""
+    # The blocks' points, summed here: influxd 1.6 pays ~6 ms per summed column over a day of blocks,
+    # while the points themselves (a few hundred series, at most ~50 blocks each) read in a few ms.
+    fields = ", ".join(f'"{f}"' for f in (*TOTALS_FIELDS, ENERGY_FIELD))
+    names = {size: name for size, name, _ in RESOLUTIONS}
+    stop = int(now) // FINE_S * FINE_S + FINE_S
+    return [
+        f"SELECT {fields} FROM capmon_totals WHERE res = '{names[size]}' AND time >= {lo}s "
+        f'AND time < {hi}s GROUP BY "dim", "key", "value"'
+        for size, lo, hi in _pieces(range_start(since), stop, [size for size, _, _ in RESOLUTIONS])
+    ]
 
 
 # -- publishing ----------------------------------------------------------------------------------
@@ -268,38 +308,54 @@ class Publisher:
         self.last_bytes = 0
 
     def payload(self, now: float) -> dict[str, Any]:
+        """This process's view in columns (one list per attribute: 12,500 agents decode in a few ms,
+        where a list per agent costs the reader ten times that): agents and their identity, their
+        devices' counts per model as rows of `TALLY_WIDTH` numbers in one flat list, agents known
+        only by refusals, agents kept out of the view."""
         fleet = self.fleet
         keys = fleet.label_keys
-        agents = []
-        for a in fleet.live_agents(now):
-            agents.append(
-                [
-                    a.id,
-                    a.host,
-                    a.instance,
-                    a.version,
-                    {k: v for k, v in zip(keys, a.labels, strict=False) if v is not None},
-                    a.window_s,
-                    a.last_end,
-                    a.last_seen,
-                    a.last_refused_at,
-                    a.folded_models,
-                    len(a.devices),
-                    a.refusals or None,
-                    {m: t.packed() for m, t in fleet.device_tallies(a).items()},
-                ]
-            )
-        refused = [
-            [a.id, a.host, a.last_refused_at, a.refusals]
-            for a in fleet.refused_only.values()
-            if not fleet.is_forgotten(a, now)
-        ]
-        kept_out = [
-            [k, r.host, r.last_seen, r.reports, r.devices, r.bound]
-            for k, r in fleet.kept_out.items()
-            if now - r.last_seen <= fleet.forget_after_s
-        ]
-        return {"v": FORMAT, "at": now, "agents": agents, "refused": refused, "kept_out": kept_out}
+        live = fleet.live_agents(now)
+        t_agent: list[int] = []
+        t_model: list[str] = []
+        t_values: list[Any] = []
+        refusals: dict[str, Any] = {}
+        for i, a in enumerate(live):
+            for model, t in fleet.device_tallies(a).items():
+                t_agent.append(i)
+                t_model.append(model)
+                t_values += t.packed()
+            if a.refusals:
+                refusals[str(i)] = a.refusals
+        labels = {key: [a.labels[k] if a.labels else None for a in live] for k, key in enumerate(keys)}
+        return {
+            "v": FORMAT,
+            "at": now,
+            "agents": {
+                "id": [a.id for a in live],
+                "host": [a.host for a in live],
+                "instance": [a.instance for a in live],
+                "version": [a.version for a in live],
+                "labels": labels,
+                "window_s": [a.window_s for a in live],
+                "last_end": [a.last_end for a in live],
+                "last_seen": [a.last_seen for a in live],
+                "last_refused_at": [a.last_refused_at for a in live],
+                "models_folded": [a.folded_models for a in live],
+                "devices": [len(a.devices) for a in live],
+                "refusals": refusals,
+            },
+            "tallies": {"agent": t_agent, "model": t_model, "values": t_values},
+            "refused": [
+                [a.id, a.host, a.last_refused_at, a.refusals]
+                for a in fleet.refused_only.values()
+                if not fleet.is_forgotten(a, now)
+            ],
+            "kept_out": [
+                [k, r.host, r.last_seen, r.reports, r.devices, r.bound]
+                for k, r in fleet.kept_out.items()
+                if now - r.last_seen <= fleet.forget_after_s
+            ],
+        }
 
     def live_line(self, now: float) -> str:
         packed = base64.b64encode(zlib.compress(msgspec.json.encode(self.payload(now)), 1)).decode()
@@ -322,7 +378,9 @@ class Publisher:
         blocks = set(self.totals.dirty)
         lines = [*self.totals.lines(self.collector), self.live_line(now)]
         try:
-            await self.submit(lines)
+            # In pieces: the blocks a long outage left dirty may be more than one request may carry.
+            for i in range(0, len(lines), PUBLISH_LINES):
+                await self.submit(lines[i : i + PUBLISH_LINES])
         except StorageError as exc:
             self.totals.mark_dirty(blocks)
             self.failures += 1
@@ -338,6 +396,7 @@ class Publisher:
         if self._failing:
             log.info("published this collector's live view again")
         self._failing = False
+        self.totals.forget_old()
         self._published_changes = changes
         self.publishes += 1
         return True
@@ -388,6 +447,16 @@ def decode_live(row: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
 
 
+class _Published:
+    """One process's payload, as decoded: its agent columns and tally rows."""
+
+    __slots__ = ("agents", "tallies")
+
+    def __init__(self, agents: Mapping[str, Any], tallies: Mapping[str, Any]) -> None:
+        self.agents = agents
+        self.tallies = tallies
+
+
 class PublishedFleet:
     """The fleet merged from every process's latest published view, and the range totals."""
 
@@ -406,7 +475,10 @@ class PublishedFleet:
         self.forget_after_s = forget_after_s
         self.now = now
         self.since = float(range_start(since))
-        self.agents: dict[str, tuple[AgentState, dict[str, _Tally], int]] = {}
+        self._published: list[_Published] = []
+        # agent id → (payload, row, last_end, last_seen): its newest record; and its latest refusal.
+        self._winner: dict[str, tuple[int, int, int, float]] = {}
+        self._last_refused: dict[str, float] = {}
         self.refused: dict[str, AgentState] = {}
         self.kept_out: dict[str, _KeptOut] = {}
         self.by_model: dict[str, _Tally] = {}
@@ -414,29 +486,33 @@ class PublishedFleet:
         self.publishers = 0
         # Refusals per agent, summed over the processes that refused it: reason → [count, detail, at].
         self._refusals: dict[str, dict[str, list[Any]]] = {}
+        self._agents: dict[str, AgentState] | None = None
 
     def add_payload(self, payload: Mapping[str, Any]) -> None:
         if self.now - float(payload.get("at") or 0) > self.forget_after_s:
             return
         self.publishers += 1
-        keys = self.label_keys
-        for rec in payload.get("agents") or ():
-            agent_id, host, instance, version, labels, window_s, last_end, last_seen = rec[:8]
-            last_refused_at, folded, devices, refusals, tallies = rec[8:13]
-            self._add_refusals(agent_id, refusals)
-            have = self.agents.get(agent_id)
-            if have is not None and (have[0].last_end, have[0].last_seen) >= (last_end, last_seen):
-                have[0].last_refused_at = max(have[0].last_refused_at, last_refused_at)
-                continue
-            a = AgentState(agent_id)
-            a.host, a.instance, a.version = host, instance, version
-            a.labels = tuple(labels.get(k) for k in keys)
-            a.window_s, a.last_end, a.last_seen = float(window_s), int(last_end), float(last_seen)
-            a.last_refused_at = max(last_refused_at, have[0].last_refused_at if have else 0.0)
-            a.folded_models = folded
-            self.agents[agent_id] = (a, {m: _Tally.unpacked(v) for m, v in tallies.items()}, int(devices))
+        agents = payload["agents"]
+        index = len(self._published)
+        self._published.append(_Published(agents, payload["tallies"]))
+        winner = self._winner
+        last_refused = self._last_refused
+        for row, (agent_id, end, seen, refused_at) in enumerate(
+            zip(agents["id"], agents["last_end"], agents["last_seen"], agents["last_refused_at"], strict=True)
+        ):
+            have = winner.get(agent_id)
+            if have is None or (have[2], have[3]) < (end, seen):
+                winner[agent_id] = (index, row, end, seen)
+            if refused_at > last_refused.get(agent_id, 0.0):
+                last_refused[agent_id] = refused_at
+        ids = agents["id"]
+        for row, refusals in (agents.get("refusals") or {}).items():
+            self._add_refusals(ids[int(row)], refusals)
         for agent_id, host, last_refused_at, refusals in payload.get("refused") or ():
             self._add_refusals(agent_id, refusals)
+            # An agent another process refuses is still sending: it stays listed, as in one view.
+            if last_refused_at > last_refused.get(agent_id, 0.0):
+                last_refused[agent_id] = last_refused_at
             have_r = self.refused.get(agent_id)
             if have_r is None or last_refused_at > have_r.last_refused_at:
                 a = AgentState(agent_id)
@@ -463,13 +539,14 @@ class PublishedFleet:
                     have[1], have[2] = detail, at
 
     def add_totals(self, rows: Iterable[tuple[Mapping[str, str], Mapping[str, Any]]]) -> None:
+        """Add `capmon_totals` points (grouped by dim, key and value) to the range totals."""
         for tags, row in rows:
             t = _Tally()
-            sums = [row.get("sum" if i == 0 else f"sum_{i}") for i in range(len(TOTALS_FIELDS) + 1)]
-            for i in range(4):
-                t.seconds[i] = float(sums[i] or 0.0)
-                t.gpu_seconds[i] = float(sums[4 + i] or 0.0)
-            t.add_energy(sums[8])
+            for i, name in enumerate(TOTALS_FIELDS[:4]):
+                t.seconds[i] = float(row.get(name) or 0.0)
+            for i, name in enumerate(TOTALS_FIELDS[4:]):
+                t.gpu_seconds[i] = float(row.get(name) or 0.0)
+            t.add_energy(row.get(ENERGY_FIELD))
             value = tags.get("value") or ""
             if tags.get("dim") == "model":
                 target = self.by_model
@@ -484,69 +561,126 @@ class PublishedFleet:
                 have.add(t)
 
     def finish(self) -> None:
-        """Settle who is in the view: refusals merged, kept-out and forgotten agents out."""
-        now = self.now
+        """Settle who is in the view: kept-out and forgotten agents out, refusals merged."""
+        now, forget = self.now, self.forget_after_s
+        winner, last_refused = self._winner, self._last_refused
         for agent_id, k in list(self.kept_out.items()):
-            live = self.agents.get(agent_id)
-            if live is not None and live[0].last_seen >= k.last_seen:
+            live = winner.get(agent_id)
+            if live is not None and live[3] >= k.last_seen:
                 del self.kept_out[agent_id]
             elif live is not None:
-                del self.agents[agent_id]  # kept out after its latest record: as the memory view
-            if now - k.last_seen > self.forget_after_s:
+                del winner[agent_id]  # kept out after its latest record: as the memory view
+            if now - k.last_seen > forget:
                 self.kept_out.pop(agent_id, None)
+        for agent_id, (_, _, _, seen) in list(winner.items()):
+            if now - max(seen, last_refused.get(agent_id, 0.0)) > forget:
+                del winner[agent_id]
         for agent_id in list(self.refused):
-            if agent_id in self.agents:
+            a = self.refused[agent_id]
+            if agent_id in winner or now - a.last_refused_at > forget:
                 del self.refused[agent_id]
-        for agent_id, refusals in self._refusals.items():
-            owner = self.agents.get(agent_id)
-            target = owner[0] if owner is not None else self.refused.get(agent_id)
-            if target is not None:
-                target.refusals = refusals
-        for agent_id, (a, _, _) in list(self.agents.items()):
-            if now - max(a.last_seen, a.last_refused_at) > self.forget_after_s:
-                del self.agents[agent_id]
-        for agent_id, a in list(self.refused.items()):
-            if now - a.last_refused_at > self.forget_after_s:
-                del self.refused[agent_id]
+            else:
+                a.refusals = self._refusals.get(agent_id)
 
-    def is_stale(self, agent: AgentState) -> bool:
-        return self.now - agent.last_seen > self.stale_windows * agent.window_s
+    def _stale(self, p: _Published, row: int, seen: float) -> bool:
+        return self.now - seen > self.stale_windows * float(p.agents["window_s"][row])
 
     def summary(self) -> dict[str, Any]:
-        parts = []
+        keys = self.label_keys
+        winner = self._winner
+        # (labels, model) → the summed device counts of the agents with those labels: the agents of
+        # a fleet share a few label sets, so the breakdowns add a few hundred tallies, not one per agent.
+        groups: dict[tuple[Any, ...], dict[str, list[Any]]] = {}
         stale = 0
-        for a, tallies, _ in self.agents.values():
-            is_stale = self.is_stale(a)
-            stale += is_stale
-            parts.append(
-                (a.labels, {m: t.as_unavailable() for m, t in tallies.items()} if is_stale else tallies)
-            )
+        for index, p in enumerate(self._published):
+            ids, seen_col = p.agents["id"], p.agents["last_seen"]
+            label_cols = [p.agents["labels"].get(k) or [None] * len(ids) for k in keys]
+            stale_rows: dict[int, bool] = {}
+            mine: dict[int, tuple[Any, ...]] = {}
+            for row, agent_id in enumerate(ids):
+                if winner.get(agent_id, (-1, -1))[:2] == (index, row):
+                    is_stale = self._stale(p, row, seen_col[row])
+                    stale_rows[row] = is_stale
+                    stale += is_stale
+                    mine[row] = tuple(col[row] for col in label_cols)
+                    groups.setdefault(mine[row], {})
+            values = p.tallies["values"]
+            for j, (row, model) in enumerate(zip(p.tallies["agent"], p.tallies["model"], strict=True)):
+                labels = mine.get(row)
+                if labels is None:
+                    continue
+                packed = values[j * TALLY_WIDTH : (j + 1) * TALLY_WIDTH]
+                if stale_rows[row]:
+                    packed = _unavailable(packed)
+                per_model = groups[labels]
+                have = per_model.get(model)
+                if have is None:
+                    per_model[model] = list(packed)
+                else:
+                    _add_packed(have, packed)
+        parts = [
+            (labels, {m: _Tally.unpacked(v) for m, v in per_model.items()})
+            for labels, per_model in groups.items()
+        ]
         return compose_summary(
             now=self.now,
             since=self.since,
-            label_keys=self.label_keys,
+            label_keys=keys,
             pricing=self.pricing,
-            agents=len(self.agents),
+            agents=len(winner),
             stale=stale,
             parts=parts,
             by_model_extra=self.by_model,
             by_label_extra=self.by_label,
         )
 
+    def agents(self) -> dict[str, tuple[AgentState, bool, int]]:
+        """Agent id → (its state as published, stale, devices), built on first use."""
+        out = {}
+        for agent_id, (index, row, _, _) in self._winner.items():
+            col = self._published[index].agents
+            a = AgentState(agent_id)
+            a.host, a.instance, a.version = col["host"][row], col["instance"][row], col["version"][row]
+            a.labels = tuple(col["labels"][k][row] if k in col["labels"] else None for k in self.label_keys)
+            a.window_s, a.last_end = float(col["window_s"][row]), int(col["last_end"][row])
+            a.last_seen = float(col["last_seen"][row])
+            a.last_refused_at = self._last_refused.get(agent_id, 0.0)
+            a.folded_models = col["models_folded"][row]
+            a.refusals = self._refusals.get(agent_id)
+            out[agent_id] = (
+                a,
+                self._stale(self._published[index], row, a.last_seen),
+                int(col["devices"][row]),
+            )
+        return out
+
     def agent_rows(self) -> list[dict[str, Any]]:
-        return agent_rows(
-            [(a, self.is_stale(a), devices) for a, _, devices in self.agents.values()],
-            self.refused.values(),
-            self.kept_out.items(),
-        )
+        return agent_rows(list(self.agents().values()), self.refused.values(), self.kept_out.items())
 
     @property
     def agent_count(self) -> int:
-        return len(self.agents)
+        return len(self._winner)
 
     @property
     def device_count(self) -> int:
-        return sum(devices for _, _, devices in self.agents.values())
+        return sum(int(self._published[i].agents["devices"][row]) for i, row, _, _ in self._winner.values())
 
     def stale_agents(self) -> int:
-        return sum(1 for a, _, _ in self.agents.values() if self.is_stale(a))
+        return sum(self._stale(self._published[i], row, seen) for i, row, _, seen in self._winner.values())
+
+
+# What `_Tally.packed()` lists: devices, 4 states, 4 GPU-equivalents, idle value, idle power.
+TALLY_WIDTH = 11
+
+
+def _unavailable(packed: Sequence[Any]) -> list[Any]:
+    """`_Tally.as_unavailable`, on the packed form."""
+    devices, gpu, power = packed[0], sum(packed[5:9]), packed[10]
+    return [devices, 0, 0, 0, devices, 0.0, 0.0, 0.0, gpu, 0.0, None if power is None else 0.0]
+
+
+def _add_packed(have: list[Any], packed: Sequence[Any]) -> None:
+    for i in range(10):
+        have[i] += packed[i]
+    if packed[10] is not None:
+        have[10] = (have[10] or 0.0) + packed[10]

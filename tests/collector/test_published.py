@@ -112,7 +112,7 @@ def test_a_window_is_summed_into_its_minute_and_hour_block_per_model_and_label()
     unknown = dict.fromkeys(TOTALS_FIELDS, 0.0) | {"unavailable_s": 60.0, "unavailable_gpu_s": 60.0}
     whole = {f: h100.get(f, 0.0) + ascend[f] + unknown[f] for f in TOTALS_FIELDS} | {"idle_energy_j": 1200.0}
     want = {}
-    for res, start in (("1m", HOUR + 120), ("1h", HOUR)):
+    for res, start in (("1m", HOUR + 120), ("10m", HOUR), ("1h", HOUR)):
         want[(res, "model", "", H100, start)] = h100
         want[(res, "model", "", "910B3", start)] = ascend
         want[(res, "model", "", "unknown", start)] = unknown
@@ -126,13 +126,15 @@ def test_lines_write_only_the_blocks_changed_since_the_last_call():
     totals = Totals(("site", "pool"), clock)
     totals.add(agent(), as_report(end=HOUR + 65))
     first = by_series(totals.lines("p"))
-    assert {(k[0], k[4]) for k in first} == {("1m", HOUR + 60), ("1h", HOUR)}
+    assert {(k[0], k[4]) for k in first} == {("1m", HOUR + 60), ("10m", HOUR), ("1h", HOUR)}
     assert totals.lines("p") == []  # nothing changed
     clock.now = HOUR + 200
     totals.add(agent(), as_report(end=HOUR + 190))
     second = by_series(totals.lines("p"))
-    # The new minute block and the hour block (with its running sum), not the first minute block.
-    assert {(k[0], k[4]) for k in second} == {("1m", HOUR + 180), ("1h", HOUR)}
+    # The new minute block and the ten-minute and hour blocks (with their running sums), not the
+    # first minute block.
+    assert {(k[0], k[4]) for k in second} == {("1m", HOUR + 180), ("10m", HOUR), ("1h", HOUR)}
+    assert second[("10m", "model", "", H100, HOUR)]["free_s"] == 120.0
     assert second[("1h", "model", "", H100, HOUR)]["free_s"] == 120.0
     assert second[("1m", "model", "", H100, HOUR + 180)]["free_s"] == 60.0
 
@@ -142,19 +144,62 @@ def test_blocks_are_forgotten_past_their_keep_horizon():
     totals = Totals(("site",), clock)
     totals.add(agent(labels=("fra1",)), as_report(end=HOUR + 65))
     totals.lines("p")
-    minute, hour = (60, HOUR + 60), (3600, HOUR)
+    totals.forget_old()
+    minute, ten, hour = (60, HOUR + 60), (600, HOUR), (3600, HOUR)
     clock.now = HOUR + 120 + FINE_KEEP_S  # the minute block ends exactly at the horizon: kept
     totals.lines("p")
-    assert set(totals.blocks) == {minute, hour}
+    totals.forget_old()
+    assert set(totals.blocks) == {minute, ten, hour}
     clock.advance(1)
     totals.lines("p")
+    totals.forget_old()
+    assert set(totals.blocks) == {ten, hour}
+    clock.now = HOUR + 600 + COARSE_KEEP_S
+    totals.forget_old()
+    assert set(totals.blocks) == {ten, hour}
+    clock.advance(1)
+    totals.forget_old()
     assert set(totals.blocks) == {hour}
     clock.now = HOUR + 3600 + COARSE_KEEP_S
     totals.lines("p")
+    totals.forget_old()
     assert set(totals.blocks) == {hour}
     clock.advance(1)
     totals.lines("p")
+    totals.forget_old()
     assert totals.blocks == {}
+
+
+def test_a_block_is_kept_until_its_last_sums_are_written():
+    """A block past its horizon whose last write failed (still dirty) is written before it is forgotten."""
+    clock = Clock(HOUR + 70)
+    totals = Totals(("site",), clock)
+    totals.add(agent(labels=("fra1",)), as_report(end=HOUR + 65))
+    failed = totals.lines("p")
+    totals.mark_dirty({(60, HOUR + 60), (600, HOUR), (3600, HOUR)})  # the write of `failed` was refused
+    clock.now = HOUR + 121 + FINE_KEEP_S
+    totals.forget_old()
+    assert (60, HOUR + 60) in totals.blocks
+    assert totals.lines("p") == failed
+    totals.forget_old()
+    assert set(totals.blocks) == {(600, HOUR), (3600, HOUR)}
+
+
+def test_model_names_spread_over_many_blocks_still_make_a_bounded_number_of_series():
+    """A new model name in every minute: the cap holds over every block kept, not per block, so the
+    store's series stay bounded; forgetting blocks frees their names again."""
+    clock = Clock(HOUR + 61)
+    totals = Totals((), clock)
+    series = set()
+    for minute in range(600):
+        clock.now = HOUR + 61 + minute * 60
+        devices = [device("GPU-0", "busy", model=f"model-{minute}")]
+        totals.add(agent(f"a{minute}", ()), as_report(end=HOUR + 60 + minute * 60, devices=devices))
+        series |= {line.split(" ")[0] for line in totals.lines("p")}
+        totals.forget_old()
+    models = {s.split("value=")[1] for s in series}
+    assert len(models) == MAX_TOTALS_MODELS
+    assert OTHER in models
 
 
 def test_a_late_window_is_left_out_of_the_blocks_too_old_to_be_added_to():
@@ -191,7 +236,7 @@ def test_a_hostile_agents_model_names_and_label_values_fold_into_other():
         devices = [device(f"GPU-{i}", "busy", model=next(names)) for i in range(10)]
         totals.add(agent(f"a{n}", (f"site-{n}", "train")), as_report(end=HOUR + 60, devices=devices))
     got = by_series(totals.lines("p"))
-    for res, start in (("1m", HOUR + 60), ("1h", HOUR)):
+    for res, start in (("1m", HOUR + 60), ("10m", HOUR), ("1h", HOUR)):
         models = {k[3]: v for k, v in got.items() if k[:2] == (res, "model") and k[4] == start}
         sites = {k[3]: v for k, v in got.items() if k[:3] == (res, "label", "site")}
         pools = {k[3]: v for k, v in got.items() if k[:3] == (res, "label", "pool")}
@@ -200,7 +245,7 @@ def test_a_hostile_agents_model_names_and_label_values_fold_into_other():
         assert set(pools) == {"train"}
         for per in (models, sites, pools):
             assert sum(v["busy_s"] for v in per.values()) == 10_000 * 60.0
-    assert len(got) == 2 * (MAX_TOTALS_MODELS + MAX_TOTALS_VALUES + 1)
+    assert len(got) == 3 * (MAX_TOTALS_MODELS + MAX_TOTALS_VALUES + 1)
 
 
 # -- against a real influxd ------------------------------------------------------------------------
@@ -342,9 +387,10 @@ def test_range_totals_read_every_block_once(influxd, db):
                 for i in range(9):
                     acc[i] += values[i]
         statements = totals_statements(since, now)
-        resolutions = [s.split("res = ")[1][:4] for s in statements]
-        if start // 3600 == int(now) // 3600:  # inside one hour: the minute blocks only
+        resolutions = [s.split("res = ")[1].split()[0] for s in statements]
+        if start // 600 == int(now) // 600:  # inside ten minutes: the minute blocks only
             assert resolutions == ["'1m'"]
+        assert len(resolutions) <= 5
         shapes.add(tuple(resolutions))
         got = sum_rows(influxd, db, statements)
         assert got.keys() == want.keys(), since
@@ -352,7 +398,9 @@ def test_range_totals_read_every_block_once(influxd, db):
             assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-9), (since, key)
     # The sinces tried cover a range in one hour, one over whole hours with both partial ends, and
     # one starting on an hour.
-    assert {("'1m'",), ("'1h'", "'1m'", "'1m'"), ("'1h'", "'1m'")} <= shapes
+    assert ("'1m'",) in shapes
+    assert any(r[0] == "'1m'" and "'1h'" in r and r[-1] == "'1m'" and "'10m'" in r for r in shapes)
+    assert any(r[0] == "'1h'" for r in shapes)
 
 
 # -- 3. two processes' views, merged ---------------------------------------------------------------
