@@ -118,7 +118,7 @@ def main() -> None:
                     url=coll.url,
                     sender=0,
                     agents=agents // senders,
-                    prefix="replay-c",
+                    prefix="bench-replay-c",
                     reports_per_post=1,
                     # Enough reports that none is sent twice (a replay is a cheap duplicate).
                     rounds=max(1, math.ceil(40_000 * args.seconds / (8 * agents))),
