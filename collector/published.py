@@ -111,7 +111,7 @@ def collector_id(worker: str = "") -> str:
     """This process, as its `capmon_live` and `capmon_totals` points name it: host, pid, start."""
     host = socket.gethostname()[:64] or "collector"
     who = f"w{worker}" if worker else "p"
-    return f"{host}:{who}{os.getpid()}:{int(time.time()):x}"
+    return f"{host}:{who}:{os.getpid()}:{int(time.time()):x}"
 
 
 # -- the range totals ----------------------------------------------------------------------------

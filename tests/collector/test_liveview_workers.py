@@ -36,6 +36,7 @@ from servers import free_port, stop_process
 from capmon.collector.app import FLEET, create_app
 from capmon.collector.config import StorageConfig
 from capmon.collector.liveview import MemoryLiveView
+from capmon.collector.published import decode_live
 
 pytestmark = pytest.mark.integration
 
@@ -148,6 +149,7 @@ async def memory_reference(aiohttp_client, batches: list[tuple[str, dict]], end:
 def workers(tmp_path: Path, influxd):
     port = free_port()
     path = tmp_path / "collector.toml"
+    influxd.query('DROP DATABASE "capmon_workers"', method="POST")  # nothing published by earlier tests
     path.write_text(toml(port, influxd.url, "capmon_workers"))
     proc = subprocess.Popen([*CAPMON, "run", "--config", str(path), "--workers", "2"])
     base = f"http://127.0.0.1:{port}"
@@ -197,15 +199,49 @@ async def test_two_workers_give_the_whole_fleet_on_every_connection(aiohttp_clie
     assert seen == {"1", "2"}
 
 
-def test_a_dead_worker_is_restarted_and_counted_and_sigterm_drains_all(workers):
+def published_agents(influxd, db: str) -> dict[int, set[str]]:
+    """pid → the agents in the latest view that worker published (its collector id names its pid)."""
+    answer = influxd.query("SELECT * FROM capmon_live GROUP BY collector ORDER BY time DESC LIMIT 1", db)
+    out = {}
+    for series in answer["results"][0].get("series", []):
+        payload = decode_live(dict(zip(series["columns"], series["values"][0], strict=True)))
+        pid = int(series["tags"]["collector"].split(":")[2])
+        out[pid] = set(payload["agents"]["id"]) if payload else set()
+    return out
+
+
+async def test_a_dead_worker_is_restarted_and_counted_and_sigterm_drains_all(workers, influxd):
     proc, base = workers
     before = worker_pids(proc)
-    victim = min(before)
+    now = int(time.time())
+    for token, payload in six_agents(now - now % 60):
+        status, answer = http("POST", f"{base}/api/v1/reports", body(payload), {**JSON, **auth(token)})
+        assert status == 200, answer
+    # Kill (no shutdown, no last publish) a worker that holds some of the agents, once both published.
+    held = wait_for(
+        "both workers published",
+        lambda: (
+            (p := published_agents(influxd, "capmon_workers"))
+            and set(p) == before
+            and len(set().union(*p.values())) == 6
+            and p
+        ),
+    )
+    await asyncio.sleep(0.6)  # any answer cached before both published has expired
+    whole = fleet(base)
+    assert whole["agents"] == {"total": 6, "stale": 0} and whole["totals"]["devices"] == 48
+    victim = max(before, key=lambda pid: len(held[pid]))
     psutil.Process(victim).kill()
     after = wait_for(
         "a new worker", lambda: (p := worker_pids(proc)) and len(p) == 2 and victim not in p and p
     )
     assert len(after & before) == 1
+    # Its agents are still in every answer, from what it published before it died.
+    await asyncio.sleep(1.1)  # a cached answer from before the kill has expired
+    for _ in range(10):
+        got = fleet(base)
+        assert got is not None and got["agents"] == {"total": 6, "stale": 0}
+        assert got["totals"] == whole["totals"]
 
     def restart_counted():
         status, text = http("GET", f"{base}/metrics", headers=auth(READ_TOKEN))
