@@ -111,9 +111,13 @@ def published_lines(
 
 def history(lines: list[str]) -> list[str]:
     """The day before of each `capmon_totals` block line (the same sums at every earlier block of
-    its resolution): what a day of publishing leaves in the store for the range totals to read."""
+    its resolution) and `capmon_live` point (every earlier hour): what a day of publishing leaves in
+    the store for an answer to read past."""
     out = []
     for line in lines:
+        if line.startswith("capmon_live,"):  # each process's point of every earlier hour
+            head, ts = line.rsplit(" ", 1)
+            out += [f"{head} {int(ts) - k * 3600}" for k in range(1, 25)]
         if not line.startswith("capmon_totals,"):
             continue
         head, ts = line.rsplit(" ", 1)

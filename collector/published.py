@@ -103,6 +103,8 @@ TOTALS_FIELDS = (
     "unavailable_gpu_s",
 )
 ENERGY_FIELD = "idle_energy_j"
+# A refusal's last detail as published (the memory view keeps up to wire.MAX_TEXT_LEN).
+MAX_PUBLISHED_DETAIL = 256
 # Lines per write when publishing (well under storage.max_pending_lines).
 PUBLISH_LINES = 10_000
 
@@ -325,7 +327,7 @@ class Publisher:
                 t_model.append(model)
                 t_values += t.packed()
             if a.refusals:
-                refusals[str(i)] = a.refusals
+                refusals[str(i)] = _short_details(a.refusals)
         labels = {key: [a.labels[k] if a.labels else None for a in live] for k, key in enumerate(keys)}
         return {
             "v": FORMAT,
@@ -346,7 +348,7 @@ class Publisher:
             },
             "tallies": {"agent": t_agent, "model": t_model, "values": t_values},
             "refused": [
-                [a.id, a.host, a.last_refused_at, a.refusals]
+                [a.id, a.host, a.last_refused_at, _short_details(a.refusals)]
                 for a in fleet.refused_only.values()
                 if not fleet.is_forgotten(a, now)
             ],
@@ -424,6 +426,16 @@ class Publisher:
             await asyncio.wait_for(self.flush(), 5.0)
         except TimeoutError:
             log.info("could not publish this collector's live view at shutdown: the store did not answer")
+
+
+def _short_details(refusals: Mapping[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+    """Refusals as published: each reason's last detail cut to `MAX_PUBLISHED_DETAIL` characters, so
+    what agents are refused for cannot swell every publish (the store's `capmon_refusal` has it whole)."""
+    if not refusals:
+        return None
+    return {
+        reason: [count, detail[:MAX_PUBLISHED_DETAIL], at] for reason, (count, detail, at) in refusals.items()
+    }
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -746,3 +746,29 @@ async def test_a_publish_the_store_refuses_is_counted_logged_once_and_its_blocks
     fleet = await read(influxd, db, clock, since_s=clock.now - HOUR)
     assert fleet.summary()["totals"]["device_hours"]["free"] == round(120 / 3600, 6)
     assert [r["id"] for r in fleet.agent_rows()] == ["node-1"]
+
+
+async def _never(lines: list[str]) -> None:
+    raise AssertionError("not written in this test")
+
+
+def test_refusal_details_are_cut_when_published_so_refusals_cannot_swell_every_publish():
+    """1,000 agents refused for 12 reasons with 1 KiB details each would be 12 MB in every publish:
+    each detail is published cut to MAX_PUBLISHED_DETAIL characters (the memory view keeps them whole)."""
+    from capmon.collector.published import MAX_PUBLISHED_DETAIL, Publisher
+
+    clock = Clock(HOUR + 61)
+    view = fleet_view(clock)
+    view.apply(as_batch(batch([report(end=HOUR + 60)], agent_id="in-view")))
+    for n in range(1000):
+        for r in range(12):
+            detail = (f"agent {n} reason {r}: " * 60)[:1024]
+            view.record_refusal(f"refused-{n}", f"reason_{r}", detail, clock.now, host="h")
+    view.record_refusal("in-view", "clock", "x" * 1024, clock.now)
+    pub = Publisher(view, _never, 2.0, "p", clock)
+    payload = pub.payload(clock.now)
+    details = [d for _, _, _, refusals in payload["refused"] for _, d, _ in refusals.values()]
+    details += [d for refusals in payload["agents"]["refusals"].values() for _, d, _ in refusals.values()]
+    assert len(details) == 12_001 and max(map(len, details)) == MAX_PUBLISHED_DETAIL
+    assert len(msgspec.json.encode(payload)) < 12_001 * (MAX_PUBLISHED_DETAIL + 100)
+    assert len(view.by_id["in-view"].refusals["clock"][1]) == 1024  # the view itself is untouched
