@@ -732,10 +732,14 @@ class FleetView:
         max_devices: int | None = None,
         max_holders: int | None = None,
         on_window: Callable[[AgentState, Report], object] | None = None,
+        count_totals: bool = True,
     ) -> None:
         self.label_keys = label_keys
         # Called with each window applied (counted once per agent and window end, catch-up included).
         self.on_window = on_window
+        # False: the since-start totals are not kept (a process that publishes its view: the range
+        # totals are its `published.Totals`, and nothing answers from these).
+        self.count_totals = count_totals
         # Moves on with every report or refusal taken, and every agent forgotten (what to publish).
         self.changes = 0
         self.pricing = pricing
@@ -801,7 +805,7 @@ class FleetView:
                 self.on_window(agent, report)
             # Since-start totals: a window that ended before this collector started (catch-up from
             # an agent's spool) is not "since this collector started"; it is in storage.
-            counted = report.end >= self.started_at
+            counted = self.count_totals and report.end >= self.started_at
             if counted:
                 self._count(agent, report)
             self._replace_devices(agent, report, counted)

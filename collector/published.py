@@ -302,6 +302,7 @@ class Publisher:
         self.clock = clock
         self.totals = Totals(fleet.label_keys, clock)
         fleet.on_window = self.totals.add
+        fleet.count_totals = False  # the range totals are `self.totals`; nothing reads the view's own
         self._published_changes = -1
         self._task: asyncio.Task[None] | None = None
         self._failing = False

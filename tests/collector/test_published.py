@@ -586,18 +586,38 @@ async def test_an_agent_refused_by_another_process_stays_listed(influxd, db, wri
     assert fleet.agent_rows() == memory.agents()
 
 
-async def publish_many(writer: InfluxV1Writer, clock: Clock, n: int) -> tuple[FleetView, Publisher]:
+class Tee:
+    """A publishing process's view and a memory view (the oracle) fed the same: a publishing view
+    keeps no since-start totals of its own (its range totals are the publisher's blocks)."""
+
+    def __init__(self, view: FleetView, oracle: FleetView) -> None:
+        self.view, self.oracle = view, oracle
+
+    def apply(self, b: wire.Batch) -> None:
+        self.view.apply(b)
+        self.oracle.apply(b)
+
+    def record_refusal(self, *args: Any, **kw: Any) -> None:
+        self.view.record_refusal(*args, **kw)
+        self.oracle.record_refusal(*args, **kw)
+
+
+async def publish_many(
+    writer: InfluxV1Writer, clock: Clock, n: int
+) -> tuple[FleetView, Publisher, FleetView]:
+    """A process's view of `n` agents, published; with a memory view fed the same (the oracle)."""
     rng = random.Random(n)
     clock.now = HOUR + 55  # started before the windows: it counts them since its start
     view = fleet_view(clock, forget_after_s=600.0)
     publisher = Publisher(view, writer.write, 2.0, "proc-big", clock)
+    both = Tee(view, fleet_view(clock, forget_after_s=600.0))
     clock.now = HOUR + 61
     for i in range(n):
         agent_id, host = f"node-{rng.getrandbits(64):016x}-{i}", f"h{rng.getrandbits(48):012x}"
         devices = [device(f"GPU-{j}", rng.choice(("busy", "free", "allocated_idle"))) for j in range(8)]
-        view.apply(as_batch(batch([report(end=HOUR + 60, devices=devices)], agent_id=agent_id, host=host)))
+        both.apply(as_batch(batch([report(end=HOUR + 60, devices=devices)], agent_id=agent_id, host=host)))
     assert await publisher.publish()
-    return view, publisher
+    return view, publisher, both.oracle
 
 
 @pytest.mark.integration
@@ -605,7 +625,7 @@ async def test_a_payload_of_several_chunks_reads_back_identical(influxd, db, wri
     """3,000 agents: several string fields of at most CHUNK characters (influxd 1.x refuses a string
     over 64 KiB, so the write itself proves the split)."""
     clock = Clock(HOUR + 61)
-    view, publisher = await publish_many(writer, clock, 3000)
+    view, publisher, oracle = await publish_many(writer, clock, 3000)
     row = live_row(influxd, db, "proc-big")
     chunks = int(row["chunks"])
     assert chunks >= 2
@@ -614,8 +634,8 @@ async def test_a_payload_of_several_chunks_reads_back_identical(influxd, db, wri
     assert decode_live(row) == roundtrip(publisher.payload(clock.now))
     fleet = await read(influxd, db, clock, forget_after_s=600.0)
     assert fleet.agent_count == 3000 and fleet.device_count == 24_000
-    assert fleet.agent_rows() == view.agents()
-    assert without_since(fleet.summary()) == without_since(view.summary())
+    assert fleet.agent_rows() == view.agents() == oracle.agents()
+    assert without_since(fleet.summary()) == without_since(oracle.summary())
 
 
 @pytest.mark.integration
@@ -623,7 +643,7 @@ async def test_a_smaller_publish_in_the_same_hour_reads_its_own_chunks(influxd, 
     """The live point of one hour is overwritten field by field: a later publish with fewer chunks
     leaves the earlier one's extra fields behind, and the reader must not read them."""
     clock = Clock(HOUR + 61)
-    view, publisher = await publish_many(writer, clock, 3000)
+    view, publisher, _ = await publish_many(writer, clock, 3000)
     big = int(live_row(influxd, db, "proc-big")["chunks"])
     clock.now = HOUR + 60 + 601 + 60  # every agent forgotten but one, which reports again
     view.apply(as_batch(batch([report(end=HOUR + 720)], agent_id="last", host="last-host")))
@@ -671,6 +691,8 @@ async def test_the_published_answer_is_the_memory_views(influxd, db, writer):
     clock = Clock(HOUR - 1200)
     view = fleet_view(clock)
     publisher = Publisher(view, writer.write, 2.0, "proc-one", clock)
+    oracle = fleet_view(clock)
+    both = Tee(view, oracle)
     for k, end in enumerate((HOUR - 120, HOUR - 60, HOUR, HOUR + 60)):
         devices = [
             device("GPU-0", "allocated_idle", idle_energy_j=8000.0 + k, power_mean_w=70.5),
@@ -680,7 +702,7 @@ async def test_the_published_answer_is_the_memory_views(influxd, db, writer):
         if k < 2:  # then no longer listed: unavailable
             devices.append(device("GPU-1", "free", power_mean_w=60.0))
         clock.now = end + 1
-        view.apply(
+        both.apply(
             as_batch(batch([report(seq=k + 1, end=end, devices=devices)], agent_id="rack-a", host="a"))
         )
         npu = [
@@ -688,24 +710,24 @@ async def test_the_published_answer_is_the_memory_views(influxd, db, writer):
             device("GPU-9", "unavailable", model=None),
         ]
         labels = {"site": "ams1", "pool": "infer"}  # no cluster: "(none)"
-        view.apply(
+        both.apply(
             as_batch(batch([report(seq=k + 1, end=end, devices=npu)], agent_id="rack-b", labels=labels))
         )
         if k == 1:
             await publisher.publish()  # publishes in between are overwritten by the later ones
     silent = [device("GPU-0", "free", power_mean_w=50.0)]
     clock.now = HOUR - 599
-    view.apply(as_batch(batch([report(end=HOUR - 600, devices=silent)], agent_id="quiet", host="q")))
+    both.apply(as_batch(batch([report(end=HOUR - 600, devices=silent)], agent_id="quiet", host="q")))
     clock.now = HOUR + 62
-    view.record_refusal("rack-a", "clock_skew", "clock 1 h ahead", clock.now)
+    both.record_refusal("rack-a", "clock_skew", "clock 1 h ahead", clock.now)
     assert await publisher.publish()
     clock.now = HOUR + 90
     fleet = await read(influxd, db, clock)
-    summary = view.summary()
+    summary = oracle.summary()
     assert summary["agents"] == {"total": 3, "stale": 1}  # what the comparison covers
     assert summary["totals"]["states"]["unavailable"] == 3 and summary["totals"]["idle_energy_kwh"]
     assert without_since(fleet.summary()) == without_since(summary)
-    assert fleet.agent_rows() == view.agents()
+    assert fleet.agent_rows() == oracle.agents() == view.agents()
 
 
 # -- 5. a store that does not take the publish ----------------------------------------------------
