@@ -128,44 +128,69 @@ class Totals:
         # (block seconds, block start) → (dim, key, value) → 8 sums, idle energy (None: none reported)
         self.blocks: dict[tuple[int, int], dict[tuple[str, str, str], list[Any]]] = {}
         self.dirty: set[tuple[int, int]] = set()
+        # (minute block, agent labels, model, which resolutions may be added to) → the sums of the
+        # windows counted since the blocks were last written.
+        self.pending: dict[tuple[int, tuple[str | None, ...], str, tuple[bool, ...]], list[Any]] = {}
+        # The blocks the last `lines()` wrote (to be written again if that write fails).
+        self.written: set[tuple[int, int]] = set()
         self.late_windows = 0
         # Blocks kept that hold each (dim, key, value), and the values kept per (dim, key).
         self.dims: dict[tuple[str, str, str], int] = {}
         self.kinds: dict[tuple[str, str], int] = {}
 
     def add(self, agent: AgentState, report: Report) -> None:
-        per_model: dict[str, list[Any]] = {}
+        """Count a window applied (called for each, at ingest: cheap — the blocks are made from
+        `pending` when written)."""
+        now = self.clock()
+        # Which resolutions' blocks may still be added to (the others are too old to be kept).
+        oks = tuple(report.end // size * size + size >= now - keep for size, _, keep in RESOLUTIONS)
+        if not any(oks):
+            self.late_windows += 1
+            return
+        self.late_windows += not all(oks)
+        labels = agent.labels or (None,) * len(self.label_keys)
+        minute = report.end // FINE_S * FINE_S
+        pending = self.pending
         for d in report.devices:
-            model = d.model or UNKNOWN_MODEL
-            acc = per_model.get(model)
+            key = (minute, labels, d.model or UNKNOWN_MODEL, oks)
+            acc = pending.get(key)
             if acc is None:
-                acc = per_model[model] = [0.0] * 8 + [None]
-            share = d.fraction or 1.0
-            for i, s in enumerate((d.busy_s, d.allocated_idle_s, d.free_s, d.unavailable_s)):
-                acc[i] += s
-                acc[4 + i] += s * share
+                acc = pending[key] = [0.0] * 8 + [None]
+            busy, alloc, free, unav = d.busy_s, d.allocated_idle_s, d.free_s, d.unavailable_s
+            acc[0] += busy
+            acc[1] += alloc
+            acc[2] += free
+            acc[3] += unav
+            share = d.fraction
+            if share is None:
+                acc[4] += busy
+                acc[5] += alloc
+                acc[6] += free
+                acc[7] += unav
+            else:
+                acc[4] += busy * share
+                acc[5] += alloc * share
+                acc[6] += free * share
+                acc[7] += unav * share
             if d.idle_energy_j is not None:
                 acc[8] = (acc[8] or 0.0) + d.idle_energy_j
-        if not per_model:
-            return
-        labels = agent.labels or (None,) * len(self.label_keys)
-        now = self.clock()
-        late = False
-        for size, _name, keep in RESOLUTIONS:
-            start = report.end // size * size
-            if start + size < now - keep:
-                late = True
-                continue
-            block = self.blocks.get((size, start))
-            if block is None:
-                block = self.blocks[(size, start)] = {}
-            self.dirty.add((size, start))
-            for model, acc in per_model.items():
+
+    def _fold(self) -> None:
+        """Add what was counted since the last write to its blocks, per model and label value."""
+        keys = self.label_keys
+        for (minute, labels, model, oks), acc in self.pending.items():
+            for (size, _, _), ok in zip(RESOLUTIONS, oks, strict=True):
+                if not ok:
+                    continue
+                start = minute // size * size
+                block = self.blocks.get((size, start))
+                if block is None:
+                    block = self.blocks[(size, start)] = {}
+                self.dirty.add((size, start))
                 self._add(block, ("model", "", model), acc, MAX_TOTALS_MODELS)
-            whole = _sum(per_model.values())
-            for key, value in zip(self.label_keys, labels, strict=True):
-                self._add(block, ("label", key, value or NO_LABEL), whole, MAX_TOTALS_VALUES)
-        self.late_windows += late
+                for key, value in zip(keys, labels, strict=True):
+                    self._add(block, ("label", key, value or NO_LABEL), acc, MAX_TOTALS_VALUES)
+        self.pending.clear()
 
     def _add(
         self,
@@ -197,6 +222,7 @@ class Totals:
 
     def lines(self, collector: str) -> list[str]:
         """The points of every block changed since the last call (its running sums)."""
+        self._fold()
         out = []
         tag = escape_tag(collector)
         names = {size: name for size, name, _ in RESOLUTIONS}
@@ -210,6 +236,7 @@ class Totals:
                     f"capmon_totals,collector={tag},dim={dim}{key_tag},res={names[size]},"
                     f"value={escape_tag(value)} {fields} {start}"
                 )
+        self.written = set(self.dirty)
         self.dirty.clear()
         return out
 
@@ -233,16 +260,6 @@ def _add(block: dict[tuple[str, str, str], list[Any]], dim: tuple[str, str, str]
         have[i] += acc[i]
     if acc[8] is not None:
         have[8] = (have[8] or 0.0) + acc[8]
-
-
-def _sum(accs: Iterable[Sequence[Any]]) -> list[Any]:
-    out: list[Any] = [0.0] * 8 + [None]
-    for acc in accs:
-        for i in range(8):
-            out[i] += acc[i]
-        if acc[8] is not None:
-            out[8] = (out[8] or 0.0) + acc[8]
-    return out
 
 
 def range_start(since: float) -> int:
@@ -372,14 +389,14 @@ class Publisher:
         )
 
     def changed(self) -> bool:
-        return self.fleet.changes != self._published_changes or bool(self.totals.dirty)
+        return self.fleet.changes != self._published_changes or bool(self.totals.dirty or self.totals.pending)
 
     async def publish(self) -> bool:
         """Write what changed; False (logged once per outage) when the store did not take it."""
         now = self.clock()
         changes = self.fleet.changes
-        blocks = set(self.totals.dirty)
         lines = [*self.totals.lines(self.collector), self.live_line(now)]
+        blocks = self.totals.written
         try:
             # In pieces: the blocks a long outage left dirty may be more than one request may carry.
             for i in range(0, len(lines), PUBLISH_LINES):
