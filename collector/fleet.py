@@ -113,6 +113,8 @@ MAX_KEPT_OUT_AGENTS = 1000
 KEPT_OUT = "not in the live view: fleet bound"
 
 log = logging.getLogger("capmon.collector.fleet")
+# A model's seconds where a view keeps none (`count_totals=False`): shared, never added to.
+_NO_SECONDS = (0.0,) * 8
 
 
 def _intern(value: str | None) -> str | None:
@@ -299,7 +301,7 @@ class AgentState:
         self.holder_count = 0
         # model → seconds in each state (STATES order), then the same in GPU-equivalents, since the
         # collector started.
-        self.seconds: dict[str, list[float]] = {}
+        self.seconds: dict[str, Sequence[float]] = {}
         # model → idle energy (J) since the collector started, of the windows that reported one.
         self.idle_energy: dict[str, float] = {}
         self.folded_models = 0
@@ -808,6 +810,8 @@ class FleetView:
             counted = self.count_totals and report.end >= self.started_at
             if counted:
                 self._count(agent, report)
+            elif not self.count_totals and report.end >= self.started_at:
+                self._count_models(agent, report)
             self._replace_devices(agent, report, counted)
             agent.last_end = report.end
             agent.reports += 1
@@ -894,6 +898,20 @@ class FleetView:
                 _count_held(agent, d, model, share)
             if d.idle_energy_j is not None:
                 agent.idle_energy[model] = agent.idle_energy.get(model, 0.0) + d.idle_energy_j
+
+    def _count_models(self, agent: AgentState, report: Report) -> None:
+        """Without totals: only which models an agent's windows had, as `_count` keeps them, so
+        `models_folded` says the same."""
+        seconds = agent.seconds
+        for d in report.devices:
+            model = d.model or UNKNOWN_MODEL
+            if model in seconds:
+                continue
+            if len(seconds) >= MAX_MODELS_PER_AGENT - 1 and model != OTHER:
+                agent.folded_models += 1
+                seconds.setdefault(OTHER, _NO_SECONDS)
+            else:
+                seconds[sys.intern(model)] = _NO_SECONDS
 
     def _replace_devices(self, agent: AgentState, report: Report, counted: bool = True) -> None:
         old = agent.devices

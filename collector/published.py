@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import os
 import socket
 import time
@@ -62,10 +63,11 @@ from .fleet import (
     compose_summary,
 )
 from .lineproto import escape_tag, string_field
-from .storage import StorageError, describe
+from .storage import StorageError, StorageRejected, describe
 
 __all__ = [
     "CHUNK",
+    "LivePayload",
     "PublishedFleet",
     "Publisher",
     "Totals",
@@ -103,6 +105,8 @@ TOTALS_FIELDS = (
     "unavailable_gpu_s",
 )
 ENERGY_FIELD = "idle_energy_j"
+# The model or label value as sent, JSON-encoded (a string field).
+NAME_FIELD = "name"
 # A refusal's last detail as published (the memory view keeps up to wire.MAX_TEXT_LEN).
 MAX_PUBLISHED_DETAIL = 256
 # Lines per write when publishing (well under storage.max_pending_lines).
@@ -232,6 +236,9 @@ class Totals:
                 fields = ",".join(f"{f}={float(v)!r}" for f, v in zip(TOTALS_FIELDS, acc, strict=False))
                 if acc[8] is not None:
                     fields += f",{ENERGY_FIELD}={float(acc[8])!r}"
+                # The value as sent (a tag reads back with `\` as `/` and control characters as
+                # spaces): JSON, so the answer's keys are the memory view's.
+                fields += f",{NAME_FIELD}={string_field(_json_text(value))}"
                 out.append(
                     f"capmon_totals,collector={tag},dim={dim}{key_tag},res={names[size]},"
                     f"value={escape_tag(value)} {fields} {start}"
@@ -241,7 +248,9 @@ class Totals:
         return out
 
     def forget_old(self) -> None:
-        """Forget the blocks too old to be added to (once their last sums are written)."""
+        """Forget the blocks too old to be added to (once their last sums are written; a block with
+        windows still pending is dirty, so kept)."""
+        self._fold()
         now = self.clock()
         keep = {size: k for size, _, k in RESOLUTIONS}
         for key in [b for b in self.blocks if b not in self.dirty and b[1] + b[0] < now - keep[b[0]]]:
@@ -262,9 +271,24 @@ def _add(block: dict[tuple[str, str, str], list[Any]], dim: tuple[str, str, str]
         have[8] = (have[8] or 0.0) + acc[8]
 
 
+def _json_text(value: str) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _name(text: Any) -> str | None:
+    """A `name` field back to the value it names; None when absent or not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return None
+    return value if isinstance(value, str) else None
+
+
 def range_start(since: float) -> int:
     """Where a range starting at `since` starts in the totals: the next minute block."""
-    return -(-int(since) // FINE_S) * FINE_S
+    return math.ceil(since / FINE_S) * FINE_S
 
 
 def _pieces(start: int, stop: int, sizes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -288,7 +312,7 @@ def totals_statements(since: float, now: float) -> list[str]:
     `now` is the last one."""
     # The blocks' points, summed here: influxd 1.6 pays ~6 ms per summed column over a day of blocks,
     # while the points themselves (a few hundred series, at most ~50 blocks each) read in a few ms.
-    fields = ", ".join(f'"{f}"' for f in (*TOTALS_FIELDS, ENERGY_FIELD))
+    fields = ", ".join(f'"{f}"' for f in (*TOTALS_FIELDS, ENERGY_FIELD, NAME_FIELD))
     names = {size: name for size, name, _ in RESOLUTIONS}
     stop = int(now) // FINE_S * FINE_S + FINE_S
     return [
@@ -325,6 +349,8 @@ class Publisher:
         self._failing = False
         self.publishes = 0
         self.failures = 0
+        self.rejections = 0
+        self._rejected_logged = -3600.0
         self.last_bytes = 0
 
     def payload(self, now: float) -> dict[str, Any]:
@@ -401,6 +427,17 @@ class Publisher:
             # In pieces: the blocks a long outage left dirty may be more than one request may carry.
             for i in range(0, len(lines), PUBLISH_LINES):
                 await self.submit(lines[i : i + PUBLISH_LINES])
+        except StorageRejected as exc:
+            # For good (a field type conflict: someone else wrote these measurements): retrying the
+            # same lines cannot help, and influxd took the lines it could.
+            self.failures += 1
+            self.rejections += 1
+            self.totals.forget_old()
+            now_m = time.monotonic()
+            if now_m - self._rejected_logged >= 60.0:
+                self._rejected_logged = now_m
+                log.error("the store rejects this collector's live view (not retried): %s", exc.detail)
+            return False
         except StorageError as exc:
             self.totals.mark_dirty(blocks)
             self.failures += 1
@@ -464,27 +501,86 @@ def live_statement(now: float, forget_after_s: float) -> str:
     return f"SELECT * FROM capmon_live WHERE time >= {since}s GROUP BY collector ORDER BY time DESC LIMIT 1"
 
 
-def decode_live(row: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A `capmon_live` row's payload; None (logged) when it is not one this version reads."""
+def decode_live(row: Mapping[str, Any]) -> LivePayload | None:
+    """A `capmon_live` row's payload; None (logged) when it is not one this version reads — not
+    this format, corrupt, or of another shape: one bad point never breaks every answer."""
+    why = None
     try:
-        if int(row.get("v") or 0) != FORMAT:
-            return None
-        n = int(row.get("chunks") or 0)
-        packed = "".join(row.get(f"p{i}") or "" for i in range(n))
-        return msgspec.json.decode(zlib.decompress(base64.b64decode(packed)))
+        version, n = row.get("v"), row.get("chunks")
+        if version != FORMAT:
+            why = f"format {version!r}, this collector reads {FORMAT}"
+        elif not isinstance(n, int | float) or not 0 < n <= len(row):
+            why = f"chunks {n!r} for a point of {len(row)} columns"
+        else:
+            packed = "".join(row.get(f"p{i}") or "" for i in range(int(n)))
+            payload = _payload.decode(zlib.decompress(base64.b64decode(packed, validate=True)))
+            why = _invalid(payload)
+            if why is None:
+                return payload
+    except msgspec.ValidationError as exc:
+        why = str(exc)[:200]
     except (ValueError, TypeError, zlib.error, msgspec.DecodeError) as exc:
-        log.warning("a published live view could not be read (%s): left out", type(exc).__name__)
-        return None
+        why = type(exc).__name__
+    log.warning("a published live view could not be read (%s): left out", why)
+    return None
 
 
-class _Published:
-    """One process's payload, as decoded: its agent columns and tally rows."""
+# What a published view decodes to (msgspec checks every type while decoding; `_invalid` the rest).
+_Refusals = dict[str, tuple[int, str, float]]
 
-    __slots__ = ("agents", "tallies")
 
-    def __init__(self, agents: Mapping[str, Any], tallies: Mapping[str, Any]) -> None:
-        self.agents = agents
-        self.tallies = tallies
+class _AgentColumns(msgspec.Struct):
+    id: list[str]
+    host: list[str]
+    instance: list[str | None]
+    version: list[str]
+    labels: dict[str, list[str | None]]
+    window_s: list[float]
+    last_end: list[int]
+    last_seen: list[float]
+    last_refused_at: list[float]
+    models_folded: list[int]
+    devices: list[int]
+    refusals: dict[str, _Refusals]
+
+
+class _TallyColumns(msgspec.Struct):
+    agent: list[int]
+    model: list[str]
+    values: list[float | None]
+
+
+class LivePayload(msgspec.Struct):
+    v: int
+    at: float
+    agents: _AgentColumns
+    tallies: _TallyColumns
+    refused: list[tuple[str, str, float, _Refusals | None]]
+    kept_out: list[tuple[str, str, float, int, int, str]]
+
+
+_payload = msgspec.json.Decoder(LivePayload)
+
+
+def _invalid(p: LivePayload) -> str | None:
+    """What the types do not say about a decoded view: columns of one length, rows in range."""
+    a, t = p.agents, p.tallies
+    n = len(a.id)
+    for name in _AgentColumns.__struct_fields__:
+        col = getattr(a, name)
+        if isinstance(col, list) and len(col) != n:
+            return f"agents.{name}: {len(col)} values for {n} agents"
+    if any(len(c) != n for c in a.labels.values()):
+        return "agents.labels: a column of another length"
+    if not all(k.isdigit() and int(k) < n for k in a.refusals):
+        return "agents.refusals: a row out of range"
+    if len(t.model) != len(t.agent) or len(t.values) != TALLY_WIDTH * len(t.agent):
+        return "tallies: columns of other lengths"
+    if t.agent and (min(t.agent) < 0 or max(t.agent) >= n):
+        return "tallies.agent: a row out of range"
+    if any(None in t.values[i::TALLY_WIDTH] for i in range(TALLY_WIDTH - 1)):
+        return "tallies.values: a count missing"
+    return None
 
 
 class PublishedFleet:
@@ -505,7 +601,7 @@ class PublishedFleet:
         self.forget_after_s = forget_after_s
         self.now = now
         self.since = float(range_start(since))
-        self._published: list[_Published] = []
+        self._published: list[LivePayload] = []
         # agent id → (payload, row, last_end, last_seen): its newest record; and its latest refusal.
         self._winner: dict[str, tuple[int, int, int, float]] = {}
         self._last_refused: dict[str, float] = {}
@@ -518,27 +614,27 @@ class PublishedFleet:
         self._refusals: dict[str, dict[str, list[Any]]] = {}
         self._agents: dict[str, AgentState] | None = None
 
-    def add_payload(self, payload: Mapping[str, Any]) -> None:
-        if self.now - float(payload.get("at") or 0) > self.forget_after_s:
+    def add_payload(self, payload: LivePayload) -> None:
+        if self.now - payload.at > self.forget_after_s:
             return
         self.publishers += 1
-        agents = payload["agents"]
+        agents = payload.agents
         index = len(self._published)
-        self._published.append(_Published(agents, payload["tallies"]))
+        self._published.append(payload)
         winner = self._winner
         last_refused = self._last_refused
         for row, (agent_id, end, seen, refused_at) in enumerate(
-            zip(agents["id"], agents["last_end"], agents["last_seen"], agents["last_refused_at"], strict=True)
+            zip(agents.id, agents.last_end, agents.last_seen, agents.last_refused_at, strict=True)
         ):
             have = winner.get(agent_id)
             if have is None or (have[2], have[3]) < (end, seen):
                 winner[agent_id] = (index, row, end, seen)
             if refused_at > last_refused.get(agent_id, 0.0):
                 last_refused[agent_id] = refused_at
-        ids = agents["id"]
-        for row, refusals in (agents.get("refusals") or {}).items():
+        ids = agents.id
+        for row, refusals in agents.refusals.items():
             self._add_refusals(ids[int(row)], refusals)
-        for agent_id, host, last_refused_at, refusals in payload.get("refused") or ():
+        for agent_id, host, last_refused_at, refusals in payload.refused:
             self._add_refusals(agent_id, refusals)
             # An agent another process refuses is still sending: it stays listed, as in one view.
             if last_refused_at > last_refused.get(agent_id, 0.0):
@@ -548,14 +644,14 @@ class PublishedFleet:
                 a = AgentState(agent_id)
                 a.host, a.last_refused_at = host, last_refused_at
                 self.refused[agent_id] = a
-        for agent_id, host, last_seen, reports, devices, bound in payload.get("kept_out") or ():
+        for agent_id, host, last_seen, reports, devices, bound in payload.kept_out:
             have_k = self.kept_out.get(agent_id)
             if have_k is None or last_seen > have_k.last_seen:
                 k = _KeptOut()
                 k.host, k.last_seen, k.reports, k.devices, k.bound = host, last_seen, reports, devices, bound
                 self.kept_out[agent_id] = k
 
-    def _add_refusals(self, agent_id: str, refusals: Mapping[str, list[Any]] | None) -> None:
+    def _add_refusals(self, agent_id: str, refusals: Mapping[str, Sequence[Any]] | None) -> None:
         if not refusals:
             return
         mine = self._refusals.setdefault(agent_id, {})
@@ -577,7 +673,7 @@ class PublishedFleet:
             for i, name in enumerate(TOTALS_FIELDS[4:]):
                 t.gpu_seconds[i] = float(row.get(name) or 0.0)
             t.add_energy(row.get(ENERGY_FIELD))
-            value = tags.get("value") or ""
+            value = _name(row.get(NAME_FIELD)) or tags.get("value") or ""
             if tags.get("dim") == "model":
                 target = self.by_model
             elif tags.get("dim") == "label" and tags.get("key") in self.label_keys:
@@ -612,8 +708,8 @@ class PublishedFleet:
             else:
                 a.refusals = self._refusals.get(agent_id)
 
-    def _stale(self, p: _Published, row: int, seen: float) -> bool:
-        return self.now - seen > self.stale_windows * float(p.agents["window_s"][row])
+    def _stale(self, p: LivePayload, row: int, seen: float) -> bool:
+        return self.now - seen > self.stale_windows * p.agents.window_s[row]
 
     def summary(self) -> dict[str, Any]:
         keys = self.label_keys
@@ -623,8 +719,8 @@ class PublishedFleet:
         groups: dict[tuple[Any, ...], dict[str, list[Any]]] = {}
         stale = 0
         for index, p in enumerate(self._published):
-            ids, seen_col = p.agents["id"], p.agents["last_seen"]
-            label_cols = [p.agents["labels"].get(k) or [None] * len(ids) for k in keys]
+            ids, seen_col = p.agents.id, p.agents.last_seen
+            label_cols = [p.agents.labels.get(k) or [None] * len(ids) for k in keys]
             stale_rows: dict[int, bool] = {}
             mine: dict[int, tuple[Any, ...]] = {}
             for row, agent_id in enumerate(ids):
@@ -634,8 +730,8 @@ class PublishedFleet:
                     stale += is_stale
                     mine[row] = tuple(col[row] for col in label_cols)
                     groups.setdefault(mine[row], {})
-            values = p.tallies["values"]
-            for j, (row, model) in enumerate(zip(p.tallies["agent"], p.tallies["model"], strict=True)):
+            values = p.tallies.values
+            for j, (row, model) in enumerate(zip(p.tallies.agent, p.tallies.model, strict=True)):
                 labels = mine.get(row)
                 if labels is None:
                     continue
@@ -670,18 +766,13 @@ class PublishedFleet:
         for agent_id, (index, row, _, _) in self._winner.items():
             col = self._published[index].agents
             a = AgentState(agent_id)
-            a.host, a.instance, a.version = col["host"][row], col["instance"][row], col["version"][row]
-            a.labels = tuple(col["labels"][k][row] if k in col["labels"] else None for k in self.label_keys)
-            a.window_s, a.last_end = float(col["window_s"][row]), int(col["last_end"][row])
-            a.last_seen = float(col["last_seen"][row])
+            a.host, a.instance, a.version = col.host[row], col.instance[row], col.version[row]
+            a.labels = tuple(col.labels[k][row] if k in col.labels else None for k in self.label_keys)
+            a.window_s, a.last_end, a.last_seen = col.window_s[row], col.last_end[row], col.last_seen[row]
             a.last_refused_at = self._last_refused.get(agent_id, 0.0)
-            a.folded_models = col["models_folded"][row]
+            a.folded_models = col.models_folded[row]
             a.refusals = self._refusals.get(agent_id)
-            out[agent_id] = (
-                a,
-                self._stale(self._published[index], row, a.last_seen),
-                int(col["devices"][row]),
-            )
+            out[agent_id] = (a, self._stale(self._published[index], row, a.last_seen), col.devices[row])
         return out
 
     def agent_rows(self) -> list[dict[str, Any]]:
@@ -693,7 +784,7 @@ class PublishedFleet:
 
     @property
     def device_count(self) -> int:
-        return sum(int(self._published[i].agents["devices"][row]) for i, row, _, _ in self._winner.values())
+        return sum(self._published[i].agents.devices[row] for i, row, _, _ in self._winner.values())
 
     def stale_agents(self) -> int:
         return sum(self._stale(self._published[i], row, seen) for i, row, _, seen in self._winner.values())

@@ -206,7 +206,7 @@ def published_agents(influxd, db: str) -> dict[int, set[str]]:
     for series in answer["results"][0].get("series", []):
         payload = decode_live(dict(zip(series["columns"], series["values"][0], strict=True)))
         pid = int(series["tags"]["collector"].split(":")[2])
-        out[pid] = set(payload["agents"]["id"]) if payload else set()
+        out[pid] = set(payload.agents.id) if payload else set()
     return out
 
 

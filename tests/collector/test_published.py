@@ -19,6 +19,7 @@ from servers import free_port
 from capmon.agent import wire
 from capmon.collector.config import PricingConfig, StorageConfig
 from capmon.collector.fleet import NO_LABEL, OTHER, AgentState, FleetView, Pricing
+from capmon.collector.lineproto import escape_tag
 from capmon.collector.liveview import StorageLiveView
 from capmon.collector.published import (
     CHUNK,
@@ -27,6 +28,7 @@ from capmon.collector.published import (
     MAX_TOTALS_MODELS,
     MAX_TOTALS_VALUES,
     TOTALS_FIELDS,
+    LivePayload,
     PublishedFleet,
     Publisher,
     Totals,
@@ -58,8 +60,11 @@ def agent(agent_id: str = "node-1", labels: tuple[str | None, ...] = ("fra1", No
 
 
 def parse_line(line: str) -> tuple[dict[str, str], dict[str, float], int]:
-    """A `capmon_totals` line as (tags, fields, timestamp)."""
-    series, fields, ts = re.split(r"(?<!\\) ", line)
+    """A `capmon_totals` line as (tags, numeric fields, timestamp); its `name` string field is
+    checked to be the JSON of the `value` tag as sent."""
+    series, rest = re.split(r"(?<!\\) ", line, maxsplit=1)
+    rest, ts = rest.rsplit(" ", 1)
+    fields, sent = rest.split(",name=", 1)
     name, *tags = re.split(r"(?<!\\),", series)
     assert name == "capmon_totals"
     unescape = re.compile(r"\\(.)")
@@ -68,6 +73,8 @@ def parse_line(line: str) -> tuple[dict[str, str], dict[str, float], int]:
         key, value = re.split(r"(?<!\\)=", tag, maxsplit=1)
         tag_map[key] = unescape.sub(r"\1", value)
     field_map = {k: float(v) for k, v in (f.split("=") for f in fields.split(","))}
+    sent_value = msgspec.json.decode(sent[1:-1].replace('\\"', '"').replace("\\\\", "\\"))
+    assert escape_tag(sent_value) == re.split(r"(?<!\\),value=", series)[1], (sent_value, series)
     return tag_map, field_map, int(ts)
 
 
@@ -299,7 +306,8 @@ def live_row(influxd, db: str, collector: str) -> dict[str, Any]:
 
 
 def roundtrip(payload: dict[str, Any]) -> Any:
-    return msgspec.json.decode(msgspec.json.encode(payload))
+    """A payload as the reader decodes it (`LivePayload`)."""
+    return msgspec.json.decode(msgspec.json.encode(payload), type=LivePayload)
 
 
 def without_since(summary: dict[str, Any]) -> dict[str, Any]:
