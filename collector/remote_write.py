@@ -109,6 +109,11 @@ _DEVICE = {
     "allocated_idle_gpu_s": ("capmon_device_window_allocated_idle_gpu_seconds", 1.0),
     "window_gpu_s": ("capmon_device_window_gpu_seconds", 1.0),
     "idle_value": ("capmon_device_window_idle_value", 1.0),
+    # The window's energy, as the other per-window sums: base units (the agent's exporter has the
+    # running counter, `capmon_device_energy_joules`).
+    "energy_j": ("capmon_device_window_energy_joules", 1.0),
+    "idle_energy_j": ("capmon_device_window_idle_energy_joules", 1.0),
+    "idle_energy_cost": ("capmon_device_window_idle_energy_cost", 1.0),
     "util_mean_pct": ("capmon_device_utilization_ratio", 0.01),
     "util_max_pct": ("capmon_device_utilization_max_ratio", 0.01),
     "memory_used_bytes": ("capmon_device_memory_used_bytes", 1.0),

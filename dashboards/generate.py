@@ -125,9 +125,8 @@ ALLOCATED_IDLE_GPU_S = "capmon_device_window_allocated_idle_gpu_seconds"
 IDLE_VALUE = "capmon_device_window_idle_value"
 SPIN_S = "capmon_device_window_spin_seconds"
 POWER_W = "capmon_device_power_watts"
-# Not in remote_write's own names (`_DEVICE`): `_name()`'s fallback, `<measurement>_<field>`.
-IDLE_ENERGY_J = "capmon_device_idle_energy_j"
-IDLE_ENERGY_COST = "capmon_device_idle_energy_cost"
+IDLE_ENERGY_J = "capmon_device_window_idle_energy_joules"
+IDLE_ENERGY_COST = "capmon_device_window_idle_energy_cost"
 IDLE_KWH, IDLE_COST = "idle kWh", "idle energy cost ($currency)"
 
 

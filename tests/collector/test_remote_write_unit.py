@@ -32,6 +32,19 @@ def test_a_point_becomes_one_sample_per_series_at_its_end_in_ms():
     assert len(series) == 4 + 4 + 1
 
 
+def test_a_windows_energy_is_named_in_base_units_as_the_other_window_sums():
+    line = (
+        "capmon_device,agent=a,device=GPU-0,host=h,vendor=nvidia energy_j=18000.0,idle_energy_j=9000.0,"
+        "idle_energy_cost=0.00105 1760000000"
+    )
+    names = {dict(labels)["__name__"]: v for labels, v, _ in series_of_lines([line])}
+    assert names == {
+        "capmon_device_window_energy_joules": 18000.0,
+        "capmon_device_window_idle_energy_joules": 9000.0,
+        "capmon_device_window_idle_energy_cost": 0.00105,
+    }
+
+
 class Receiver:
     """A remote-write endpoint that answers what the test sets and keeps what it was sent."""
 
