@@ -533,8 +533,12 @@ def create_app(
 
     async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         # Quick: storage readiness (ping, CREATE DATABASE) runs in the background, see /healthz.
+        try:
+            await live.start()  # LiveViewUnsupported: the store answers, but not InfluxQL
+        except BaseException:
+            await live.close()  # one clear error, no unclosed sessions after it
+            raise
         await storage.start()
-        await live.start()  # LiveViewUnsupported: the store answers, but not InfluxQL
         service.start()
         if publisher is not None:
             publisher.start()
@@ -546,7 +550,7 @@ def create_app(
         await service.close()
         await storage.close(config.collector.drain_timeout_s)
         await live.close()
-        log.info("capmon collector stopped")
+        log.info("capmon collector%s stopped", f" worker {worker}" if worker else "")
 
     app.cleanup_ctx.append(storage_ctx)
     app.router.add_post("/api/v1/reports", ingest)
