@@ -683,7 +683,11 @@ class IdleClassifier:
         forgotten after `forget_vanished_s` unseen. One sampled less often than windows close keeps
         its state.
         """
-        a_end = self._clock(end, mono_end)
+        # `end` is the window's boundary, read on the wall clock, not the instant it closes: only
+        # samples (wall and accounting time of one instant) set the offset between the clocks.
+        a_end = end if mono_end is None else mono_end
+        if mono_end is None:
+            self._offset = 0.0
         length = end - start
         windows: list[DeviceWindow] = []
         for device_id in list(self._tracks):
@@ -704,7 +708,9 @@ class IdleClassifier:
         return windows
 
     def _wall(self, a: float | None) -> int | None:
-        return None if a is None else int(a + self._offset)
+        # Rounded, not truncated: the offset moves by microseconds between readings, and a streak
+        # that started on a whole second would otherwise be reported a second early now and then.
+        return None if a is None else round(a + self._offset)
 
     def _window(self, track: _DeviceTrack, s: DeviceSample) -> DeviceWindow:
         state = track.last_state or "unavailable"

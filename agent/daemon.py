@@ -304,7 +304,13 @@ class Agent:
         host: HostSample | None,
         resolved: Mapping[str, list[ResolvedHolder] | None] | None = None,
     ) -> None:
-        mono = self.mono() if self.mono else None
+        # The accounting clock at the sample's instant `t`, not at this callback's: wall and
+        # monotonic readings taken together, so the classifier's wall = mono + offset is the same
+        # at every reading (a callback's latency would move every reported idle_since with it).
+        mono = None
+        if self.mono:
+            mono_now, wall_now = self.mono(), self.clock()
+            mono = mono_now - min(max(0.0, wall_now - t), 60.0)
         allocations, unknown = match_allocations(devices, self.sampler.sources)
         self.classifier.observe_probe(
             probe,

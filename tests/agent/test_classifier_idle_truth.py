@@ -466,3 +466,26 @@ def test_the_mock_busy_profiles_are_never_idle_for_long(profile):
             longest = max(longest, now[0] - w.idle_since)
     assert longest <= 120  # at most a first tick in a gap, until the bursts end it
     assert w.idle_since is None
+
+
+def test_an_idle_since_on_a_whole_second_survives_a_restart_whatever_the_clock_offset():
+    """The accounting clock is monotonic and wall times are mono + offset, an offset that moves by
+    microseconds between readings (time.time() and time.monotonic() are read apart). A streak that
+    started on a whole second (a window boundary) was reported `int(...)`: 1 s earlier whenever the
+    offset after a restart was a microsecond smaller (a flaky agent-restart test showed it)."""
+    mono0 = 5_000.0
+    before = IdleClassifier()
+    for k in range(3):  # idle from T0, a whole second, read with an offset 1 µs larger each tick
+        before.observe(T0 + k, gpu(), mono=mono0 + k - 1e-6 * k)
+    [w] = before.close_window(T0, T0 + 3, mono_end=mono0 + 3 - 3e-6)
+    assert w.idle_since == T0
+    saved = before.remember()
+    for jitter in (-2e-5, -1e-5, -1e-6, 0.0, 1e-6, 1e-5, 2e-5):
+        after = IdleClassifier()
+        after.restore(saved)
+        # The agent after the restart: another monotonic origin, and the offset read when the
+        # window closes a jitter apart from the one read when the streak was taken back.
+        for k in range(2):
+            after.observe(T0 + 10 + k, gpu(), mono=100.0 + k)
+        [w] = after.close_window(T0 + 10, T0 + 12, mono_end=102.0 - jitter)
+        assert w.idle_since == T0, jitter

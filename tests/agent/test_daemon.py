@@ -186,6 +186,34 @@ def test_a_device_record_the_collector_would_refuse_as_impossible_is_left_out(ca
         checked_report(wire.Report(seq=8, start=1_800_000_060, end=1_800_000_060))
 
 
+def test_idle_since_stays_put_however_late_samples_arrive_and_windows_close():
+    """A sample is handed over a little after it was taken and a window closes a little after its
+    boundary. The wall time of the streak's start must not move with those delays: it did, by the
+    delay of the last window close (hundreds of ms), so idle_since crept from window to window and
+    across restarts (a flaky agent-restart test, 1 in 6 runs)."""
+    from capmon.agent.probe import DeviceSample
+
+    wall, mono = [1_000_000_000.4], [100.0]
+    cfg = AgentConfig(agent=AgentSection(id="n", host="n", window_s=1))
+    agent = Agent(cfg, probes=[], clock=lambda: wall[0], mono=lambda: mono[0])
+    sample = DeviceSample("GPU-0", "nvidia", util_pct=0.0, processes=0, memory_used_bytes=0)
+
+    def advance(s: float) -> None:
+        wall[0] += s
+        mono[0] += s
+
+    seen = []
+    for k in range(6):
+        taken = wall[0]
+        advance(0.02 + 0.01 * k)  # handed over late
+        agent._on_samples("nvml", taken, [sample], None)
+        boundary = int(wall[0]) + 1
+        advance(boundary - wall[0] + 0.3 + 0.1 * (k % 3))  # the window closes late, by 0.3-0.5 s
+        [w] = agent.close_window(k + 1, boundary - 1, boundary).devices
+        seen.append(w.idle_since)
+    assert seen == [1_000_000_000] * 6
+
+
 def test_a_wall_clock_step_credits_no_time_that_did_not_pass():
     """State seconds come from the monotonic clock; the wall clock only names the windows (issue 19
     item 9): a 40 s NTP step forward inside a window adds no free time, a step back erases none."""
