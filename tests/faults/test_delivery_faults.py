@@ -299,7 +299,13 @@ def test_spool_bound_drops_oldest_and_counts_them(tmp_path, influxd, db, procs):
     missing = got.missing(spool.last_seq)
     assert spool.dropped > 0, "the outage did not overflow the spool"
     assert len(missing) == spool.dropped == got.dropped_reported, "drops not counted as they happened"
-    assert missing == list(range(missing[0], missing[-1] + 1)), "not the oldest were dropped"
+    # The oldest first — except reports a request sent without a clear answer (a 503 while the
+    # restarted collector's storage check is still running, a cut connection): maybe stored, so the
+    # bound keeps them (agent/spool.py). That is at most the one request in flight when the collector
+    # went or came back: one run of kept seqs inside the dropped range, never a scatter.
+    kept = [seq for seq in range(missing[0], missing[-1] + 1) if seq not in missing]
+    runs = sum(1 for i, seq in enumerate(kept) if i == 0 or seq != kept[i - 1] + 1)
+    assert runs <= 1, f"not the oldest were dropped: kept {kept} inside the dropped {missing}"
     assert len(got.seq_at) + spool.dropped == spool.last_seq
     # The report bytes stay within max_bytes; the files add SQLite pages and a WAL that a checkpoint
     # resets (auto-checkpoint at 1000 pages = 4 MiB), never growing with the outage.
