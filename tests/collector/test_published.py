@@ -3,7 +3,6 @@ views of several collector processes merged back into one fleet answer, against 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import random
@@ -13,14 +12,14 @@ from typing import Any
 
 import msgspec
 import pytest
-from collector_helpers import NOW, Clock, batch, device, make_config, report
+from collector_helpers import NOW, Clock, batch, device, report
+from published_helpers import read_published
 from servers import free_port
 
 from capmon.agent import wire
 from capmon.collector.config import PricingConfig, StorageConfig
 from capmon.collector.fleet import NO_LABEL, OTHER, AgentState, FleetView, Pricing
 from capmon.collector.lineproto import escape_tag
-from capmon.collector.liveview import StorageLiveView
 from capmon.collector.published import (
     CHUNK,
     COARSE_KEEP_S,
@@ -257,40 +256,9 @@ def test_a_hostile_agents_model_names_and_label_values_fold_into_other():
 
 # -- against a real influxd ------------------------------------------------------------------------
 
-_databases = itertools.count()
-
-
-@pytest.fixture
-def db(influxd) -> str:
-    """A database of its own for each test."""
-    name = f"capmon_pub_{next(_databases)}"
-    influxd.query(f'DROP DATABASE "{name}"', method="POST")
-    influxd.create_database(name)
-    return name
-
-
-def storage_config(influxd, db: str) -> StorageConfig:
-    return StorageConfig(kind="influxdb_v1", url=influxd.url, db=db, flush_interval_s=0.0)
-
-
-@pytest.fixture
-async def writer(influxd, db):
-    w = InfluxV1Writer(storage_config(influxd, db))
-    await w.start()
-    yield w
-    await w.close()
-
 
 async def read(influxd, db: str, clock: Clock, since_s: float = 86400.0, **collector: Any) -> PublishedFleet:
-    """What a storage-view process answers from: every process's published view, the range totals."""
-    config = make_config(storage_config(influxd, db), live_view="storage", live_view_cache_s=0.0, **collector)
-    config = dataclasses.replace(config, pricing=PRICING)
-    view = StorageLiveView(config, clock)
-    await view.start()
-    try:
-        return await view.published(since_s)
-    finally:
-        await view.close()
+    return await read_published(influxd, db, clock, PRICING, since_s, **collector)
 
 
 def fleet_view(clock: Clock, **kw: Any) -> FleetView:

@@ -5,8 +5,6 @@ is involved."""
 from __future__ import annotations
 
 import base64
-import dataclasses
-import itertools
 import logging
 import re
 import zlib
@@ -16,12 +14,12 @@ from typing import Any
 
 import msgspec
 import pytest
-from collector_helpers import NOW, Clock, batch, device, make_config, report
+from collector_helpers import NOW, Clock, batch, device, report
+from published_helpers import read_published
 
 from capmon.agent import wire
-from capmon.collector.config import PricingConfig, StorageConfig
+from capmon.collector.config import PricingConfig
 from capmon.collector.fleet import FleetView, Pricing
-from capmon.collector.liveview import StorageLiveView
 from capmon.collector.published import (
     COARSE_KEEP_S,
     FINE_KEEP_S,
@@ -68,38 +66,8 @@ def without_since(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "since"}
 
 
-_databases = itertools.count()
-
-
-@pytest.fixture
-def db(influxd) -> str:
-    name = f"capmon_pubrev_{next(_databases)}"
-    influxd.query(f'DROP DATABASE "{name}"', method="POST")
-    influxd.create_database(name)
-    return name
-
-
-def storage_config(influxd, db: str) -> StorageConfig:
-    return StorageConfig(kind="influxdb_v1", url=influxd.url, db=db, flush_interval_s=0.0)
-
-
-@pytest.fixture
-async def writer(influxd, db):
-    w = InfluxV1Writer(storage_config(influxd, db))
-    await w.start()
-    yield w
-    await w.close()
-
-
 async def read(influxd, db: str, clock: Clock, since_s: float = 86400.0, **collector: Any) -> PublishedFleet:
-    config = make_config(storage_config(influxd, db), live_view="storage", live_view_cache_s=0.0, **collector)
-    config = dataclasses.replace(config, pricing=PRICING)
-    view = StorageLiveView(config, clock)
-    await view.start()
-    try:
-        return await view.published(since_s)
-    finally:
-        await view.close()
+    return await read_published(influxd, db, clock, PRICING, since_s, **collector)
 
 
 async def one_good_process(writer: InfluxV1Writer, clock: Clock) -> None:
