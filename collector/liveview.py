@@ -7,13 +7,15 @@ InfluxDB 1.x `/query` API (2.x through its v1 compatibility API and a DBRP mappi
 latest window per device and agent within `forget_after_s`, and totals over a range (`?since=`,
 default 24 h) summed by the store.
 
-The storage view does not restate the fleet's rules: it turns the stored points back into the
-windows they came from and folds them into a fresh `FleetView`, whose `summary()`, `devices()`,
-`holders()` and `agents()` shape the answer, so the JSON and its numbers are the memory view's for
-the same data. The differences are those of what is stored: an agent's "last seen" is its last
-window's end (the store has no arrival time), its window length is the longest of its last three
-reports (`window_cfg_s`, the configured one, where the store has it), "since" is the start of the
-range, and a holder's `holders_omitted` is not stored (0).
+The fleet answer (`summary()`, `agents()`, the fleet gauges) is read from what every collector
+process published (`collector.published`: one `capmon_live` point per process and the
+`capmon_totals` blocks), merged by `PublishedFleet` with the memory view's rules and shaped by
+`fleet.compose_summary`: its cost grows with processes, not devices. The device lists (`devices()`,
+`holders()`) turn the stored `capmon_device` and `capmon_holder` points back into the windows they
+came from and fold them into a fresh `FleetView`, whose `devices()` and `holders()` shape the
+answer, so the JSON and its numbers are the memory view's for the same data; there an agent's window
+length is the longest of its last three reports (`window_cfg_s` where the store has it), "since" is
+the start of the range, and a holder's `holders_omitted` is not stored (0).
 
 Answers are cached for `live_view_cache_s`, and concurrent requests for the same answer share one
 set of queries (single-flight), so a wall of dashboards costs the store one query per interval.
@@ -607,9 +609,9 @@ class StorageLiveView:
 
     # -- building a snapshot --
 
-    def _statements(self, now: int, since: int, old_due: bool) -> list[str]:
-        """The store's statements for one snapshot: the recent tier (raw points, no GROUP BY), the
-        range totals, the refusals, and — when `old_due` — the older tier (per series)."""
+    def _statements(self, now: int, old_due: bool) -> list[str]:
+        """The store's statements for one device snapshot: the recent tier (raw points, no GROUP BY)
+        and, when `old_due`, the older tier (per series). Totals and refusals are the published view's."""
         forget = int(now - self.forget_after_s)
         recent = int(now - min(self.forget_after_s, RECENT_S))
         labels = tuple(self.label_keys)
@@ -645,7 +647,7 @@ class StorageLiveView:
         since = int(now_f - span)
         forget = now - self.forget_after_s
         old_due = self._old_due(now_f)
-        results = await self.store.query(self._statements(now, since, old_due))
+        results = await self.store.query(self._statements(now, old_due))
         dev_new, agents_new, holders_new = results[:3]
         if old_due:
             dev_old, agents_old, holders_old = results[3:6]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from capmon.agent import wire
@@ -194,6 +195,16 @@ def panels(dashboard: Mapping[str, Any]) -> Iterator[dict]:
             yield from panel.get("panels", [])
         else:
             yield panel
+
+
+def panel_targets(boards: Mapping[str, Mapping[str, Any]]) -> list[Any]:
+    """One pytest param (uid, panel title, refId) per query of every panel of `boards`."""
+    return [
+        pytest.param(uid, p["title"], t["refId"], id=f"{uid}:{p['title']}:{t['refId']}")
+        for uid, d in boards.items()
+        for p in panels(d)
+        for t in p["targets"]
+    ]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from dashboard_fleet import (
     expected_devices,
     load_dashboards,
     panel_interval_ms,
+    panel_targets,
     panels,
     run_pipeline,
 )
@@ -141,12 +142,7 @@ def table(prom, uid: str, title: str, to_s: int = TO_S, **chosen) -> list[dict]:
 
 # -- every panel -----------------------------------------------------------------------------------
 
-ALL_TARGETS = [
-    pytest.param(uid, p["title"], t["refId"], id=f"{uid}:{p['title']}:{t['refId']}")
-    for uid, d in BOARDS.items()
-    for p in panels(d)
-    for t in p["targets"]
-]
+ALL_TARGETS = panel_targets(BOARDS)
 
 
 @pytest.mark.parametrize(("uid", "title", "ref"), ALL_TARGETS)

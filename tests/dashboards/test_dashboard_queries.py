@@ -32,6 +32,7 @@ from dashboard_fleet import (
     fill,
     load_dashboards,
     panel_interval_ms,
+    panel_targets,
     panels,
 )
 
@@ -87,12 +88,7 @@ def value(rows: list[dict], column: str | None = None) -> float:
 
 GPU_A = FLEET[0].host  # "gpu-a01.ams1.example.com": its dots are regex-escaped
 HOST_CHOICE = {"capmon-host": {"host": GPU_A}}
-ALL_TARGETS = [
-    pytest.param(uid, p["title"], t["refId"], id=f"{uid}:{p['title']}:{t['refId']}")
-    for uid, d in DASHBOARDS.items()
-    for p in panels(d)
-    for t in p["targets"]
-]
+ALL_TARGETS = panel_targets(DASHBOARDS)
 
 
 @pytest.mark.parametrize(("uid", "title", "ref"), ALL_TARGETS)
